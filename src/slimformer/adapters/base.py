@@ -1,0 +1,129 @@
+"""The model adapter: where a model family keeps its blocks, attention and FFN projections.
+
+Techniques ask an adapter for "the blocks" or "the FFN projections of block 3" and never spell a
+family's attribute paths themselves, so a new family is one small subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Attribute paths inside one transformer block, relative to the block."""
+
+    query: str
+    key: str
+    value: str
+    attention_out: str
+    ffn_in: tuple[str, ...]  # up (and gate, for gated MLPs): output features = FFN neurons
+    ffn_out: str  # down: input features = FFN neurons
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Sizes a pass's search range may depend on (e.g. how many layers can be dropped)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    hidden_size: int
+    intermediate_size: int
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+class ModelAdapter:
+    """Base class; subclasses fill in the class attributes for their family."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[frozenset[str]]
+    # Candidate paths of the block list inside the *base* model; the first that exists wins
+    # (transformers has renamed these between releases).
+    block_paths: ClassVar[tuple[str, ...]]
+    layout: ClassVar[BlockLayout]
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = getattr(model, "base_model", model)
+        self._block_path = self._find_block_path()
+
+    def _find_block_path(self) -> str:
+        for path in self.block_paths:
+            try:
+                found = self.base.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(found, nn.ModuleList):
+                return path
+        raise ValueError(f"{type(self.model).__name__}: no block list at {self.block_paths}")
+
+    # --- blocks -------------------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        return self.base.get_submodule(self._block_path)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks())
+
+    def keep_blocks(self, keep: Sequence[int]) -> None:
+        """Keep only the blocks at these indices (in order) and update the config to match."""
+        blocks = self.blocks()
+        kept = nn.ModuleList(blocks[i] for i in sorted(keep))
+        parent_path, _, attr = self._block_path.rpartition(".")
+        setattr(get_submodule(self.base, parent_path), attr, kept)
+        config = self.model.config
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and len(layer_types) == len(blocks):
+            config.layer_types = [layer_types[i] for i in sorted(keep)]
+        config.num_hidden_layers = len(kept)
+        # Decoders index their KV cache by layer_idx; it must follow the new positions.
+        for new_index, block in enumerate(kept):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index
+
+    # --- projections --------------------------------------------------------------------
+    def attention_linears(self, block_index: int) -> dict[str, nn.Linear]:
+        block = self.blocks()[block_index]
+        lay = self.layout
+        names = {"query": lay.query, "key": lay.key, "value": lay.value, "out": lay.attention_out}
+        return {role: block.get_submodule(path) for role, path in names.items()}
+
+    def ffn_linears(self, block_index: int) -> dict[str, nn.Module]:
+        block = self.blocks()[block_index]
+        found = {f"in{i}": block.get_submodule(path) for i, path in enumerate(self.layout.ffn_in)}
+        found["out"] = block.get_submodule(self.layout.ffn_out)
+        return found
+
+    def block_linear_names(self, scope: str = "all") -> list[str]:
+        """Fully qualified names of the Linear layers inside blocks: scope all|attention|ffn."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        selected: list[str] = []
+        for index in range(self.num_layers):
+            modules: list[nn.Module] = []
+            if scope in ("all", "attention"):
+                modules += self.attention_linears(index).values()
+            if scope in ("all", "ffn"):
+                modules += self.ffn_linears(index).values()
+            selected += [names[id(m)] for m in modules]
+        return selected
+
+    # --- facts --------------------------------------------------------------------------
+    def facts(self) -> ModelFacts:
+        config = self.model.config
+        heads = config.num_attention_heads
+        return ModelFacts(
+            num_layers=self.num_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+        )

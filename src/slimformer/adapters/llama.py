@@ -1,0 +1,19 @@
+"""Llama-family decoders: Llama, SmolLM2 (a Llama), Mistral, Qwen2/3 (same block layout)."""
+
+from slimformer.adapters.base import BlockLayout, ModelAdapter
+from slimformer.adapters.registry import register_adapter
+
+
+@register_adapter
+class LlamaAdapter(ModelAdapter):
+    family = "llama"
+    model_types = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+    block_paths = ("layers",)
+    layout = BlockLayout(
+        query="self_attn.q_proj",
+        key="self_attn.k_proj",
+        value="self_attn.v_proj",
+        attention_out="self_attn.o_proj",
+        ffn_in=("mlp.gate_proj", "mlp.up_proj"),
+        ffn_out="mlp.down_proj",
+    )

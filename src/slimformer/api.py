@@ -1,0 +1,211 @@
+"""The public verbs: optimize, apply, benchmark, load. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimformer import assets
+from slimformer.checkpoint import load_model, resolve_path, save_model
+from slimformer.errors import SlimformerError
+from slimformer.evaluate import CandidateFailed, evaluate_isolated
+from slimformer.measure import MeasureSettings
+from slimformer.model import SlimModel
+from slimformer.recipe import Recipe, apply_recipe
+from slimformer.study import (
+    Reporter,
+    StudyResult,
+    StudySettings,
+    parse_duration,
+    parse_max_drop,
+    run_study,
+)
+from slimformer.tasks import TaskSpec, default_task_for, make_task, save_state
+
+ModelRef = str | os.PathLike[str] | SlimModel
+
+
+def load(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> SlimModel:
+    """Load a model slimformer saved (or any supported Hugging Face checkpoint folder)."""
+    return load_model(path, trust_remote_code=trust_remote_code)
+
+
+def task_spec(
+    task: str | TaskSpec | None, model: SlimModel | None = None, **options: Any
+) -> TaskSpec:
+    """A TaskSpec from a task name and options; no name = the model's natural task."""
+    if isinstance(task, TaskSpec):
+        return task
+    name = task or default_task_for(model.head if model else "embedding")
+    return TaskSpec(name=name, **{k: v for k, v in options.items() if v is not None})
+
+
+def _as_model(model: ModelRef, head: str | None = None) -> SlimModel:
+    return model if isinstance(model, SlimModel) else load_model(model, head=head)
+
+
+def apply(
+    model: ModelRef,
+    recipe: Recipe | str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+) -> SlimModel:
+    """Replay a recipe on a model (deterministic: same calibration data, same seed)."""
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    loaded = _as_model(model)
+    spec = recipe.task or task_spec(None, loaded)
+    task = make_task(spec)
+    calibration = ()
+    if any(_needs_calibration(s.pass_name) for s in recipe.steps):
+        calibration = task.calibration_batches(loaded)
+    result = apply_recipe(loaded, recipe, calibration)
+    if out is not None:
+        save_model(result, out)
+    return result
+
+
+def _needs_calibration(pass_name: str) -> bool:
+    from slimformer.passes import get_pass
+
+    return get_pass(pass_name).needs_calibration
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    task: str
+    metric: str
+    quality: float
+    details: dict[str, float]
+    measurement: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "task": self.task,
+            "metric": self.metric,
+            "quality": self.quality,
+            "details": self.details,
+            "measurement": self.measurement,
+        }
+
+
+def benchmark(
+    model: ModelRef,
+    *,
+    task: str | TaskSpec | None = None,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    threads: int | None = None,
+    data: str | None = None,
+) -> BenchResult:
+    """Quality, latency, throughput, memory, size, parameters and FLOPs of one model.
+
+    Runs in a fresh child process so memory is clean. Quality is measured against the model
+    this one was derived from (its `source`), or against itself for an original model.
+    """
+    if batch_size < 1:
+        raise SlimformerError("--batch-size must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="slimformer-bench-") as tmp:
+        workdir = Path(tmp)
+        if isinstance(model, SlimModel):
+            model_dir = save_model(model, workdir / "model")
+            loaded = model
+        else:
+            model_dir = resolve_path(model)
+            loaded = load_model(model_dir)
+        spec = task_spec(task, loaded, data=data)
+        state_path = _reference_state(loaded, model_dir, spec)
+        settings = MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads)
+        try:
+            result = evaluate_isolated(model_dir, spec, state_path, settings, workdir / "run")
+        except CandidateFailed as error:
+            raise SlimformerError(f"benchmark failed: {error}") from None
+    return BenchResult(
+        model=str(model if not isinstance(model, SlimModel) else model.source),
+        task=spec.name,
+        metric=result["metric"],
+        quality=result["quality"],
+        details=result["details"],
+        measurement=result["measurement"],
+    )
+
+
+def _reference_state(model: SlimModel, model_dir: Path, spec: TaskSpec) -> Path | None:
+    """The task's reference arrays from the original model, cached across runs."""
+    source = Path(model.source) if model.source else model_dir
+    if not source.is_dir() or source.resolve() == Path(model_dir).resolve():
+        return None  # an original model is its own reference: the child prepares it
+    weights = sorted(p for p in source.iterdir() if p.suffix == ".safetensors")
+    fingerprint = json.dumps(
+        [
+            str(source.resolve()),
+            [(p.name, p.stat().st_size, p.stat().st_mtime) for p in weights],
+            spec.to_dict(),
+        ],
+    )
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    path = assets.cache_dir() / "task-state" / f"{spec.name}-{digest}.safetensors"
+    if not path.is_file():
+        task = make_task(spec)
+        reference = load_model(source, head=task.head)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_state(task.prepare(reference), tmp)
+        tmp.replace(path)
+    return path
+
+
+def optimize(
+    model: str | os.PathLike[str],
+    *,
+    task: str | TaskSpec | None = None,
+    max_drop: str | float = "1%",
+    trials: int | None = 12,
+    time_budget: str | float | None = None,
+    objective: str = "latency",
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    passes: list[str] | tuple[str, ...] | None = None,
+    batch_size: int = 32,
+    seq_len: int | None = None,
+    threads: int | None = None,
+    data: str | None = None,
+    seed: int = 0,
+    reporter: Reporter | None = None,
+) -> StudyResult:
+    """Search passes jointly, measure every candidate, return the Pareto front and the choice."""
+    if isinstance(model, SlimModel):
+        raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
+    path = resolve_path(model)
+    head_hint = None
+    if task is None:
+        from slimformer.checkpoint import read_config
+        from slimformer.model import head_from_architectures
+
+        head_hint = head_from_architectures(read_config(path).architectures)
+    spec = (
+        task
+        if isinstance(task, TaskSpec)
+        else TaskSpec(name=task or default_task_for(head_hint or "embedding"), data=data, seed=seed)
+    )
+    name = str(model)
+    settings = StudySettings(
+        model=name if assets.resolve_model_name(name) else str(path.resolve()),
+        task=spec,
+        max_drop=parse_max_drop(max_drop),
+        objective=objective,
+        trials=trials if time_budget is None or trials is not None else None,
+        time_budget_s=parse_duration(time_budget) if isinstance(time_budget, str) else time_budget,
+        passes=tuple(passes or ()),
+        seed=seed,
+        measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
+    )
+    out_dir = Path(out) if out else Path("runs") / Path(name).name
+    return run_study(settings, out_dir, resume=resume, overwrite=overwrite, reporter=reporter)

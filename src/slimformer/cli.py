@@ -1,0 +1,271 @@
+"""`slimformer` on the command line: a thin typer layer over slimformer.api."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from slimformer.errors import SlimformerError
+
+app = typer.Typer(
+    help="Make trained transformers faster and lighter, with every candidate measured.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+assets_app = typer.Typer(help="The offline models and data sets.", no_args_is_help=True)
+app.add_typer(assets_app, name="assets")
+out = Console()
+err = Console(stderr=True)
+
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        "-t",
+        help="embedding | classification | perplexity | custom (default: the model's natural task)",
+    ),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(help="your data: CSV/JSONL (classification) or a text file (perplexity, custom)"),
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="batch size for throughput")]
+SeqOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seq-len",
+        help="time fixed-length inputs of this many real tokens "
+        "(default: the task's real input lengths)",
+    ),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads (default: every core)")]
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="checkpoint folder, or 'default' / 'smollm2'")],
+    task: TaskOpt = None,
+    data: DataOpt = None,
+    batch_size: BatchOpt = 32,
+    seq_len: SeqOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Measure one model: quality, latency (median, p90), throughput, memory, size, FLOPs."""
+    from slimformer import api
+
+    with err.status(f"measuring {model} in a fresh process…"):
+        result = api.benchmark(
+            model, task=task, data=data, batch_size=batch_size, seq_len=seq_len, threads=threads
+        )
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    m = result.measurement
+    table = Table(title=f"{result.model} — {result.task} task", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        (result.metric, f"{result.quality:.4f}"),
+        *[(k, f"{v:.4f}") for k, v in result.details.items()],
+        ("latency, batch 1, median (ms)", f"{m['latency_ms_median']:.2f}"),
+        ("latency, batch 1, p90 (ms)", f"{m['latency_ms_p90']:.2f}"),
+        (f"throughput, batch {m['batch_size']} (inputs/s)", f"{m['throughput_per_s']:.1f}"),
+        ("peak memory (MB)", f"{m['peak_memory_mb']:.0f}"),
+        ("size on disk (MB)", f"{m['size_mb']:.1f}"),
+        ("parameters", f"{m['parameters']:,}"),
+        ("GFLOPs per input", f"{m['gflops_per_input']:.3f}"),
+        ("mean tokens per input", f"{m['mean_tokens']:.1f}"),
+        ("threads", str(m["threads"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="checkpoint folder, or 'default' / 'smollm2'")],
+    task: TaskOpt = None,
+    data: DataOpt = None,
+    max_drop: Annotated[
+        str,
+        typer.Option(
+            help="quality budget: for accuracy, percentage points (1% = one point); for "
+            "perplexity and custom scores, relative to the baseline"
+        ),
+    ] = "1%",
+    trials: Annotated[
+        int | None,
+        typer.Option(
+            help="number of trials, the baseline included (default 12 unless --time-budget)"
+        ),
+    ] = None,
+    time_budget: Annotated[
+        str | None, typer.Option(help="stop starting trials after this long, e.g. 10m")
+    ] = None,
+    objective: Annotated[str, typer.Option(help="latency | throughput | memory")] = "latency",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="run folder (default runs/MODEL)")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
+    passes: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated passes to search (default: all; see `slimformer passes`)"
+        ),
+    ] = None,
+    batch_size: BatchOpt = 32,
+    seq_len: SeqOpt = None,
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option(help="seed for data splits and the sampler")] = 0,
+) -> None:
+    """Search techniques jointly; save the Pareto front and the fastest model within budget."""
+    from slimformer import api
+    from slimformer.report import RichReporter, print_study
+
+    if trials is None and time_budget is None:
+        trials = 12
+    run_dir = out_dir or Path("runs") / Path(model).name
+    try:
+        with RichReporter(err) as reporter:
+            result = api.optimize(
+                model,
+                task=task,
+                data=data,
+                max_drop=max_drop,
+                trials=trials,
+                time_budget=time_budget,
+                objective=objective,
+                out=run_dir,
+                resume=resume,
+                overwrite=overwrite,
+                passes=passes.split(",") if passes else None,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                threads=threads,
+                seed=seed,
+                reporter=reporter,
+            )
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted: finished trials are kept in {run_dir}; continue with "
+            f"`slimformer optimize {model} --out {run_dir} --resume`"
+        )
+        raise typer.Exit(130) from None
+    print_study(result, out)
+
+
+@app.command("apply")
+def apply_recipe(
+    recipe: Annotated[Path, typer.Argument(help="recipe.yaml (or a folder holding one)")],
+    model: Annotated[str, typer.Argument(help="checkpoint folder, or 'default' / 'smollm2'")],
+    out_dir: Annotated[Path, typer.Option("--out", help="where to save the result")],
+) -> None:
+    """Replay a saved recipe on a model, deterministically, and save the result."""
+    from slimformer import api
+
+    with err.status("applying recipe…"):
+        result = api.apply(model, recipe, out=out_dir)
+    out.print(f"applied {result.recipe.describe()}; saved to {out_dir}")
+
+
+@app.command()
+def show(
+    run: Annotated[Path, typer.Argument(help="a run folder from `slimformer optimize`")],
+) -> None:
+    """Print a finished or interrupted run's trials and Pareto front."""
+    from slimformer.report import trials_table
+    from slimformer.study import pareto_front, read_run
+
+    settings, records = read_run(run)
+    from slimformer.tasks import make_task
+
+    direction = make_task(settings.task).direction
+    front = pareto_front(records, direction, settings.objective)
+    out.print(
+        trials_table(
+            records,
+            settings,
+            front,
+            f"{run}: {len(records)} trials "
+            f"({settings.model}, {settings.task.name}, {settings.objective})",
+        )
+    )
+    best = run / "best" / "metrics.json"
+    if best.is_file():
+        metrics = json.loads(best.read_text())
+        met = "meets" if metrics["met_max_drop"] else "does NOT meet"
+        out.print(f"best: trial {metrics['trial']} ({met} the budget) in {run / 'best'}")
+    else:
+        out.print("no best/ yet: the run was interrupted; continue it with --resume")
+
+
+@app.command("passes")
+def list_passes() -> None:
+    """List the registered techniques and their searchable parameters."""
+    import dataclasses
+
+    from slimformer.passes import registered_passes
+
+    for cls in registered_passes():
+        out.print(f"[bold]{cls.name}[/bold] — {cls.summary}")
+        table = Table(box=None, padding=(0, 2), show_edge=False)
+        for column in ("setting", "search space", "default", "meaning"):
+            table.add_column(
+                column, no_wrap=column != "meaning", style="dim" if column == "default" else None
+            )
+        for f in dataclasses.fields(cls.config_class):
+            space = f.metadata.get("space")
+            table.add_row(
+                f.name,
+                space.describe() if space else "(not searched)",
+                repr(f.default),
+                f.metadata.get("help", ""),
+            )
+        out.print(table)
+        out.print()
+
+
+@assets_app.command("install")
+def assets_install() -> None:
+    """Install and cache every offline model and data set (idempotent)."""
+    from slimformer import assets
+
+    assets.install(log=lambda line: err.print(line))
+
+
+@assets_app.command("status")
+def assets_status() -> None:
+    """Show which offline assets are installed and where."""
+    from slimformer import assets
+
+    table = Table()
+    for column in ("asset", "installed", "where", "how to install"):
+        table.add_column(column)
+    for item in assets.status():
+        table.add_row(
+            item.name, "yes" if item.installed else "no", item.location, item.how_to_install
+        )
+    out.print(table)
+
+
+def main() -> None:
+    """Console entry point: user errors print one line and exit 2, never a traceback."""
+    try:
+        app()
+    except SlimformerError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

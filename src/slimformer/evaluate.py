@@ -1,0 +1,142 @@
+"""Score and measure one saved model in a child process.
+
+A fresh process per candidate gives a clean peak-memory figure, and a candidate that crashes
+(even in native code) fails its own trial, not the study. The parent calls
+`evaluate_isolated`; the child is `python -m slimformer.evaluate REQUEST.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from slimformer.errors import SlimformerError
+
+STAGE_PREFIX = "@@slimformer-stage "
+
+
+class CandidateFailed(Exception):
+    """A candidate could not be evaluated; the message is the reason recorded for its trial."""
+
+
+def evaluate_isolated(
+    model_dir: Path,
+    task_spec: Any,
+    state_path: Path | None,
+    settings: Any,
+    workdir: Path,
+    on_stage: Callable[[str], None] | None = None,
+    timeout_s: float = 1800,
+) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    request = {
+        "model_dir": str(model_dir),
+        "task": task_spec.to_dict(),
+        "state": str(state_path) if state_path else None,
+        "settings": asdict(settings),
+        "result": str(workdir / "result.json"),
+    }
+    request_path = workdir / "request.json"
+    request_path.write_text(json.dumps(request, indent=2))
+    Path(request["result"]).unlink(missing_ok=True)
+    log_path = workdir / "evaluate.log"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "slimformer.evaluate", str(request_path)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout_s
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(STAGE_PREFIX) and on_stage:
+                on_stage(line[len(STAGE_PREFIX) :].strip())
+            if time.monotonic() > deadline:
+                process.kill()
+                break
+        returncode = process.wait()
+    result_file = Path(request["result"])
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if returncode == 0 and "quality" in result:
+        return result
+    if "error" in result:
+        raise CandidateFailed(result["error"])
+    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+    reason = lines[-1].strip() if lines else f"evaluation process exited with code {returncode}"
+    if time.monotonic() > deadline:
+        reason = f"evaluation took longer than {timeout_s:.0f} s"
+    raise CandidateFailed(reason[:300])
+
+
+def _stage(name: str) -> None:
+    print(STAGE_PREFIX + name, flush=True)
+
+
+def run_request(request: dict[str, Any]) -> dict[str, Any]:
+    from slimformer.checkpoint import load_model
+    from slimformer.measure import (
+        MeasureSettings,
+        measure_loaded,
+        reset_peak_memory,
+        set_threads,
+    )
+    from slimformer.tasks import TaskSpec, load_state, make_task
+    from slimformer.tasks.base import fixed_length_examples
+
+    settings = MeasureSettings(**request["settings"])
+    set_threads(settings.resolved_threads())
+    task = make_task(TaskSpec.from_dict(request["task"]))
+    _stage("loading")
+    baseline_rss = reset_peak_memory()
+    model_dir = Path(request["model_dir"])
+    model = load_model(model_dir, head=task.head)
+    if settings.seq_len:
+        examples = fixed_length_examples(
+            model, task.texts("timing"), settings.seq_len, settings.throughput_inputs
+        )
+    else:
+        examples = task.examples(model, "timing")
+    _stage("timing")
+    measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
+    _stage("scoring")
+    state = load_state(Path(request["state"])) if request["state"] else task.prepare(model)
+    score = task.score(model, state)
+    return {
+        "quality": score.value,
+        "metric": score.metric,
+        "direction": score.direction,
+        "bounded": score.bounded,
+        "details": score.details,
+        "measurement": measurement.to_dict(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    request = json.loads(Path(argv[1]).read_text())
+    result_path = Path(request["result"])
+    try:
+        result = run_request(request)
+        code = 0
+    except SlimformerError as error:
+        result, code = {"error": str(error)}, 2
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, result_path)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

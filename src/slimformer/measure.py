@@ -1,0 +1,183 @@
+"""Measurement: latency, throughput, peak memory, size, parameters and FLOPs.
+
+Rules every figure follows: real inputs from the task (never random tokens), warm-up first,
+repeated timed runs with median and p90, a fixed and recorded torch thread count. Peak memory
+is only meaningful in a fresh process, so `evaluate.py` runs this in a child per candidate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from slimformer.checkpoint import codec_for, count_parameters, weights_size_bytes
+from slimformer.model import SlimModel
+from slimformer.tasks.base import batches_by_length, collate
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    batch_size: int = 32
+    threads: int | None = None  # None = every core (os.cpu_count())
+    seq_len: int | None = None  # fixed-length inputs of real tokens instead of natural lengths
+    latency_requests: int = 64
+    throughput_inputs: int = 256
+    min_seconds: float = 1.5  # each timed phase repeats until at least this long
+    warmup: int = 3
+
+    def resolved_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Measurement:
+    latency_ms_median: float
+    latency_ms_p90: float
+    throughput_per_s: float
+    peak_memory_mb: float  # resident memory added by loading and serving the model
+    size_mb: float
+    parameters: int
+    gflops_per_input: float
+    threads: int
+    batch_size: int
+    mean_tokens: float
+    runtime: str = "eager"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:
+        # Only settable before the first parallel op; the intra-op count is what matters.
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(1)
+
+
+def reset_peak_memory() -> float:
+    """Reset the kernel's peak-RSS counter (Linux); return the current RSS in MiB."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def peak_memory_mb() -> float:
+    return _status_mb("VmHWM")
+
+
+def _status_mb(field: str) -> float:
+    try:
+        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        match = None
+    if match is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return int(match.group(1)) / 1024
+
+
+@torch.inference_mode()
+def time_latency(
+    model: SlimModel, examples: Sequence[Sequence[int]], settings: MeasureSettings
+) -> tuple[float, float]:
+    """Batch-1 requests, one real input each: (median ms, p90 ms)."""
+    requests = [collate(model, [e]) for e in examples[: settings.latency_requests]]
+    for request in requests[: settings.warmup]:
+        model(**request)
+    timings: list[float] = []
+    start = time.perf_counter()
+    while len(timings) < len(requests) or time.perf_counter() - start < settings.min_seconds:
+        request = requests[len(timings) % len(requests)]
+        began = time.perf_counter()
+        model(**request)
+        timings.append((time.perf_counter() - began) * 1000)
+    return statistics.median(timings), _percentile(timings, 90)
+
+
+@torch.inference_mode()
+def time_throughput(
+    model: SlimModel, examples: Sequence[Sequence[int]], settings: MeasureSettings
+) -> float:
+    """Inputs per second over batches sorted by length and padded to their longest."""
+    chosen = examples[: settings.throughput_inputs]
+    batches = [collate(model, b) for _, b in batches_by_length(chosen, settings.batch_size)]
+    model(**batches[len(batches) // 2])  # warm-up at a typical shape
+    rates: list[float] = []
+    start = time.perf_counter()
+    while len(rates) < 2 or time.perf_counter() - start < settings.min_seconds:
+        began = time.perf_counter()
+        for batch in batches:
+            model(**batch)
+        rates.append(len(chosen) / (time.perf_counter() - began))
+    return statistics.median(rates)
+
+
+@torch.inference_mode()
+def count_flops(model: SlimModel, example: Sequence[int]) -> int:
+    """FLOPs of one forward on one input; int8 GEMMs are counted like float ones (2·m·n·k)."""
+    extra = 0
+
+    def int8_linear(module: Any, args: tuple, output: torch.Tensor) -> None:
+        nonlocal extra
+        rows = args[0].numel() // args[0].shape[-1]
+        extra += 2 * rows * module.in_features * module.out_features
+
+    hooks = [
+        m.register_forward_hook(int8_linear)
+        for m in model.module.modules()
+        if codec_for(m) is not None
+    ]
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(**collate(model, [example]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() + extra
+
+
+def measure_loaded(
+    model: SlimModel,
+    examples: Sequence[Sequence[int]],
+    settings: MeasureSettings,
+    baseline_rss_mb: float,
+    model_dir: Path | None = None,
+) -> Measurement:
+    """Time `model` on `examples`; memory is the peak since `reset_peak_memory()`."""
+    threads = settings.resolved_threads()
+    set_threads(threads)
+    median, p90 = time_latency(model, examples, settings)
+    throughput = time_throughput(model, examples, settings)
+    peak = peak_memory_mb() - baseline_rss_mb
+    typical = sorted(examples, key=len)[len(examples) // 2]
+    return Measurement(
+        latency_ms_median=round(median, 3),
+        latency_ms_p90=round(p90, 3),
+        throughput_per_s=round(throughput, 2),
+        peak_memory_mb=round(peak, 1),
+        size_mb=round(weights_size_bytes(model_dir) / 2**20, 2) if model_dir else 0.0,
+        parameters=count_parameters(model.module),
+        gflops_per_input=round(count_flops(model, typical) / 1e9, 4),
+        threads=threads,
+        batch_size=settings.batch_size,
+        mean_tokens=round(sum(map(len, examples)) / len(examples), 1),
+    )
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]

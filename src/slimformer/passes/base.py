@@ -1,0 +1,161 @@
+"""What a pass is, how its config declares its search space, and the registry.
+
+A pass is one technique with a frozen config dataclass. Each config field may carry a search
+space in its metadata (`searchable(...)`), so the config *is* the search space: the study
+samples it, `slimformer passes` prints it, and a recipe stores one point of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from slimformer.adapters import ModelFacts
+from slimformer.errors import SlimformerError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slimformer.model import SlimModel
+
+Bound = int | Callable[[ModelFacts], int]
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple[Any, ...]
+
+    def describe(self) -> str:
+        return " | ".join(str(o) for o in self.options)
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """An integer range; a bound may depend on the model (e.g. its number of layers)."""
+
+    low: Bound
+    high: Bound
+    label: str = ""  # how the bounds read when they are functions, e.g. "1..layers/2"
+
+    def resolve(self, facts: ModelFacts) -> tuple[int, int]:
+        low = self.low(facts) if callable(self.low) else self.low
+        high = self.high(facts) if callable(self.high) else self.high
+        return low, max(low, high)
+
+    def describe(self) -> str:
+        return self.label or f"{self.low}..{self.high}"
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    low: float
+    high: float
+    step: float | None = None
+
+    def describe(self) -> str:
+        step = f" step {self.step}" if self.step else ""
+        return f"{self.low}..{self.high}{step}"
+
+
+Space = Choice | IntRange | FloatRange
+
+
+def searchable(default: Any, space: Space, help: str) -> Any:
+    """A config field the study may vary within `space`."""
+    return field(default=default, metadata={"space": space, "help": help})
+
+
+def fixed(default: Any, help: str) -> Any:
+    """A config field the user may set but the study leaves alone."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass may use besides the model: calibration batches, a seed, a progress callback."""
+
+    calibration: Sequence[dict[str, torch.Tensor]] = ()
+    seed: int = 0
+    progress: Callable[[str], None] = lambda message: None
+
+
+class Pass(ABC):
+    """One technique. Subclasses set the class attributes and implement `apply`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    config_class: ClassVar[type]
+    # Order of passes inside a recipe: structure changes first, then recovery, then
+    # quantization, then the runtime. A recipe keeps passes sorted by stage.
+    stage: ClassVar[int]
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def apply(self, model: SlimModel, config: Any, ctx: PassContext) -> dict[str, Any]:
+        """Transform `model` in place; return the decisions made (e.g. which layers went)."""
+
+    # --- config helpers -----------------------------------------------------------------
+    @classmethod
+    def make_config(cls, values: dict[str, Any] | None = None) -> Any:
+        values = dict(values or {})
+        known = {f.name: f for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise SlimformerError(
+                f"{cls.name}: unknown setting(s) {', '.join(unknown)}; "
+                f"settings are: {', '.join(known)}"
+            )
+        for key, value in values.items():
+            space = known[key].metadata.get("space")
+            if isinstance(value, list):
+                values[key] = value = tuple(value)
+            if isinstance(space, Choice) and value not in space.options:
+                raise SlimformerError(
+                    f"{cls.name}: {key}={value!r} is not one of {space.describe()}"
+                )
+        try:
+            return cls.config_class(**values)
+        except (TypeError, ValueError) as error:
+            raise SlimformerError(f"{cls.name}: invalid settings: {error}") from None
+
+    @classmethod
+    def search_space(cls) -> dict[str, Space]:
+        return {
+            f.name: f.metadata["space"]
+            for f in dataclasses.fields(cls.config_class)
+            if "space" in f.metadata
+        }
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"pass {cls.name} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    from slimformer.passes import load_builtin_passes
+
+    load_builtin_passes()
+
+
+def get_pass(name: str) -> type[Pass]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SlimformerError(
+            f"unknown pass '{name}'; registered passes: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def registered_passes() -> list[type[Pass]]:
+    _load_builtins()
+    return sorted(_REGISTRY.values(), key=lambda cls: (cls.stage, cls.name))

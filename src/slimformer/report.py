@@ -1,0 +1,252 @@
+"""What a person sees: live progress, the trials and Pareto tables, the model card."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from slimformer.study import OBJECTIVES, StudyResult, StudySettings, TrialRecord
+
+TRIAL_STAGES = {"applying passes": 1, "saving": 2, "loading": 3, "timing": 4, "scoring": 5}
+
+
+def format_quality(value: float | None, bounded: bool) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 100:.2f}%" if bounded else f"{value:.4g}"
+
+
+def format_drop(drop: float | None, bounded: bool) -> str:
+    if drop is None:
+        return "—"
+    return f"{drop * 100:+.2f} pt" if bounded else f"{drop * 100:+.2f}%"
+
+
+def _bounded(settings: StudySettings) -> bool:
+    return settings.task.name in ("embedding", "classification")
+
+
+class RichReporter:
+    """A progress bar for the study and one per trial (its stages), plus a line per trial."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", justify="left"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.overall: Any = None
+        self.current: Any = None
+        self.bounded = True
+        self.objective = "latency"
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def study_started(self, settings: StudySettings, total: int | None, done: int) -> None:
+        self.bounded = _bounded(settings)
+        self.objective = settings.objective
+        self.overall = self.progress.add_task("trials", total=total, completed=done)
+
+    def trial_started(self, number: int, description: str) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+        self.current = self.progress.add_task(
+            f"trial {number}: {_clip(description, 60)}", total=len(TRIAL_STAGES)
+        )
+
+    def stage(self, name: str) -> None:
+        if self.current is not None and name in TRIAL_STAGES:
+            self.progress.update(self.current, completed=TRIAL_STAGES[name] - 1)
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        if self.current is not None:
+            self.progress.remove_task(self.current)
+            self.current = None
+        if self.overall is not None:
+            self.progress.advance(self.overall)
+        self.progress.console.print(trial_line(record, self.objective, self.bounded))
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(f"[dim]{text}[/dim]")
+
+
+def trial_line(record: TrialRecord, objective: str, bounded: bool) -> str:
+    head = f"trial {record.number:>3}  {_clip(record.description, 70):<70}"
+    if record.state != "complete":
+        return f"{head}  [red]{record.state}[/red] {record.error or ''}"
+    mark = "[green]within budget[/green]" if record.feasible else "[yellow]over budget[/yellow]"
+    cost = record.cost(objective)
+    return (
+        f"{head}  {format_quality(record.quality, bounded)} "
+        f"({format_drop(record.drop, bounded)})  {objective} {cost:g}  {mark}"
+    )
+
+
+def trials_table(
+    records: list[TrialRecord], settings: StudySettings, pareto: list[int], title: str
+) -> Table:
+    bounded = _bounded(settings)
+    baseline = next((r for r in records if r.is_baseline and r.state == "complete"), None)
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "#",
+        "recipe",
+        "quality",
+        "drop",
+        "latency ms",
+        "p90 ms",
+        "inputs/s",
+        "memory MB",
+        "size MB",
+        "speed-up",
+        "front",
+    ):
+        table.add_column(column, justify="left" if column == "recipe" else "right")
+    base_latency = baseline.measurement.get("latency_ms_median") if baseline else None
+    for r in records:
+        if r.state != "complete":
+            table.add_row(
+                str(r.number),
+                _clip(r.description, 60),
+                f"[red]{r.state}[/red]",
+                *[""] * 7,
+                (r.error or "")[:40],
+            )
+            continue
+        m = r.measurement
+        speedup = f"{base_latency / m['latency_ms_median']:.2f}×" if base_latency else "—"
+        drop_text = format_drop(r.drop, bounded)
+        if not r.feasible:
+            drop_text = f"[yellow]{drop_text}[/yellow]"
+        table.add_row(
+            str(r.number),
+            _clip(r.description, 60),
+            format_quality(r.quality, bounded),
+            drop_text,
+            f"{m['latency_ms_median']:.2f}",
+            f"{m['latency_ms_p90']:.2f}",
+            f"{m['throughput_per_s']:.1f}",
+            f"{m['peak_memory_mb']:.0f}",
+            f"{m['size_mb']:.1f}",
+            speedup,
+            "★" if r.number in pareto else "",
+        )
+    return table
+
+
+def print_study(result: StudyResult, console: Console) -> None:
+    settings = result.settings
+    bounded = _bounded(settings)
+    front = [r for r in result.trials if r.number in result.pareto]
+    console.print(trials_table(front, settings, result.pareto, "Pareto front"))
+    chosen, baseline = result.chosen, result.baseline
+    if chosen is None or baseline is None:
+        console.print("[red]no trial finished; nothing was saved[/red]")
+        return
+    key = OBJECTIVES[settings.objective][0]
+    ratio = baseline.measurement[key] / chosen.measurement[key]
+    if OBJECTIVES[settings.objective][1] == "maximize":
+        ratio = 1 / ratio
+    budget = format_drop(settings.max_drop, bounded).lstrip("+")
+    if result.met_budget:
+        console.print(
+            f"chosen: trial {chosen.number} ({chosen.description}) — {ratio:.2f}× better "
+            f"{settings.objective} than the baseline at {format_drop(chosen.drop, bounded)} "
+            f"quality (budget {budget})"
+        )
+    else:
+        console.print(
+            f"[yellow]no optimized candidate met --max-drop {budget}[/yellow]; saved the "
+            f"best-quality frontier point instead: trial {chosen.number} ({chosen.description}), "
+            f"drop {format_drop(chosen.drop, bounded)}"
+        )
+    if result.best_dir:
+        console.print(f"saved to {result.best_dir}")
+
+
+def model_card(
+    chosen: TrialRecord, baseline: TrialRecord, settings: StudySettings, metric: str, met: bool
+) -> str:
+    bounded = _bounded(settings)
+    rows = [
+        (
+            "quality (" + metric + ")",
+            format_quality(baseline.quality, bounded),
+            format_quality(chosen.quality, bounded),
+            "",
+        ),
+    ]
+    for name, value in baseline.details.items():
+        rows.append((name, f"{value:.4f}", f"{chosen.details.get(name, float('nan')):.4f}", ""))
+    fields = [
+        ("batch-1 latency, median (ms)", "latency_ms_median", True),
+        ("batch-1 latency, p90 (ms)", "latency_ms_p90", True),
+        (
+            f"throughput at batch {baseline.measurement['batch_size']} (inputs/s)",
+            "throughput_per_s",
+            False,
+        ),
+        ("peak memory (MB)", "peak_memory_mb", True),
+        ("size on disk (MB)", "size_mb", True),
+        ("parameters", "parameters", True),
+        ("GFLOPs per input", "gflops_per_input", True),
+    ]
+    for label, key, lower_is_better in fields:
+        a, b = baseline.measurement[key], chosen.measurement[key]
+        ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
+        rows.append((label, f"{a:g}", f"{b:g}", f"{ratio:.2f}×"))
+    table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+    plain_hf = chosen.recipe is not None and all(
+        s["pass"].startswith("prune.") for s in chosen.recipe.get("steps", [])
+    )
+    loading = (
+        "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`."
+        if plain_hf
+        else "It holds int8 layers that plain transformers cannot rebuild: load it with "
+        "`slimformer.load(this_folder)`."
+    )
+    status = "meets" if met else "does NOT meet"
+    threads = baseline.measurement["threads"]
+    return f"""# slimformer model
+
+Derived from `{settings.model}` by `{chosen.description}` (study trial {chosen.number}).
+It {status} the quality budget (max drop {format_drop(settings.max_drop, bounded)}) on the
+`{settings.task.name}` task.
+
+Load it with `slimformer.load(this_folder)`. {loading}
+Replay it with `slimformer apply recipe.yaml {settings.model} --out DIR`.
+
+## Measured (same machine, same run, {threads} threads, fp32 baseline vs this model)
+
+| figure | baseline | this model | ratio |
+|---|---|---|---|
+{table}
+
+Latency is batch-1 requests on real inputs from the task; throughput is batches sorted by
+length and padded to their longest. Memory is the resident memory added by loading and
+serving the model in a fresh process.
+"""
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,159 @@
+"""What a task is: how quality is scored, and which real inputs calibrate and time a model.
+
+A task is rebuilt from its `TaskSpec` in any process. `prepare` runs once on the reference
+(original) model and returns arrays (e.g. a fitted probe, reference embeddings) that `score`
+needs to judge a candidate; they are saved with safetensors, so a child process can score too.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.tasks.spec import TaskSpec
+
+if TYPE_CHECKING:
+    from slimformer.model import SlimModel
+
+State = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Score:
+    value: float
+    metric: str
+    direction: str  # maximize | minimize
+    bounded: bool  # a fraction in [0, 1]: budgets like "1%" then mean percentage points
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def quality_drop(baseline: float, value: float, direction: str, bounded: bool) -> float:
+    """How much worse `value` is than `baseline`: points for fractions, relative otherwise."""
+    worse = baseline - value if direction == "maximize" else value - baseline
+    if bounded:
+        return worse
+    return worse / abs(baseline) if baseline else worse
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    head: ClassVar[str | None]  # the model head the task needs; None = whatever the model has
+    metric: ClassVar[str]
+    direction: ClassVar[str] = "maximize"
+    bounded: ClassVar[bool] = True
+    default_seq_len: ClassVar[int] = 128
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+        self.seq_len = spec.seq_len or self.default_seq_len
+
+    # --- inputs -------------------------------------------------------------------------
+    @abstractmethod
+    def texts(self, split: str) -> list[str]:
+        """Real texts of a split: 'calibration', 'timing' (and task-specific ones)."""
+
+    def calibration_batches(
+        self, model: SlimModel, count: int = 128, batch_size: int = 32
+    ) -> list[dict[str, torch.Tensor]]:
+        examples = self.examples(model, "calibration")[:count]
+        return [
+            collate(model, examples[i : i + batch_size])
+            for i in range(0, len(examples), batch_size)
+        ]
+
+    def examples(self, model: SlimModel, split: str) -> list[list[int]]:
+        """Token ids, one list per input, unpadded, truncated to the task's sequence length."""
+        return encode(model, self.texts(split), self.seq_len)
+
+    # --- quality ------------------------------------------------------------------------
+    @abstractmethod
+    def prepare(self, reference: SlimModel) -> State:
+        """Arrays computed once on the original model that `score` compares against."""
+
+    @abstractmethod
+    def score(self, model: SlimModel, state: State) -> Score: ...
+
+    def make_score(self, value: float, **details: float) -> Score:
+        return Score(float(value), self.metric, self.direction, self.bounded, details)
+
+    def check_model(self, model: SlimModel) -> None:
+        if self.head is not None and model.head != self.head:
+            raise SlimformerError(
+                f"the {self.name} task needs a {self.head} model, but this checkpoint is a "
+                f"{model.head} model; choose another --task"
+            )
+        if model.tokenizer is None:
+            raise SlimformerError(
+                f"the {self.name} task needs a tokenizer, and the model folder has none"
+            )
+
+
+def tokenizer_of(model: SlimModel) -> Any:
+    tokenizer = model.tokenizer
+    if tokenizer.pad_token is None:
+        # Decoders often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def encode(model: SlimModel, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    tokenizer = tokenizer_of(model)
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    return [list(ids) for ids in encoded["input_ids"]]
+
+
+def collate(model: SlimModel, examples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest input, as sentence-transformers and HF pipelines do."""
+    tokenizer = tokenizer_of(model)
+    longest = max(len(e) for e in examples)
+    ids = torch.full((len(examples), longest), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids[row, : len(example)] = torch.tensor(example, dtype=torch.long)
+        mask[row, : len(example)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def fixed_length_examples(
+    model: SlimModel, texts: Sequence[str], length: int, count: int
+) -> list[list[int]]:
+    """`count` inputs of exactly `length` real tokens, cut from the running text."""
+    tokenizer = tokenizer_of(model)
+    special = len(tokenizer.build_inputs_with_special_tokens([]))
+    body = length - special
+    stream: list[int] = []
+    examples: list[list[int]] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        while len(stream) >= body and len(examples) < count:
+            examples.append(tokenizer.build_inputs_with_special_tokens(stream[:body]))
+            stream = stream[body:]
+        if len(examples) >= count:
+            return examples
+    if not examples:
+        raise SlimformerError(f"the task's texts are too short to make {length}-token inputs")
+    return examples
+
+
+def batches_by_length(
+    examples: Sequence[Sequence[int]], batch_size: int
+) -> list[tuple[list[int], list[Sequence[int]]]]:
+    """Sort by length and cut into batches (less padding); returns (original indices, batch)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    return [
+        (order[i : i + batch_size], [examples[j] for j in order[i : i + batch_size]])
+        for i in range(0, len(order), batch_size)
+    ]
+
+
+def seeded_shuffle(items: list[Any], seed: int) -> list[Any]:
+    shuffled = list(items)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled

@@ -1,0 +1,108 @@
+"""Text classification accuracy of a sequence-classification checkpoint on the user's data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.tasks.base import Score, State, Task, batches_by_length, collate, seeded_shuffle
+
+if TYPE_CHECKING:
+    from slimformer.model import SlimModel
+
+MAX_CALIBRATION = 256
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise SlimformerError(f"data file not found: {path}")
+    try:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            rows = []
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise SlimformerError(f"{path}: line {number} is not valid JSON") from None
+            return rows
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except UnicodeDecodeError:
+        raise SlimformerError(f"{path} is not UTF-8 text; save it as UTF-8 CSV or JSONL") from None
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    head = "sequence-classification"
+    metric = "accuracy"
+
+    @cached_property
+    def _rows(self) -> list[tuple[str, str]]:
+        path = Path(self.spec.data or "")
+        rows = read_rows(path)
+        if not rows:
+            raise SlimformerError(f"data file {path} has no rows")
+        columns = list(rows[0]) if isinstance(rows[0], dict) else []
+        for wanted, option in (
+            (self.spec.text_column, "--text-column"),
+            (self.spec.label_column, "--label-column"),
+        ):
+            if wanted not in columns:
+                raise SlimformerError(
+                    f"column '{wanted}' not found in {path}; columns are: "
+                    f"{', '.join(map(str, columns))} — choose one with {option}"
+                )
+        return [(str(r[self.spec.text_column]), str(r[self.spec.label_column])) for r in rows]
+
+    @cached_property
+    def _splits(self) -> dict[str, list[tuple[str, str]]]:
+        rows = seeded_shuffle(self._rows, self.spec.seed)
+        if len(rows) < 20:
+            raise SlimformerError(
+                f"data file {self.spec.data} has {len(rows)} rows; at least 20 are needed "
+                "(some calibrate, the rest score)"
+            )
+        cut = min(MAX_CALIBRATION, len(rows) // 10)
+        return {"calibration": rows[:cut], "test": rows[cut:]}
+
+    def texts(self, split: str) -> list[str]:
+        split = "test" if split == "timing" else split
+        return [text for text, _ in self._splits[split]]
+
+    def label_ids(self, model: SlimModel) -> np.ndarray:
+        config = model.config
+        label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+        ids = []
+        for _, label in self._splits["test"]:
+            if label in label2id:
+                ids.append(label2id[label])
+            elif label.lstrip("-").isdigit() and 0 <= int(label) < config.num_labels:
+                ids.append(int(label))
+            else:
+                raise SlimformerError(
+                    f"label '{label}' is not one of the model's labels "
+                    f"({', '.join(label2id) or config.num_labels}); fix --label-column or the data"
+                )
+        return np.array(ids)
+
+    def prepare(self, reference: SlimModel) -> State:
+        self.check_model(reference)
+        return {"labels": self.label_ids(reference)}
+
+    @torch.inference_mode()
+    def score(self, model: SlimModel, state: State) -> Score:
+        self.check_model(model)
+        examples = self.examples(model, "test")
+        predicted = np.zeros(len(examples), dtype=np.int64)
+        for indices, batch in batches_by_length(examples, 64):
+            predicted[indices] = model(**collate(model, batch)).logits.argmax(-1).numpy()
+        return self.make_score(float(np.mean(predicted == state["labels"])))

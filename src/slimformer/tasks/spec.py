@@ -1,0 +1,61 @@
+"""The serializable description of a task: enough to rebuild it in another process."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from slimformer.errors import SlimformerError
+
+TASK_NAMES = ("embedding", "classification", "perplexity", "custom")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    data: str | None = None  # a user data file; None = the task's built-in offline data
+    text_column: str = "text"
+    label_column: str = "label"
+    function: str | None = None  # custom task: "module:function" returning a float
+    direction: str | None = None  # custom task: maximize | minimize
+    seq_len: int | None = None  # max tokens per input; None = the task's default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in TASK_NAMES:
+            raise SlimformerError(
+                f"unknown task '{self.name}'; choose one of: {', '.join(TASK_NAMES)}"
+            )
+        if self.name == "custom":
+            if not self.function or ":" not in self.function:
+                raise SlimformerError(
+                    "the custom task needs --function module:function (a function that takes "
+                    "the model and returns a float)"
+                )
+            if self.direction not in ("maximize", "minimize"):
+                raise SlimformerError(
+                    "the custom task needs --direction maximize or --direction minimize"
+                )
+        if self.name == "classification" and not self.data:
+            raise SlimformerError(
+                "the classification task needs --data FILE (CSV or JSONL with text and label "
+                "columns)"
+            )
+        if self.seq_len is not None and self.seq_len < 8:
+            raise SlimformerError(f"--seq-len must be at least 8, got {self.seq_len}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "task") -> TaskSpec:
+        if isinstance(data, str):
+            return cls(name=data)
+        if not isinstance(data, dict) or "name" not in data:
+            raise SlimformerError(f"{origin}: 'task' must be a mapping with a 'name'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SlimformerError(f"{origin}: unknown task setting(s): {', '.join(unknown)}")
+        return cls(**data)
