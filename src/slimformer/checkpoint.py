@@ -202,7 +202,12 @@ def load_model(
     auto = getattr(transformers, HEADS[head])
     with _quiet_transformers():
         if meta:
-            module = auto.from_config(config, dtype=torch.float32)
+            from accelerate import init_empty_weights
+
+            # Parameters start on the meta device so the float layers that int8 ones replace
+            # are never allocated (peak memory would otherwise count them).
+            with init_empty_weights():
+                module = auto.from_config(config, dtype=torch.float32)
             _load_slim_weights(module, weight_files[0], meta)
         else:
             try:
@@ -252,8 +257,26 @@ def _load_tokenizer(path: Path) -> Any:
 
 
 def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> None:
+    from slimformer.passes import load_builtin_passes
+
+    load_builtin_passes()  # the passes register the codecs of the modules they create
     tensors = load_file(str(file))
     special = meta.get("modules", {})
+
+    def owned(key: str) -> bool:
+        return any(key.startswith(name + ".") for name in special)
+
+    # Plain tensors first, into the float modules the config built; then the special
+    # modules replace theirs (quantized modules refuse a partial state dict).
+    plain = {k: v for k, v in tensors.items() if not owned(k)}
+    missing, unexpected = module.load_state_dict(plain, strict=False, assign=True)
+    # Tied weights (e.g. an LM head tied to the embeddings) are saved once.
+    missing = [k for k in missing if not owned(k) and not _is_tied(module, k)]
+    if missing or unexpected:
+        raise SlimformerError(
+            f"{file} does not match its config ({len(missing)} missing, {len(unexpected)} "
+            "unexpected tensors); the saved model is damaged"
+        )
     for name, info in special.items():
         codec = _CODECS.get(info["kind"])
         if codec is None:
@@ -265,15 +288,13 @@ def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> N
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, codec.decode(own, info.get("meta", {})))
-    plain = {k: v for k, v in tensors.items() if not any(k.startswith(n + ".") for n in special)}
-    missing, unexpected = module.load_state_dict(plain, strict=False)
-    missing = [k for k in missing if not any(k.startswith(n + ".") for n in special)]
-    # Tied weights (e.g. an LM head tied to the embeddings) are saved once.
-    missing = [k for k in missing if not _is_tied(module, k)]
-    if missing or unexpected:
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    still_meta = [n for n, p in module.named_parameters() if p.is_meta]
+    if still_meta:
         raise SlimformerError(
-            f"{file} does not match its config ({len(missing)} missing, {len(unexpected)} "
-            "unexpected tensors); the saved model is damaged"
+            f"{file} lacks {len(still_meta)} tensors (e.g. {still_meta[0]}); the saved model "
+            "is damaged"
         )
 
 

@@ -21,8 +21,9 @@ app = typer.Typer(
 )
 assets_app = typer.Typer(help="The offline models and data sets.", no_args_is_help=True)
 app.add_typer(assets_app, name="assets")
-out = Console()
-err = Console(stderr=True)
+# Tables are wide; when output is not a terminal, don't squeeze them into 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 TaskOpt = Annotated[
     str | None,

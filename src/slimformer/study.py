@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -225,13 +226,11 @@ class Study:
     def open_study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.RDBStorage(f"sqlite:///{self.out / 'study.db'}")
-        sampler = optuna.samplers.TPESampler(
-            seed=self.settings.seed,
-            n_startup_trials=6,
-            multivariate=True,
-            group=True,
-            constraints_func=_constraints,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=self.settings.seed, n_startup_trials=6, multivariate=True, group=True
+            )
         study = optuna.create_study(
             study_name=STUDY_NAME,
             storage=storage,
@@ -268,8 +267,9 @@ class Study:
         self.reporter.trial_started(trial.number, description)
         earlier = self._completed_with(trial.study, description)
         if earlier is not None:
-            for key in ("quality", "drop", "feasible", "constraint", "details", "measurement"):
+            for key in ("quality", "drop", "feasible", "details", "measurement"):
                 trial.set_user_attr(key, earlier.user_attrs[key])
+            trial.set_constraint("max_drop", earlier.user_attrs["drop"] - self.settings.max_drop)
             trial.set_user_attr("duplicate_of", earlier.number)
             return tuple(earlier.values)  # type: ignore[return-value]
         baseline = self._baseline(trial.study)
@@ -304,7 +304,7 @@ class Study:
         trial.set_user_attr("quality", quality)
         trial.set_user_attr("drop", drop)
         trial.set_user_attr("feasible", drop <= self.settings.max_drop + 1e-12)
-        trial.set_user_attr("constraint", drop - self.settings.max_drop)
+        trial.set_constraint("max_drop", drop - self.settings.max_drop)
         trial.set_user_attr("details", result["details"])
         trial.set_user_attr("measurement", result["measurement"])
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
@@ -396,10 +396,6 @@ class Study:
             model = apply_recipe(self.base, replace(recipe, steps=recipe.steps), self.calibration)
             save_model(model, best_dir, extra_files=extra)
         return best_dir
-
-
-def _constraints(trial: FrozenTrial) -> list[float]:
-    return [trial.user_attrs.get("constraint", 1.0)]
 
 
 def _record(records: list[TrialRecord], number: int) -> TrialRecord:

@@ -6,11 +6,14 @@ family's attribute paths themselves, so a new family is one small subclass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
+
+
+LINEAR_ROLES = ("attention", "ffn_in", "ffn_out")
 
 
 @dataclass(frozen=True)
@@ -103,16 +106,24 @@ class ModelAdapter:
         found["out"] = block.get_submodule(self.layout.ffn_out)
         return found
 
-    def block_linear_names(self, scope: str = "all") -> list[str]:
-        """Fully qualified names of the Linear layers inside blocks: scope all|attention|ffn."""
+    def block_linear_names(self, roles: Iterable[str] = LINEAR_ROLES) -> list[str]:
+        """Fully qualified names of the Linear layers inside blocks that play these roles:
+        'attention' (q, k, v, out), 'ffn_in' (up, gate), 'ffn_out' (down)."""
+        roles = set(roles)
+        unknown = roles - set(LINEAR_ROLES)
+        if unknown:
+            raise ValueError(f"unknown linear roles {sorted(unknown)}; known: {LINEAR_ROLES}")
         names = {id(m): n for n, m in self.model.named_modules()}
         selected: list[str] = []
         for index in range(self.num_layers):
             modules: list[nn.Module] = []
-            if scope in ("all", "attention"):
+            if "attention" in roles:
                 modules += self.attention_linears(index).values()
-            if scope in ("all", "ffn"):
-                modules += self.ffn_linears(index).values()
+            ffn = self.ffn_linears(index)
+            if "ffn_in" in roles:
+                modules += [m for role, m in ffn.items() if role != "out"]
+            if "ffn_out" in roles:
+                modules.append(ffn["out"])
             selected += [names[id(m)] for m in modules]
         return selected
 

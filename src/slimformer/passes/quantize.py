@@ -19,12 +19,22 @@ from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
 
 
+# scope -> the adapter's linear roles it covers
+SCOPES = {
+    "all": ("attention", "ffn_in", "ffn_out"),
+    "all_but_ffn_out": ("attention", "ffn_in"),
+    "attention": ("attention",),
+    "ffn": ("ffn_in", "ffn_out"),
+}
+
+
 @dataclass(frozen=True)
 class DynamicInt8Config:
     scope: str = searchable(
         "all",
-        Choice(("all", "attention", "ffn")),
-        "which Linear layers inside the blocks become int8",
+        Choice(tuple(SCOPES)),
+        "which Linear layers inside the blocks become int8 (ffn_out, the FFN down projection, "
+        "sees the largest activation outliers)",
     )
     per_channel: bool = searchable(
         False, Choice((False, True)), "one weight scale per output channel instead of per tensor"
@@ -46,7 +56,7 @@ class DynamicInt8(Pass):
     ) -> dict[str, Any]:
         names = [
             n
-            for n in model.adapter.block_linear_names(config.scope)
+            for n in model.adapter.block_linear_names(SCOPES[config.scope])
             if not any(n == s or n.startswith(s + ".") for s in config.skip)
         ]
         qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
