@@ -12,7 +12,6 @@ from typing import ClassVar
 
 from torch import nn
 
-
 LINEAR_ROLES = ("attention", "ffn_in", "ffn_out")
 
 

@@ -18,7 +18,6 @@ from slimformer.checkpoint import ModuleCodec, register_codec
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
 
-
 # scope -> the adapter's linear roles it covers
 SCOPES = {
     "all": ("attention", "ffn_in", "ffn_out"),
