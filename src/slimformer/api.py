@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -11,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from slimformer import assets
-from slimformer.checkpoint import load_model, resolve_path, save_model
+from slimformer.checkpoint import load_model, read_config, resolve_path, save_model
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
-from slimformer.model import SlimModel
+from slimformer.model import SlimModel, head_from_architectures
 from slimformer.recipe import Recipe, apply_recipe
 from slimformer.study import (
     Reporter,
@@ -25,7 +23,7 @@ from slimformer.study import (
     parse_max_drop,
     run_study,
 )
-from slimformer.tasks import TaskSpec, default_task_for, make_task, save_state
+from slimformer.tasks import TaskSpec, default_task_for, make_task, reference_state
 
 ModelRef = str | os.PathLike[str] | SlimModel
 
@@ -36,13 +34,21 @@ def load(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> Sl
 
 
 def task_spec(
-    task: str | TaskSpec | None, model: SlimModel | None = None, **options: Any
+    task: str | TaskSpec | None,
+    model: SlimModel | None = None,
+    head: str | None = None,
+    **options: Any,
 ) -> TaskSpec:
     """A TaskSpec from a task name and options; no name = the model's natural task."""
     if isinstance(task, TaskSpec):
         return task
-    name = task or default_task_for(model.head if model else "embedding")
+    name = task or default_task_for(model.head if model else head or "embedding")
     return TaskSpec(name=name, **{k: v for k, v in options.items() if v is not None})
+
+
+def _natural_head(path: Path) -> str:
+    """The head a checkpoint was saved with (from its config), without loading weights."""
+    return head_from_architectures(read_config(path).architectures)
 
 
 def _as_model(model: ModelRef, head: str | None = None) -> SlimModel:
@@ -115,12 +121,17 @@ def benchmark(
         workdir = Path(tmp)
         if isinstance(model, SlimModel):
             model_dir = save_model(model, workdir / "model")
+            spec = task_spec(task, model, data=data)
             loaded = model
         else:
             model_dir = resolve_path(model)
-            loaded = load_model(model_dir)
-        spec = task_spec(task, loaded, data=data)
-        state_path = _reference_state(loaded, model_dir, spec)
+            spec = task_spec(task, None, head=_natural_head(model_dir), data=data)
+            loaded = load_model(model_dir, head=make_task(spec).head)
+        source = Path(loaded.source) if loaded.source else Path(model_dir)
+        reference = source if source.is_dir() else Path(model_dir)
+        state_path = reference_state(
+            reference, spec, loaded if reference == Path(model_dir) else None
+        )
         settings = MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads)
         try:
             result = evaluate_isolated(model_dir, spec, state_path, settings, workdir / "run")
@@ -134,31 +145,6 @@ def benchmark(
         details=result["details"],
         measurement=result["measurement"],
     )
-
-
-def _reference_state(model: SlimModel, model_dir: Path, spec: TaskSpec) -> Path | None:
-    """The task's reference arrays from the original model, cached across runs."""
-    source = Path(model.source) if model.source else model_dir
-    if not source.is_dir() or source.resolve() == Path(model_dir).resolve():
-        return None  # an original model is its own reference: the child prepares it
-    weights = sorted(p for p in source.iterdir() if p.suffix == ".safetensors")
-    fingerprint = json.dumps(
-        [
-            str(source.resolve()),
-            [(p.name, p.stat().st_size, p.stat().st_mtime) for p in weights],
-            spec.to_dict(),
-        ],
-    )
-    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    path = assets.cache_dir() / "task-state" / f"{spec.name}-{digest}.safetensors"
-    if not path.is_file():
-        task = make_task(spec)
-        reference = load_model(source, head=task.head)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_state(task.prepare(reference), tmp)
-        tmp.replace(path)
-    return path
 
 
 def optimize(
@@ -184,17 +170,7 @@ def optimize(
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
     path = resolve_path(model)
-    head_hint = None
-    if task is None:
-        from slimformer.checkpoint import read_config
-        from slimformer.model import head_from_architectures
-
-        head_hint = head_from_architectures(read_config(path).architectures)
-    spec = (
-        task
-        if isinstance(task, TaskSpec)
-        else TaskSpec(name=task or default_task_for(head_hint or "embedding"), data=data, seed=seed)
-    )
+    spec = task_spec(task, None, head=_natural_head(path), data=data, seed=seed)
     name = str(model)
     settings = StudySettings(
         model=name if assets.resolve_model_name(name) else str(path.resolve()),

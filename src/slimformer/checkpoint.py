@@ -76,12 +76,16 @@ def codec_for(module: nn.Module) -> ModuleCodec | None:
 def count_parameters(module: nn.Module) -> int:
     """Parameters including those packed inside quantized modules."""
     total = 0
+    seen: set[int] = set()  # tied weights (shared by two modules) count once
     for sub in module.modules():
         codec = codec_for(sub)
         if codec is not None:
             total += codec.num_parameters(sub)
-        else:
-            total += sum(p.numel() for p in sub.parameters(recurse=False))
+            continue
+        for parameter in sub.parameters(recurse=False):
+            if id(parameter) not in seen:
+                seen.add(id(parameter))
+                total += parameter.numel()
     return total
 
 
@@ -322,7 +326,8 @@ def save_model(
                 model.module.save_pretrained(tmp, safe_serialization=True)
             if model.tokenizer is not None:
                 model.tokenizer.save_pretrained(tmp)
-        _copy_sentence_transformers_files(Path(model.source), tmp)
+        if model.source:
+            _copy_sentence_transformers_files(Path(model.source), tmp)
         (tmp / "recipe.yaml").write_text(model.recipe.to_yaml())
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slimformer.errors import SlimformerError
@@ -37,6 +38,15 @@ DataOpt = Annotated[
     str | None,
     typer.Option(help="your data: CSV/JSONL (classification) or a text file (perplexity, custom)"),
 ]
+TextColumnOpt = Annotated[str, typer.Option(help="classification: the text column")]
+LabelColumnOpt = Annotated[str, typer.Option(help="classification: the label column")]
+FunctionOpt = Annotated[
+    str | None,
+    typer.Option(help="custom task: module:function taking the model, returning a float"),
+]
+DirectionOpt = Annotated[
+    str | None, typer.Option(help="custom task: maximize | minimize (higher or lower is better)")
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="batch size for throughput")]
 SeqOpt = Annotated[
     int | None,
@@ -54,6 +64,10 @@ def bench(
     model: Annotated[str, typer.Argument(help="checkpoint folder, or 'default' / 'smollm2'")],
     task: TaskOpt = None,
     data: DataOpt = None,
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    function: FunctionOpt = None,
+    direction: DirectionOpt = None,
     batch_size: BatchOpt = 32,
     seq_len: SeqOpt = None,
     threads: ThreadsOpt = None,
@@ -62,15 +76,16 @@ def bench(
     """Measure one model: quality, latency (median, p90), throughput, memory, size, FLOPs."""
     from slimformer import api
 
-    with err.status(f"measuring {model} in a fresh process…"):
+    spec = _task_spec(task, data, text_column, label_column, function, direction)
+    with err.status(f"measuring {escape(model)} in a fresh process…"):
         result = api.benchmark(
-            model, task=task, data=data, batch_size=batch_size, seq_len=seq_len, threads=threads
+            model, task=spec, batch_size=batch_size, seq_len=seq_len, threads=threads
         )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
     m = result.measurement
-    table = Table(title=f"{result.model} — {result.task} task", title_justify="left")
+    table = Table(title=escape(f"{result.model} — {result.task} task"), title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [
@@ -96,6 +111,10 @@ def optimize(
     model: Annotated[str, typer.Argument(help="checkpoint folder, or 'default' / 'smollm2'")],
     task: TaskOpt = None,
     data: DataOpt = None,
+    text_column: TextColumnOpt = "text",
+    label_column: LabelColumnOpt = "label",
+    function: FunctionOpt = None,
+    direction: DirectionOpt = None,
     max_drop: Annotated[
         str,
         typer.Option(
@@ -136,12 +155,12 @@ def optimize(
     if trials is None and time_budget is None:
         trials = 12
     run_dir = out_dir or Path("runs") / Path(model).name
+    spec = _task_spec(task, data, text_column, label_column, function, direction, seed)
     try:
         with RichReporter(err) as reporter:
             result = api.optimize(
                 model,
-                task=task,
-                data=data,
+                task=spec,
                 max_drop=max_drop,
                 trials=trials,
                 time_budget=time_budget,
@@ -158,8 +177,10 @@ def optimize(
             )
     except KeyboardInterrupt:
         err.print(
-            f"interrupted: finished trials are kept in {run_dir}; continue with "
-            f"`slimformer optimize {model} --out {run_dir} --resume`"
+            escape(
+                f"interrupted: finished trials are kept in {run_dir}; continue with "
+                f"`slimformer optimize {model} --out {run_dir} --resume`"
+            )
         )
         raise typer.Exit(130) from None
     print_study(result, out)
@@ -176,7 +197,7 @@ def apply_recipe(
 
     with err.status("applying recipe…"):
         result = api.apply(model, recipe, out=out_dir)
-    out.print(f"applied {result.recipe.describe()}; saved to {out_dir}")
+    out.print(escape(f"applied {result.recipe.describe()}; saved to {out_dir}"))
 
 
 @app.command()
@@ -259,12 +280,41 @@ def assets_status() -> None:
     out.print(table)
 
 
+def _task_spec(
+    task: str | None,
+    data: str | None,
+    text_column: str,
+    label_column: str,
+    function: str | None,
+    direction: str | None,
+    seed: int = 0,
+) -> object:
+    """The task options as a TaskSpec; None when no option was given (the model decides)."""
+    from slimformer.tasks import TaskSpec
+
+    if task is None and not (data or function or direction):
+        return None
+    if task is None:
+        task = "custom" if function else None
+    if task is None:
+        raise SlimformerError("--data needs --task (classification, perplexity or custom)")
+    return TaskSpec(
+        name=task,
+        data=data,
+        text_column=text_column,
+        label_column=label_column,
+        function=function,
+        direction=direction,
+        seed=seed,
+    )
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
         app()
     except SlimformerError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

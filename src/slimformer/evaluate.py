@@ -29,7 +29,7 @@ class CandidateFailed(Exception):
 def evaluate_isolated(
     model_dir: Path,
     task_spec: Any,
-    state_path: Path | None,
+    state_path: Path,
     settings: Any,
     workdir: Path,
     on_stage: Callable[[str], None] | None = None,
@@ -39,7 +39,7 @@ def evaluate_isolated(
     request = {
         "model_dir": str(model_dir),
         "task": task_spec.to_dict(),
-        "state": str(state_path) if state_path else None,
+        "state": str(state_path),
         "settings": asdict(settings),
         "result": str(workdir / "result.json"),
     }
@@ -109,7 +109,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     _stage("timing")
     measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
     _stage("scoring")
-    state = load_state(Path(request["state"])) if request["state"] else task.prepare(model)
+    state = load_state(Path(request["state"]))
     score = task.score(model, state)
     return {
         "quality": score.value,

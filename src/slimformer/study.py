@@ -13,6 +13,7 @@ Everything lives in the run folder: `study.db` (Optuna's SQLite storage, the sou
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import warnings
@@ -24,14 +25,14 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimformer.checkpoint import load_model, save_model, write_atomic
+from slimformer.checkpoint import load_model, resolve_path, save_model, write_atomic
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass, registered_passes
 from slimformer.recipe import Recipe, Step, apply_recipe
-from slimformer.tasks import TaskSpec, make_task, quality_drop, save_state
+from slimformer.tasks import TaskSpec, make_task, quality_drop, reference_state
 
 # objective name -> (measurement field, direction)
 OBJECTIVES = {
@@ -51,8 +52,8 @@ def parse_max_drop(text: str | float) -> float:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
         raise SlimformerError(f"--max-drop must look like 1% or 0.01, got '{text}'") from None
-    if value < 0:
-        raise SlimformerError(f"--max-drop must not be negative, got '{text}'")
+    if not math.isfinite(value) or value < 0:
+        raise SlimformerError(f"--max-drop must be a finite, non-negative amount, got '{text}'")
     return value
 
 
@@ -212,13 +213,13 @@ class Study:
         self.reporter.message(f"loading {self.settings.model}")
         self.base: SlimModel = load_model(self.settings.model, head=self.task.head)
         self.task.check_model(self.base)
-        state_path = self.out / "task_state.safetensors"
-        if not state_path.is_file():
-            self.reporter.message(f"preparing the {self.task.name} task on the original model")
-            tmp = state_path.with_name(".task_state.tmp.safetensors")
-            save_state(self.task.prepare(self.base), tmp)
-            tmp.replace(state_path)
-        self.state_path = state_path
+        self.reporter.message(f"preparing the {self.task.name} task on the original model")
+        # The reference arrays come from the shared cache; the run keeps its own copy so it
+        # stays self-contained (and resumable) if the cache is cleared.
+        self.state_path = self.out / "task_state.safetensors"
+        if not self.state_path.is_file():
+            cached = reference_state(resolve_path(self.settings.model), self.task.spec, self.base)
+            shutil.copyfile(cached, self.state_path)
         self.calibration = self.task.calibration_batches(self.base, CALIBRATION_INPUTS)
         self.facts = self.base.adapter.facts()
         self.pass_classes = self.settings.pass_classes()

@@ -116,6 +116,15 @@ class Pass(ABC):
                 raise SlimformerError(
                     f"{cls.name}: {key}={value!r} is not one of {space.describe()}"
                 )
+            # Range bounds may depend on the model, so only the type is checked here.
+            if isinstance(space, IntRange) and (
+                not isinstance(value, int) or isinstance(value, bool)
+            ):
+                raise SlimformerError(f"{cls.name}: {key} must be an integer, got {value!r}")
+            if isinstance(space, FloatRange) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool)
+            ):
+                raise SlimformerError(f"{cls.name}: {key} must be a number, got {value!r}")
         try:
             return cls.config_class(**values)
         except (TypeError, ValueError) as error:

@@ -113,7 +113,7 @@ def block_importance(
                 totals[index] += value
         return [t / len(calibration) for t in totals]
     if criterion == "removal_change":
-        reference = [_first(base(**batch)) for batch in calibration]
+        reference = [base(**batch).last_hidden_state for batch in calibration]
         scores = []
         for block in blocks:
 
@@ -127,7 +127,7 @@ def block_importance(
             try:
                 change = 0.0
                 for batch, ref in zip(calibration, reference, strict=True):
-                    out = _first(base(**batch))
+                    out = base(**batch).last_hidden_state
                     change += _masked_cosine_distance(ref, out, _token_mask(batch, ref))
             finally:
                 handle.remove()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from slimformer.tasks.base import Score, State, Task, quality_drop
 from slimformer.tasks.spec import TASK_NAMES, TaskSpec
+
+if TYPE_CHECKING:
+    from slimformer.model import SlimModel
 
 
 def make_task(spec: TaskSpec) -> Task:
@@ -32,11 +38,42 @@ def default_task_for(head: str) -> str:
 
 
 def save_state(state: State, path: Path) -> None:
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
+    """Write atomically: a crash leaves no half-written state that later runs would trust."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+    tmp.replace(path)
 
 
 def load_state(path: Path) -> State:
     return load_file(str(path))
+
+
+def reference_state(reference_dir: Path, spec: TaskSpec, loaded: SlimModel | None = None) -> Path:
+    """The task's arrays from the reference (original) model, computed once per machine.
+
+    Keyed by the checkpoint's path and weight files (size, mtime) and the task spec, so a
+    re-saved model or another task gets its own entry.
+    """
+    from slimformer import assets
+    from slimformer.checkpoint import load_model
+
+    reference_dir = Path(reference_dir).resolve()
+    weights = sorted(p for p in reference_dir.iterdir() if p.suffix == ".safetensors")
+    fingerprint = json.dumps(
+        [
+            str(reference_dir),
+            [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
+            spec.to_dict(),
+        ]
+    )
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    path = assets.cache_dir() / "task-state" / f"{spec.name}-{digest}.safetensors"
+    if not path.is_file():
+        task = make_task(spec)
+        model = loaded or load_model(reference_dir, head=task.head)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(task.prepare(model), path)
+    return path
 
 
 __all__ = [
@@ -49,5 +86,6 @@ __all__ = [
     "load_state",
     "make_task",
     "quality_drop",
+    "reference_state",
     "save_state",
 ]

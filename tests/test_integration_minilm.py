@@ -1,0 +1,189 @@
+"""Integration checks on the real all-MiniLM-L6-v2 and the real movie-review sentences."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import slimformer
+from slimformer.checkpoint import load_model, save_model
+from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.tasks import TaskSpec, make_task
+from slimformer.tasks.embedding import embed, normalize
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "slimformer.cli"]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(TaskSpec("embedding"))
+
+
+@pytest.fixture(scope="module")
+def calibration(minilm, task):
+    return task.calibration_batches(minilm, 64)
+
+
+@pytest.fixture(scope="module")
+def sentences(task):
+    return task.texts("test")[:300]
+
+
+def fidelity(model, reference, sentences) -> float:
+    a = normalize(embed(model, sentences, 128))
+    b = normalize(embed(reference, sentences, 128))
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def hidden(model, batch) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**batch).last_hidden_state
+
+
+@pytest.mark.parametrize(
+    ("step", "least_fidelity"),
+    [
+        (Step("quantize.dynamic_int8", {"scope": "attention"}), 0.99),
+        (Step("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True}), 0.97),
+        (Step("quantize.dynamic_int8", {"scope": "all"}), 0.90),
+        (Step("prune.layers", {"count": 1, "criterion": "removal_change"}), 0.85),
+    ],
+    ids=["int8-attention", "int8-no-ffn-out", "int8-all", "drop-1-layer"],
+)
+def test_pass_keeps_embeddings_close_on_minilm(
+    minilm, calibration, sentences, step, least_fidelity
+):
+    candidate = apply_recipe(minilm, Recipe(steps=(step,)), calibration)
+    score = fidelity(candidate, minilm, sentences)
+    assert least_fidelity < score < 0.99999  # close, and really changed
+
+
+def test_layer_importance_keeps_first_and_last_minilm_blocks(minilm, calibration):
+    candidate = apply_recipe(
+        minilm, Recipe(steps=(Step("prune.layers", {"count": 2}),)), calibration
+    )
+    dropped = candidate.recipe.steps[-1].resolved["dropped_layers"]
+    assert len(dropped) == 2 and 0 not in dropped and 5 not in dropped
+    assert candidate.config.num_hidden_layers == 4
+
+
+def test_saved_int8_minilm_reloads_to_identical_outputs(minilm, calibration, tmp_path):
+    recipe = Recipe(
+        steps=(Step("prune.layers", {"count": 1}), Step("quantize.dynamic_int8", {})),
+        task=TaskSpec("embedding"),
+    )
+    candidate = apply_recipe(minilm, recipe, calibration)
+    save_model(candidate, tmp_path / "model")
+    reloaded = slimformer.load(tmp_path / "model")
+    for batch in calibration[:2]:
+        assert torch.equal(hidden(candidate, batch), hidden(reloaded, batch))
+    size = (tmp_path / "model" / "slimformer.safetensors").stat().st_size
+    assert size < 0.8 * (slimformer.assets.minilm_path() / "model.safetensors").stat().st_size
+
+
+def test_recipe_replays_to_identical_outputs_through_the_cli(minilm, calibration, tmp_path):
+    recipe = Recipe(
+        steps=(
+            Step("prune.layers", {"count": 1, "criterion": "block_influence"}),
+            Step("quantize.dynamic_int8", {"scope": "all_but_ffn_out"}),
+        ),
+        task=TaskSpec("embedding"),
+    )
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    for name in ("a", "b"):
+        subprocess.run(
+            [
+                *CLI,
+                "apply",
+                str(tmp_path / "recipe.yaml"),
+                "default",
+                "--out",
+                str(tmp_path / name),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    in_process = apply_recipe(
+        minilm, recipe, make_task(TaskSpec("embedding")).calibration_batches(minilm)
+    )
+    for batch in calibration[:2]:
+        assert torch.equal(hidden(a, batch), hidden(b, batch))
+        assert torch.equal(hidden(a, batch), hidden(in_process, batch))
+    assert Recipe.load(tmp_path / "a").steps[0].resolved["dropped_layers"]
+
+
+def test_bench_reports_sane_figures_for_minilm():
+    result = slimformer.benchmark("default", batch_size=16)
+    m = result.measurement
+    assert result.metric == "probe_accuracy" and 0.70 < result.quality < 0.85
+    assert result.details["cosine_fidelity"] == pytest.approx(1.0, abs=1e-5)
+    assert 0.5 < m["latency_ms_median"] <= m["latency_ms_p90"] < 500
+    assert 20 < m["throughput_per_s"] < 5000
+    assert 80 < m["size_mb"] < 100  # 22.7M fp32 parameters
+    assert m["parameters"] == sum(p.numel() for p in load_model("default").module.parameters())
+    assert 50 < m["peak_memory_mb"] < 2000
+    assert 0.1 < m["gflops_per_input"] < 5
+    assert m["threads"] == (os.cpu_count() or 1)
+    assert 10 < m["mean_tokens"] < 60  # real sentences, not padded to 128
+
+
+def _finished_trials(run: Path) -> list[dict]:
+    file = run / "trials.jsonl"
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+def test_killed_study_resumes_without_losing_trials(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        *CLI,
+        "optimize",
+        "default",
+        "--trials",
+        "3",
+        "--out",
+        str(run),
+        "--passes",
+        "quantize.dynamic_int8",
+    ]
+    process = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_finished_trials(run)) < 2:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # the study and its evaluation child, mid-trial
+    process.wait()
+    before = {t["number"]: t for t in _finished_trials(run) if t["state"] == "complete"}
+    assert len(before) >= 2 and not (run / "best").exists()
+
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = {t["number"]: t for t in _finished_trials(run) if t["state"] == "complete"}
+    for number, trial in before.items():
+        assert after[number] == trial  # kept exactly, not redone
+    assert len(after) == 3
+    assert after[0]["description"] == "baseline"
+    for name in ("recipe.yaml", "metrics.json", "README.md", "slimformer.json"):
+        assert (run / "best" / name).is_file() or name == "slimformer.json"
+    assert json.loads((run / "pareto.json").read_text())["front"]
+
+    shown = subprocess.run([*CLI, "show", str(run)], capture_output=True, text=True)
+    assert shown.returncode == 0 and "baseline" in shown.stdout

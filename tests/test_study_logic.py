@@ -1,0 +1,329 @@
+"""The study's pure logic: parsing budgets, quality drops, the Pareto front, the choice of the
+best trial, and sampling recipes from the passes' search spaces."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+
+from slimformer.adapters import ModelFacts
+from slimformer.errors import SlimformerError
+from slimformer.passes import get_pass, registered_passes
+from slimformer.recipe import Recipe
+from slimformer.study import (
+    TrialRecord,
+    baseline_params,
+    choose,
+    pareto_front,
+    parse_duration,
+    parse_max_drop,
+    sample_recipe,
+)
+from slimformer.tasks import TaskSpec, quality_drop
+
+
+# --- parsing ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1%", 0.01), ("0.5%", 0.005), ("0.02", 0.02), (" 2% ", 0.02), ("0", 0.0), (0.03, 0.03)],
+)
+def test_parse_max_drop(text: Any, value: float) -> None:
+    assert parse_max_drop(text) == pytest.approx(value, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("text", ["abc", "-1%", "-0.01", "%", "", "1%%"])
+def test_parse_max_drop_rejects_garbage_and_negatives(text: str) -> None:
+    with pytest.raises(SlimformerError, match="--max-drop"):
+        parse_max_drop(text)
+
+
+def test_parse_max_drop_rejects_nan() -> None:
+    with pytest.raises(SlimformerError):
+        parse_max_drop("nan")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600), ("90s", 90), ("1.5h", 5400), ("2H", 7200), ("45", 45), (" 30s ", 30)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_parse_duration_of_none_is_no_limit() -> None:
+    assert parse_duration(None) is None
+
+
+@pytest.mark.parametrize("text", ["xyz", "10x", "m", "", "0s", "-5m"])
+def test_parse_duration_rejects_garbage_and_non_positive(text: str) -> None:
+    with pytest.raises(SlimformerError, match="--time-budget"):
+        parse_duration(text)
+
+
+# --- quality drop -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("baseline", "value", "direction", "bounded", "drop"),
+    [
+        (0.90, 0.88, "maximize", True, 0.02),  # accuracy: percentage points
+        (0.90, 0.92, "maximize", True, -0.02),  # better than baseline: negative drop
+        (0.10, 0.13, "minimize", True, 0.03),  # error rate: points
+        (20.0, 22.0, "minimize", False, 0.10),  # perplexity: relative
+        (20.0, 19.0, "minimize", False, -0.05),
+        (50.0, 45.0, "maximize", False, 0.10),  # unbounded score: relative
+        (-4.0, -5.0, "maximize", False, 0.25),  # relative to |baseline|
+        (0.0, -0.5, "maximize", False, 0.5),  # zero baseline: absolute
+    ],
+)
+def test_quality_drop(baseline: float, value: float, direction: str, bounded: bool, drop: float):
+    assert quality_drop(baseline, value, direction, bounded) == pytest.approx(drop)
+
+
+# --- Pareto front and choice --------------------------------------------------------------
+def record(
+    number: int,
+    quality: float | None,
+    cost: float | None,
+    drop: float | None = None,
+    feasible: bool | None = None,
+    *,
+    baseline: bool = False,
+    state: str = "complete",
+    duplicate_of: int | None = None,
+    metric: str = "latency_ms_median",
+) -> TrialRecord:
+    return TrialRecord(
+        number=number,
+        state=state,
+        description="baseline" if baseline else f"candidate {number}",
+        quality=quality,
+        drop=drop,
+        feasible=feasible,
+        measurement={} if cost is None else {metric: cost},
+        duplicate_of=duplicate_of,
+    )
+
+
+def accuracy_latency_trials() -> list[TrialRecord]:
+    """Accuracy (maximize, budget 0.01) against latency in ms (minimize)."""
+    return [
+        record(0, 0.900, 10.0, 0.0, True, baseline=True),
+        record(1, 0.895, 6.0, 0.005, True),  # the cheapest within budget
+        record(2, 0.850, 3.0, 0.05, False),  # cheapest overall, over budget
+        record(3, 0.899, 8.0, 0.001, True),
+        record(4, 0.895, 1.0, 0.005, True, duplicate_of=1),  # a re-run: ignored
+        record(5, None, None, state="failed"),
+        record(6, 0.880, 7.0, 0.02, False),  # dominated by trial 1
+        record(7, 0.950, 0.5, state="running"),  # not finished: ignored
+        record(8, 0.890, 6.0, 0.01, True),  # same cost as 1, lower quality: dominated
+    ]
+
+
+def test_pareto_front_leaves_out_dominated_duplicate_and_unfinished_trials() -> None:
+    front = pareto_front(accuracy_latency_trials(), "maximize", "latency")
+    assert front == [0, 1, 2, 3]
+
+
+def test_pareto_front_keeps_equal_points_of_different_trials() -> None:
+    records = [record(0, 0.9, 10.0, baseline=True), record(1, 0.8, 5.0), record(2, 0.8, 5.0)]
+    assert pareto_front(records, "maximize", "latency") == [0, 1, 2]
+
+
+def test_pareto_front_for_a_minimized_quality_and_a_maximized_cost() -> None:
+    # Perplexity (lower is better) against throughput (higher is better).
+    records = [
+        record(0, 20.0, 100.0, baseline=True, metric="throughput_per_s"),
+        record(1, 21.0, 150.0, metric="throughput_per_s"),
+        record(2, 22.0, 140.0, metric="throughput_per_s"),  # worse on both than 1
+        record(3, 19.5, 90.0, metric="throughput_per_s"),
+        record(4, 25.0, 300.0, metric="throughput_per_s"),
+    ]
+    assert pareto_front(records, "minimize", "throughput") == [0, 1, 3, 4]
+    # Read as latency (lower is better) the costs rank the other way round.
+    as_latency = [
+        record(r.number, r.quality, r.cost("throughput"), baseline=r.is_baseline) for r in records
+    ]
+    assert pareto_front(as_latency, "minimize", "latency") == [3]
+
+
+def test_choose_picks_the_cheapest_feasible_trial() -> None:
+    records = accuracy_latency_trials()
+    chosen, met = choose(
+        records, pareto_front(records, "maximize", "latency"), "maximize", "latency"
+    )
+    assert chosen is not None
+    assert (chosen.number, met) == (1, True)
+
+
+def test_choose_breaks_cost_ties_by_the_smaller_drop() -> None:
+    records = [
+        record(0, 0.90, 10.0, 0.0, True, baseline=True),
+        record(1, 0.89, 5.0, 0.01, True),
+        record(2, 0.895, 5.0, 0.005, True),
+    ]
+    chosen, met = choose(
+        records, pareto_front(records, "maximize", "latency"), "maximize", "latency"
+    )
+    assert chosen is not None
+    assert (chosen.number, met) == (2, True)
+
+
+def test_choose_falls_back_to_the_best_quality_optimized_front_point() -> None:
+    records = [
+        record(0, 0.90, 10.0, 0.0, True, baseline=True),
+        record(1, 0.85, 3.0, 0.05, False),
+        record(2, 0.88, 6.0, 0.02, False),  # best quality among the optimized front points
+        record(3, 0.87, 9.0, 0.03, False),  # dominated by 2
+        record(4, 0.89, 12.0, 0.01 + 1e-6, False),  # better quality but dominated by baseline
+    ]
+    front = pareto_front(records, "maximize", "latency")
+    assert front == [0, 1, 2]
+    chosen, met = choose(records, front, "maximize", "latency")
+    assert chosen is not None
+    assert (chosen.number, met) == (2, False)
+
+
+def test_choose_returns_the_baseline_when_no_optimized_trial_is_on_the_front() -> None:
+    records = [
+        record(0, 0.90, 10.0, 0.0, True, baseline=True),
+        record(1, 0.85, 11.0, 0.05, False),
+        record(2, None, None, state="failed"),
+    ]
+    front = pareto_front(records, "maximize", "latency")
+    assert front == [0]
+    chosen, met = choose(records, front, "maximize", "latency")
+    assert chosen is not None
+    assert (chosen.number, met) == (0, False)
+
+
+def test_choose_without_a_finished_baseline_chooses_nothing() -> None:
+    records = [
+        record(0, None, None, baseline=True, state="interrupted"),
+        record(1, 0.89, 5.0, 0.01, True),
+    ]
+    assert choose(records, pareto_front(records, "maximize", "latency"), "maximize", "latency") == (
+        None,
+        False,
+    )
+
+
+def test_choose_maximizes_throughput() -> None:
+    def rec(number: int, quality: float, throughput: float, **kwargs: Any) -> TrialRecord:
+        drop = round(0.90 - quality, 6)
+        return record(
+            number, quality, throughput, drop, drop <= 0.01, metric="throughput_per_s", **kwargs
+        )
+
+    records = [
+        rec(0, 0.90, 100.0, baseline=True),
+        rec(1, 0.895, 180.0),
+        rec(2, 0.899, 120.0),
+        rec(3, 0.80, 400.0),  # fastest, over budget
+        rec(4, 0.895, 999.0, duplicate_of=1),
+    ]
+    front = pareto_front(records, "maximize", "throughput")
+    assert front == [0, 1, 2, 3]
+    chosen, met = choose(records, front, "maximize", "throughput")
+    assert chosen is not None
+    assert (chosen.number, met) == (1, True)
+
+
+def test_choose_falls_back_by_quality_direction_for_a_minimized_metric() -> None:
+    records = [
+        record(0, 20.0, 10.0, 0.0, True, baseline=True),
+        record(1, 21.0, 6.0, 0.05, False),  # lower perplexity: the best fallback
+        record(2, 30.0, 2.0, 0.5, False),
+    ]
+    front = pareto_front(records, "minimize", "latency")
+    assert front == [0, 1, 2]
+    chosen, met = choose(records, front, "minimize", "latency")
+    assert chosen is not None
+    assert (chosen.number, met) == (1, False)
+
+
+# --- sampling recipes ---------------------------------------------------------------------
+def facts(num_layers: int) -> ModelFacts:
+    return ModelFacts(
+        num_layers=num_layers, num_heads=4, num_kv_heads=2, hidden_size=32, intermediate_size=64
+    )
+
+
+def make_study(seed: int = 0) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.create_study(
+            directions=["maximize", "minimize"], sampler=optuna.samplers.NSGAIISampler(seed=seed)
+        )
+
+
+@pytest.mark.parametrize("num_layers", [4, 9])
+def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: int) -> None:
+    passes = registered_passes()
+    spec = TaskSpec(name="embedding")
+    study = make_study()
+    high = num_layers // 2
+    counts, scopes, criteria, uses = set(), set(), set(), set()
+    for index in range(120):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, facts(num_layers), spec, seed=3)
+        assert isinstance(recipe, Recipe)
+        assert recipe.task == spec and recipe.seed == 3
+        names = [s.pass_name for s in recipe.steps]
+        assert names == sorted(names, key=lambda n: get_pass(n).stage)
+        assert len(set(names)) == len(names)
+        for step in recipe.steps:
+            cls = get_pass(step.pass_name)
+            config = cls.make_config(step.config)  # accepted as it is
+            assert set(step.config) == set(cls.search_space())  # fixed settings stay unset
+            if step.pass_name == "prune.layers":
+                assert 1 <= config.count <= high
+                assert trial.distributions["prune.layers.count"] == IntDistribution(1, high)
+                counts.add(config.count)
+                criteria.add(config.criterion)
+            if step.pass_name == "quantize.dynamic_int8":
+                assert config.skip == ()
+                scopes.add(config.scope)
+        uses.add(tuple(names))
+        if recipe.steps:
+            assert recipe.describe() != "baseline"
+        study.tell(trial, [len(recipe.steps) + 0.01 * index, float(index % 7)])
+    # Over many asks the whole space is visited.
+    assert counts == set(range(1, high + 1))
+    assert criteria == {"block_influence", "removal_change"}
+    assert scopes == {"all", "all_but_ffn_out", "attention", "ffn"}
+    assert uses == {
+        (),
+        ("prune.layers",),
+        ("quantize.dynamic_int8",),
+        ("prune.layers", "quantize.dynamic_int8"),
+    }
+
+
+def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:
+    passes = registered_passes()
+    study = make_study()
+    params = baseline_params(passes)
+    assert params == {f"use {p.name}": False for p in passes}
+    study.enqueue_trial(params)
+    trial = study.ask()
+    recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+    assert recipe.steps == ()
+    assert recipe.describe() == "baseline"
+    assert trial.params == params
+    for name in params:
+        assert trial.distributions[name] == CategoricalDistribution([False, True])
+
+
+def test_sample_recipe_only_uses_the_given_passes() -> None:
+    study = make_study(seed=1)
+    passes = [get_pass("quantize.dynamic_int8")]
+    for _ in range(20):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+        assert {s.pass_name for s in recipe.steps} <= {"quantize.dynamic_int8"}
+        assert not any(name.startswith("prune.layers") for name in trial.params)
+        study.tell(trial, [0.0, 1.0])
