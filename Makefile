@@ -25,7 +25,6 @@ test: assets
 	$(BIN)/python -m pytest -q
 
 bench: assets
-	$(BIN)/python -m pytest -q -m bench -p no:cacheprovider -o addopts=""
 	$(BIN)/python bench/default_job.py
 
 lint: $(STAMP)

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from slimformer import assets
-from slimformer.errors import SlimformerError
 
 CLI = [sys.executable, "-m", "slimformer.cli"]
 WORKERS = 3
@@ -161,14 +160,11 @@ def _commands(root: Path) -> dict[str, list[str]]:
     def classify(*options: str) -> list[str]:
         return ["bench", tiny, "--task", "classification", *options]
 
+    def custom(*options: str) -> list[str]:
+        return ["bench", "default", "--task", "custom", *options]
+
     return {
-        # Slow ones first (a benchmark child process each) so the quick ones fill the gaps.
-        "classification_unknown_label": classify("--data", words_csv),
-        "classification_empty_csv": classify("--data", empty_csv),
-        "classification_wrong_text_column": classify("--data", review_csv),
-        "classification_wrong_label_column": classify("--data", sentiment_csv),
-        "classification_too_few_rows": classify("--data", few_csv),
-        "classification_missing_data_file": classify("--data", str(data / "nope.csv")),
+        # The slow ones first (a benchmark child process; a study set-up) so quick ones fill in.
         "bench_seq_len_2": ["bench", "default", "--seq-len", "2"],
         "optimize_classification_empty_csv": [
             "optimize",
@@ -182,6 +178,16 @@ def _commands(root: Path) -> dict[str, list[str]]:
             "--out",
             str(runs / "classification"),
         ],
+        "classification_unknown_label": classify("--data", words_csv),
+        "classification_empty_csv": classify("--data", empty_csv),
+        "classification_wrong_text_column": classify("--data", review_csv),
+        "classification_wrong_label_column": classify("--data", sentiment_csv),
+        "classification_too_few_rows": classify("--data", few_csv),
+        "classification_missing_data_file": classify("--data", str(data / "nope.csv")),
+        "classification_label_column_option": classify(
+            "--data", sentiment_csv, "--label-column", "mood"
+        ),
+        "data_without_task": ["bench", "default", "--data", empty_csv],
         "classification_without_data": classify(),
         "classification_text_column_option": classify(
             "--data", review_csv, "--text-column", "nope"
@@ -197,25 +203,15 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "gpt2": ["bench", str(models / "gpt2")],
         "notamodel": ["bench", str(models / "notamodel")],
         "unknown_task": ["bench", "default", "--task", "nonsense"],
-        "custom_without_function": ["bench", "default", "--task", "custom"],
-        "custom_bad_module": [
-            "bench",
-            "default",
-            "--task",
-            "custom",
-            "--function",
-            "no_such_module_for_slimformer:score",
-            "--direction",
-            "maximize",
-        ],
-        "custom_without_direction": [
-            "bench",
-            "default",
-            "--task",
-            "custom",
-            "--function",
-            "json:loads",
-        ],
+        "custom_without_function": custom(),
+        "custom_bad_module": custom(
+            "--function", "no_such_module_for_slimformer:score", "--direction", "maximize"
+        ),
+        "custom_without_direction": custom("--function", "json:loads"),
+        "custom_bad_direction": custom("--function", "json:loads", "--direction", "sideways"),
+        "custom_missing_function": custom(
+            "--function", "json:no_such_function", "--direction", "maximize"
+        ),
         **{f"recipe_{name}": apply(name) for name in RECIPES},
         "recipe_missing": apply("missing"),
         "recipe_bad_onto_existing_out": [
@@ -239,6 +235,7 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "trials_abc": optimize_out("trials-abc", "--trials", "abc"),
         "unknown_pass_option": optimize_out("passes", "--passes", "prune.heads"),
         "bench_batch_size_0": ["bench", "default", "--batch-size", "0"],
+        "bench_threads_negative": ["bench", "default", "--threads", "-1"],
         "brackets_in_path": ["bench", str(root / "model [v2]")],
         "closing_tag_in_path": ["bench", str(root / "[/v2]")],
     }
@@ -346,20 +343,11 @@ def test_made_up_model_type_is_an_unsupported_architecture(cli: Runner) -> None:
     assert_user_error(cli("notamodel"), "unsupported architecture 'notamodel'")
 
 
-@pytest.mark.xfail(
-    reason="cli.main prints the message as rich markup: '[v2]' in a path is taken for a style "
-    "tag and vanishes from the message",
-    strict=True,
-)
 def test_brackets_in_a_model_path_are_shown_literally(cli: Runner) -> None:
+    # The message is printed through rich: '[v2]' must not be taken for a style tag.
     assert_user_error(cli("brackets_in_path"), "model not found", "model [v2]")
 
 
-@pytest.mark.xfail(
-    reason="'[/v2]' in a path reaches rich markup (err.status in bench, err.print in main): "
-    "MarkupError traceback, exit 1",
-    strict=True,
-)
 def test_closing_tag_like_model_path_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("closing_tag_in_path"), "model not found", "[/v2]")
 
@@ -369,53 +357,28 @@ def test_unknown_task_lists_the_tasks(cli: Runner) -> None:
     assert_user_error(cli("unknown_task"), "unknown task 'nonsense'", "embedding", "custom")
 
 
+def test_data_without_task_asks_for_task(cli: Runner) -> None:
+    assert_user_error(cli("data_without_task"), "--data needs --task")
+
+
 def test_custom_task_without_function_asks_for_function(cli: Runner) -> None:
     assert_user_error(cli("custom_without_function"), "custom task needs --function")
 
 
-@pytest.mark.xfail(
-    reason="the CLI has no --function/--direction options although the custom task's messages "
-    "ask for them (click usage error, several lines)",
-    strict=True,
-)
-def test_custom_task_with_unimportable_module_exits_2_with_one_line(cli: Runner) -> None:
+def test_custom_task_with_unimportable_module_names_the_module(cli: Runner) -> None:
     assert_user_error(cli("custom_bad_module"), "cannot import", "no_such_module_for_slimformer")
 
 
-@pytest.mark.xfail(
-    reason="the CLI has no --function/--direction options although the custom task's messages "
-    "ask for them (click usage error, several lines)",
-    strict=True,
-)
+def test_custom_task_with_missing_function_names_it(cli: Runner) -> None:
+    assert_user_error(cli("custom_missing_function"), "'json' has no function 'no_such_function'")
+
+
 def test_custom_task_without_direction_asks_for_direction(cli: Runner) -> None:
-    assert_user_error(cli("custom_without_direction"), "--direction maximize")
+    assert_user_error(cli("custom_without_direction"), "--direction maximize or --direction")
 
 
-def test_custom_task_spec_without_direction_asks_for_direction() -> None:
-    from slimformer.tasks import TaskSpec
-
-    with pytest.raises(SlimformerError, match="--direction maximize or --direction minimize"):
-        TaskSpec(name="custom", function="json:loads")
-
-
-def test_custom_task_with_unimportable_module_names_the_module() -> None:
-    from slimformer.tasks import TaskSpec, make_task
-
-    task = make_task(
-        TaskSpec(
-            name="custom", function="no_such_module_for_slimformer:score", direction="maximize"
-        )
-    )
-    with pytest.raises(SlimformerError, match="cannot import 'no_such_module_for_slimformer'"):
-        task.function  # noqa: B018
-
-
-def test_custom_task_with_missing_function_names_it() -> None:
-    from slimformer.tasks import TaskSpec, make_task
-
-    task = make_task(TaskSpec(name="custom", function="json:no_such_thing", direction="minimize"))
-    with pytest.raises(SlimformerError, match="'json' has no function 'no_such_thing'"):
-        task.function  # noqa: B018
+def test_custom_task_with_unknown_direction_asks_for_maximize_or_minimize(cli: Runner) -> None:
+    assert_user_error(cli("custom_bad_direction"), "--direction maximize or --direction minimize")
 
 
 # --- classification data -------------------------------------------------------------------
@@ -436,6 +399,7 @@ def test_classification_wrong_text_column_lists_the_columns(cli: Runner) -> None
         cli("classification_wrong_text_column"),
         "column 'text' not found",
         "columns are: review, label",
+        "--text-column",
     )
 
 
@@ -444,6 +408,23 @@ def test_classification_wrong_label_column_lists_the_columns(cli: Runner) -> Non
         cli("classification_wrong_label_column"),
         "column 'label' not found",
         "columns are: text, sentiment",
+        "--label-column",
+    )
+
+
+def test_classification_label_column_option_is_used_for_the_lookup(cli: Runner) -> None:
+    assert_user_error(
+        cli("classification_label_column_option"),
+        "column 'mood' not found",
+        "columns are: text, sentiment",
+    )
+
+
+def test_classification_text_column_option_is_used_for_the_lookup(cli: Runner) -> None:
+    assert_user_error(
+        cli("classification_text_column_option"),
+        "column 'nope' not found",
+        "columns are: review, label",
     )
 
 
@@ -460,17 +441,8 @@ def test_classification_too_few_rows_says_how_many_are_needed(cli: Runner) -> No
 
 
 @pytest.mark.xfail(
-    reason="the column messages say 'choose one with --text-column/--label-column', but the "
-    "CLI has no such options (click usage error, several lines)",
-    strict=True,
-)
-def test_classification_text_column_option_is_honoured(cli: Runner) -> None:
-    assert_user_error(cli("classification_text_column_option"), "column 'nope' not found")
-
-
-@pytest.mark.xfail(
-    reason="optimize writes run.json (study._open_run_folder) before the task reads the data, so "
-    "a bad --data leaves a run folder that blocks the corrected command",
+    reason="optimize writes run.json (study._open_run_folder) before Study.prepare reads the "
+    "data, so a bad --data leaves a run folder that refuses the corrected command",
     strict=True,
 )
 def test_optimize_with_bad_classification_data_leaves_no_run_folder(
@@ -487,13 +459,30 @@ def test_optimize_with_bad_classification_data_leaves_no_run_folder(
 @pytest.mark.parametrize(
     ("case", "keywords"),
     [
-        ("invalid_yaml", ("not valid YAML", "at line")),
-        ("no_format", ("not a slimformer recipe", "format: slimformer-recipe/1")),
-        ("unknown_pass", ("unknown pass 'prune.heads'", "prune.layers")),
-        ("unknown_setting", ("unknown setting(s) bits", "settings are: scope")),
-        ("choice_outside_options", ("scope='everything' is not one of", "all_but_ffn_out")),
-        ("count_out_of_range", ("count must be between 1 and 5",)),
-        ("missing", ("recipe not found", "missing.yaml")),
+        pytest.param("invalid_yaml", ("not valid YAML", "at line"), id="invalid_yaml"),
+        pytest.param(
+            "no_format", ("not a slimformer recipe", "format: slimformer-recipe/1"), id="no_format"
+        ),
+        pytest.param(
+            "unknown_pass", ("unknown pass 'prune.heads'", "prune.layers"), id="unknown_pass"
+        ),
+        pytest.param(
+            "unknown_setting",
+            ("unknown setting(s) bits", "settings are: scope"),
+            id="unknown_setting",
+        ),
+        pytest.param(
+            "choice_outside_options",
+            ("scope='everything' is not one of", "all_but_ffn_out"),
+            id="choice_outside_options",
+        ),
+        pytest.param(
+            "count_out_of_range", ("count must be between 1 and 5",), id="count_out_of_range"
+        ),
+        pytest.param(
+            "count_not_a_number", ("count must be an integer", "'abc'"), id="count_not_a_number"
+        ),
+        pytest.param("missing", ("recipe not found", "missing.yaml"), id="missing"),
     ],
 )
 def test_malformed_recipe_exits_2_and_creates_no_out_folder(
@@ -504,18 +493,8 @@ def test_malformed_recipe_exits_2_and_creates_no_out_folder(
 
 
 @pytest.mark.xfail(
-    reason="Pass.make_config checks Choice values but not IntRange types: 'count: abc' reaches "
-    "prune.layers.apply and raises TypeError (traceback, exit 1)",
-    strict=True,
-)
-def test_recipe_with_non_integer_count_exits_2_with_one_line(cli: Runner, workspace: Path) -> None:
-    assert_user_error(cli("recipe_count_not_a_number"), "count")
-    assert not (workspace / out("count_not_a_number")).exists()
-
-
-@pytest.mark.xfail(
-    reason="Pass.make_config does not type-check 'skip': 'skip: 5' reaches "
-    "quantize.dynamic_int8 and raises TypeError (traceback, exit 1)",
+    reason="Pass.make_config type-checks searched settings only: 'skip: 5' reaches "
+    "quantize.dynamic_int8.apply and raises TypeError (traceback, exit 1)",
     strict=True,
 )
 def test_recipe_with_non_list_skip_exits_2_with_one_line(cli: Runner, workspace: Path) -> None:
@@ -578,12 +557,37 @@ def test_show_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner) -> None:
 @pytest.mark.parametrize(
     ("case", "run_folder", "keywords"),
     [
-        ("max_drop_abc", "max-drop", ("--max-drop must look like 1% or 0.01", "'abc'")),
-        ("max_drop_negative", "max-drop-negative", ("--max-drop must not be negative",)),
-        ("time_budget_xyz", "time-budget", ("--time-budget must look like 10m", "'xyz'")),
-        ("objective_speed", "objective", ("unknown objective 'speed'", "latency")),
-        ("trials_0", "trials", ("--trials must be at least 1",)),
-        ("unknown_pass_option", "passes", ("unknown pass 'prune.heads'",)),
+        pytest.param(
+            "max_drop_abc",
+            "max-drop",
+            ("--max-drop must look like 1% or 0.01", "'abc'"),
+            id="max_drop_abc",
+        ),
+        pytest.param(
+            "max_drop_negative",
+            "max-drop-negative",
+            ("--max-drop", "'-1%'"),
+            id="max_drop_negative",
+        ),
+        pytest.param(
+            "time_budget_xyz",
+            "time-budget",
+            ("--time-budget must look like 10m", "'xyz'"),
+            id="time_budget_xyz",
+        ),
+        pytest.param(
+            "objective_speed",
+            "objective",
+            ("unknown objective 'speed'", "latency"),
+            id="objective_speed",
+        ),
+        pytest.param("trials_0", "trials", ("--trials must be at least 1",), id="trials_0"),
+        pytest.param(
+            "unknown_pass_option",
+            "passes",
+            ("unknown pass 'prune.heads'",),
+            id="unknown_pass_option",
+        ),
     ],
 )
 def test_bad_optimize_option_exits_2_before_creating_the_run_folder(
@@ -607,9 +611,18 @@ def test_bench_batch_size_0_exits_2_with_one_line(cli: Runner) -> None:
 
 
 @pytest.mark.xfail(
-    reason="--seq-len is never validated (only TaskSpec.seq_len is, and the CLI puts it in "
-    "MeasureSettings); the child then fails in fixed_length_examples with an AttributeError",
+    reason="--seq-len is never range-checked (the CLI puts it in MeasureSettings, not "
+    "TaskSpec.seq_len); the child then fails in fixed_length_examples with an AttributeError",
     strict=True,
 )
 def test_bench_seq_len_2_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("bench_seq_len_2"), "--seq-len must be at least 8")
+
+
+@pytest.mark.xfail(
+    reason="--threads is never range-checked: the child process fails in torch.set_num_threads "
+    "and the message names torch internals instead of the option",
+    strict=True,
+)
+def test_bench_negative_threads_exits_2_naming_the_option(cli: Runner) -> None:
+    assert_user_error(cli("bench_threads_negative"), "--threads")

@@ -214,7 +214,7 @@ def model_card(
     for label, key, lower_is_better in fields:
         a, b = baseline.measurement[key], chosen.measurement[key]
         ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
-        rows.append((label, f"{a:g}", f"{b:g}", f"{ratio:.2f}×"))
+        rows.append((label, _number(a), _number(b), f"{ratio:.2f}×"))
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
     plain_hf = chosen.recipe is not None and all(
         s["pass"].startswith("prune.") for s in chosen.recipe.get("steps", [])
@@ -222,8 +222,8 @@ def model_card(
     loading = (
         "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`."
         if plain_hf
-        else "It holds int8 layers that plain transformers cannot rebuild: load it with "
-        "`slimformer.load(this_folder)`."
+        else "It holds int8 layers that plain transformers cannot rebuild, so only "
+        "slimformer loads it."
     )
     status = "meets" if met else "does NOT meet"
     threads = baseline.measurement["threads"]
@@ -246,6 +246,10 @@ Latency is batch-1 requests on real inputs from the task; throughput is batches 
 length and padded to their longest. Memory is the resident memory added by loading and
 serving the model in a fresh process.
 """
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 
 def _clip(text: str, width: int) -> str:

@@ -247,8 +247,8 @@ class Study:
     def _requeue_interrupted(self, study: optuna.Study) -> None:
         """Trials cut off by a crash or Ctrl-C run again; finished ones are kept as they are."""
         for trial in study.trials:
-            if trial.state == TrialState.RUNNING:
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            if trial.state == TrialState.RUNNING:  # its process died mid-trial
+                study.tell(trial.number, state=TrialState.FAIL)
             interrupted = trial.state in (TrialState.RUNNING, TrialState.FAIL) and (
                 "error" not in trial.user_attrs
             )
@@ -393,8 +393,8 @@ class Study:
             shutil.rmtree(best_dir, ignore_errors=True)
             tmp.replace(best_dir)
         else:  # the baseline, or a candidate folder lost to a crash: rebuild by replaying
-            recipe = Recipe.from_dict(chosen.recipe or {"format": "slimformer-recipe/1"})
-            model = apply_recipe(self.base, replace(recipe, steps=recipe.steps), self.calibration)
+            recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
+            model = apply_recipe(self.base, recipe, self.calibration)
             save_model(model, best_dir, extra_files=extra)
         return best_dir
 

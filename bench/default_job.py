@@ -1,0 +1,136 @@
+"""The default job's benchmark: baseline vs the chosen model, side by side, from one run.
+
+Runs `optimize` on the default model and task, then measures the fp32 baseline and the chosen
+model alternately (each in a fresh process, several rounds, median per figure) at the real
+sentence lengths and at a fixed 128 tokens, and writes bench/results/default_job.json.
+
+    make bench        # or: .venv/bin/python bench/default_job.py [--trials N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import slimformer
+from slimformer.report import RichReporter
+
+ROOT = Path(__file__).resolve().parent
+FIGURES = (
+    "latency_ms_median",
+    "latency_ms_p90",
+    "throughput_per_s",
+    "peak_memory_mb",
+    "size_mb",
+    "parameters",
+    "gflops_per_input",
+)
+LOWER_IS_BETTER = {
+    "latency_ms_median",
+    "latency_ms_p90",
+    "peak_memory_mb",
+    "size_mb",
+    "parameters",
+    "gflops_per_input",
+}
+
+
+def measure(model: str, rounds: int, seq_len: int | None) -> dict:
+    """Median of each figure over `rounds` fresh-process benchmarks."""
+    runs = [slimformer.benchmark(model, seq_len=seq_len) for _ in range(rounds)]
+    return {
+        "quality": runs[0].quality,
+        "details": runs[0].details,
+        "measurement": {key: statistics.median(r.measurement[key] for r in runs) for key in FIGURES}
+        | {k: runs[0].measurement[k] for k in ("threads", "batch_size", "mean_tokens")},
+        "rounds": [r.measurement for r in runs],
+    }
+
+
+def ratios(baseline: dict, chosen: dict) -> dict:
+    out = {}
+    for key in FIGURES:
+        a, b = baseline["measurement"][key], chosen["measurement"][key]
+        out[key] = round(a / b if key in LOWER_IS_BETTER else b / a, 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-default"))
+    args = parser.parse_args()
+
+    started = time.time()
+    with RichReporter() as reporter:
+        study = slimformer.optimize(
+            "default",
+            task="embedding",
+            max_drop="1%",
+            trials=args.trials,
+            out=args.out,
+            overwrite=True,
+            reporter=reporter,
+        )
+    assert study.best_dir is not None and study.chosen is not None
+    side_by_side = {}
+    for label, seq_len in (("real_lengths", None), ("fixed_128_tokens", 128)):
+        baseline = measure("default", args.rounds, seq_len)
+        chosen = measure(str(study.best_dir), args.rounds, seq_len)
+        side_by_side[label] = {
+            "baseline": baseline,
+            "chosen": chosen,
+            "ratio_chosen_over_baseline": ratios(baseline, chosen),
+            "probe_accuracy_drop_points": round((baseline["quality"] - chosen["quality"]) * 100, 2),
+        }
+    result = {
+        "job": f"slimformer optimize default --task embedding --max-drop 1% --trials {args.trials}",
+        "command": f"python bench/default_job.py --trials {args.trials} --rounds {args.rounds}",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "chosen": {
+            "trial": study.chosen.number,
+            "recipe": study.chosen.description,
+            "met_max_drop": study.met_budget,
+        },
+        "pareto_front": [
+            {
+                "trial": t.number,
+                "recipe": t.description,
+                "probe_accuracy": t.quality,
+                "drop_points": round(t.drop * 100, 2),
+                "latency_ms_median": t.measurement["latency_ms_median"],
+                "throughput_per_s": t.measurement["throughput_per_s"],
+            }
+            for t in study.trials
+            if t.number in study.pareto
+        ],
+        "side_by_side": side_by_side,
+        "wall_seconds": round(time.time() - started, 1),
+    }
+    path = ROOT / "results" / "default_job.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    for label, block in side_by_side.items():
+        print(
+            label,
+            json.dumps(block["ratio_chosen_over_baseline"]),
+            "drop",
+            block["probe_accuracy_drop_points"],
+            "pt",
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
