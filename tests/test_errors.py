@@ -440,11 +440,6 @@ def test_classification_too_few_rows_says_how_many_are_needed(cli: Runner) -> No
     assert_user_error(cli("classification_too_few_rows"), "has 5 rows", "at least 20")
 
 
-@pytest.mark.xfail(
-    reason="optimize writes run.json (study._open_run_folder) before Study.prepare reads the "
-    "data, so a bad --data leaves a run folder that refuses the corrected command",
-    strict=True,
-)
 def test_optimize_with_bad_classification_data_leaves_no_run_folder(
     cli: Runner, workspace: Path
 ) -> None:
@@ -492,11 +487,6 @@ def test_malformed_recipe_exits_2_and_creates_no_out_folder(
     assert not (workspace / out(case)).exists()
 
 
-@pytest.mark.xfail(
-    reason="Pass.make_config type-checks searched settings only: 'skip: 5' reaches "
-    "quantize.dynamic_int8.apply and raises TypeError (traceback, exit 1)",
-    strict=True,
-)
 def test_recipe_with_non_list_skip_exits_2_with_one_line(cli: Runner, workspace: Path) -> None:
     assert_user_error(cli("recipe_skip_not_a_list"), "skip")
     assert not (workspace / out("skip_not_a_list")).exists()
@@ -532,11 +522,6 @@ def test_resume_on_a_folder_without_a_run_exits_2_and_writes_nothing(
 
 
 @pytest.mark.parametrize("case", ["resume_corrupt_run_json", "resume_incomplete_run_json"])
-@pytest.mark.xfail(
-    reason="study._open_run_folder parses run.json unguarded: JSONDecodeError / KeyError "
-    "traceback, exit 1",
-    strict=True,
-)
 def test_resume_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner, case: str) -> None:
     assert_user_error(cli(case), "run.json")
 
@@ -545,10 +530,6 @@ def test_show_on_a_folder_that_is_not_a_run_exits_2_with_one_line(cli: Runner) -
     assert_user_error(cli("show_not_a_run"), "not a slimformer run folder", "run.json")
 
 
-@pytest.mark.xfail(
-    reason="study.read_run parses run.json unguarded: JSONDecodeError traceback, exit 1",
-    strict=True,
-)
 def test_show_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("show_corrupt_run_json"), "run.json")
 
@@ -597,11 +578,6 @@ def test_bad_optimize_option_exits_2_before_creating_the_run_folder(
     assert not (workspace / "runs" / run_folder).exists()
 
 
-@pytest.mark.xfail(
-    reason="typer/click usage errors (a non-integer for an int option) print a boxed, "
-    "multi-line message instead of one line",
-    strict=True,
-)
 def test_non_integer_trials_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("trials_abc"), "--trials")
 
@@ -610,19 +586,9 @@ def test_bench_batch_size_0_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("bench_batch_size_0"), "--batch-size must be at least 1")
 
 
-@pytest.mark.xfail(
-    reason="--seq-len is never range-checked (the CLI puts it in MeasureSettings, not "
-    "TaskSpec.seq_len); the child then fails in fixed_length_examples with an AttributeError",
-    strict=True,
-)
 def test_bench_seq_len_2_exits_2_with_one_line(cli: Runner) -> None:
     assert_user_error(cli("bench_seq_len_2"), "--seq-len must be at least 8")
 
 
-@pytest.mark.xfail(
-    reason="--threads is never range-checked: the child process fails in torch.set_num_threads "
-    "and the message names torch internals instead of the option",
-    strict=True,
-)
 def test_bench_negative_threads_exits_2_naming_the_option(cli: Runner) -> None:
     assert_user_error(cli("bench_threads_negative"), "--threads")

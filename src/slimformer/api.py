@@ -115,8 +115,7 @@ def benchmark(
     Runs in a fresh child process so memory is clean. Quality is measured against the model
     this one was derived from (its `source`), or against itself for an original model.
     """
-    if batch_size < 1:
-        raise SlimformerError("--batch-size must be at least 1")
+    settings = MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads)
     with tempfile.TemporaryDirectory(prefix="slimformer-bench-") as tmp:
         workdir = Path(tmp)
         if isinstance(model, SlimModel):
@@ -132,7 +131,6 @@ def benchmark(
         state_path = reference_state(
             reference, spec, loaded if reference == Path(model_dir) else None
         )
-        settings = MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads)
         try:
             result = evaluate_isolated(model_dir, spec, state_path, settings, workdir / "run")
         except CandidateFailed as error:

@@ -309,13 +309,26 @@ def _task_spec(
     )
 
 
+def _fail(message: str, code: int) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit 2, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except SlimformerError as error:
-        err.print(f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(error), 2)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as error:
+        # typer vendors click, so its usage errors have no public class to catch; they are
+        # the exceptions that carry a formatted message and an exit code.
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        _fail(f"{error.format_message()} (see --help)", error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

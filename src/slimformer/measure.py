@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimformer.checkpoint import codec_for, count_parameters, weights_size_bytes
+from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.tasks.base import batches_by_length, collate
 
@@ -34,6 +35,14 @@ class MeasureSettings:
     throughput_inputs: int = 256
     min_seconds: float = 1.5  # each timed phase repeats until at least this long
     warmup: int = 3
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise SlimformerError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise SlimformerError(f"--threads must be at least 1, got {self.threads}")
+        if self.seq_len is not None and self.seq_len < 8:
+            raise SlimformerError(f"--seq-len must be at least 8, got {self.seq_len}")
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1

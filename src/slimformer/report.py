@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -51,6 +52,7 @@ class RichReporter:
             transient=False,
         )
         self.overall: Any = None
+        self.setup: Any = None
         self.current: Any = None
         self.bounded = True
         self.objective = "latency"
@@ -63,6 +65,9 @@ class RichReporter:
         self.progress.stop()
 
     def study_started(self, settings: StudySettings, total: int | None, done: int) -> None:
+        if self.setup is not None:
+            self.progress.remove_task(self.setup)
+            self.setup = None
         self.bounded = _bounded(settings)
         self.objective = settings.objective
         self.overall = self.progress.add_task("trials", total=total, completed=done)
@@ -71,7 +76,7 @@ class RichReporter:
         if self.current is not None:
             self.progress.remove_task(self.current)
         self.current = self.progress.add_task(
-            f"trial {number}: {_clip(description, 60)}", total=len(TRIAL_STAGES)
+            f"trial {number}: {escape(_clip(description, 60))}", total=len(TRIAL_STAGES)
         )
 
     def stage(self, name: str) -> None:
@@ -87,13 +92,17 @@ class RichReporter:
         self.progress.console.print(trial_line(record, self.objective, self.bounded))
 
     def message(self, text: str) -> None:
-        self.progress.console.print(f"[dim]{text}[/dim]")
+        """Set-up steps show as a transient line of the progress display."""
+        if self.setup is None:
+            self.setup = self.progress.add_task(escape(text), total=None)
+        else:
+            self.progress.update(self.setup, description=escape(text))
 
 
 def trial_line(record: TrialRecord, objective: str, bounded: bool) -> str:
     head = f"trial {record.number:>3}  {_clip(record.description, 70):<70}"
     if record.state != "complete":
-        return f"{head}  [red]{record.state}[/red] {record.error or ''}"
+        return f"{escape(head)}  [red]{record.state}[/red] {escape(record.error or '')}"
     mark = "[green]within budget[/green]" if record.feasible else "[yellow]over budget[/yellow]"
     cost = record.cost(objective)
     return (

@@ -479,8 +479,16 @@ def run_study(
     reporter = reporter or SilentReporter()
     out = Path(out)
     settings = _open_run_folder(settings, out, resume, overwrite)
+    new_folder = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     study_runner = Study(settings, out, reporter)
-    study_runner.prepare()
+    try:
+        study_runner.prepare()  # bad data or a wrong model fails here, before any run exists
+    except BaseException:
+        if new_folder:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    write_atomic(out / "run.json", json.dumps(settings.to_dict(), indent=2))
     study = study_runner.open_study()
     counted = [t for t in study.trials if t.state == TrialState.COMPLETE or "error" in t.user_attrs]
     remaining = None if settings.trials is None else max(0, settings.trials - len(counted))
@@ -503,7 +511,7 @@ def _open_run_folder(
     run_file = out / "run.json"
     if run_file.is_file():
         if resume:
-            saved = StudySettings.from_dict(json.loads(run_file.read_text()))
+            saved = _read_settings(run_file)
             if Path(saved.model) != Path(settings.model) and saved.model != settings.model:
                 raise SlimformerError(
                     f"{out} is a run on {saved.model}, not {settings.model}; "
@@ -520,9 +528,17 @@ def _open_run_folder(
             )
     elif resume:
         raise SlimformerError(f"nothing to resume: {out} holds no run")
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_file, json.dumps(settings.to_dict(), indent=2))
     return settings
+
+
+def _read_settings(run_file: Path) -> StudySettings:
+    try:
+        return StudySettings.from_dict(json.loads(run_file.read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise SlimformerError(
+            f"{run_file} is damaged ({type(error).__name__}: {error}); start over with "
+            "--overwrite or choose another --out"
+        ) from None
 
 
 def read_run(out: Path) -> tuple[StudySettings, list[TrialRecord]]:
@@ -530,7 +546,7 @@ def read_run(out: Path) -> tuple[StudySettings, list[TrialRecord]]:
     run_file = out / "run.json"
     if not run_file.is_file():
         raise SlimformerError(f"{out} is not a slimformer run folder (no run.json)")
-    settings = StudySettings.from_dict(json.loads(run_file.read_text()))
+    settings = _read_settings(run_file)
     trials_file = out / "trials.jsonl"
     records = []
     if trials_file.is_file():

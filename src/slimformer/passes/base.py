@@ -125,6 +125,13 @@ class Pass(ABC):
                 not isinstance(value, (int, float)) or isinstance(value, bool)
             ):
                 raise SlimformerError(f"{cls.name}: {key} must be a number, got {value!r}")
+            default = known[key].default
+            if isinstance(default, tuple) and not (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            ):
+                raise SlimformerError(f"{cls.name}: {key} must be a list of names, got {value!r}")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise SlimformerError(f"{cls.name}: {key} must be true or false, got {value!r}")
         try:
             return cls.config_class(**values)
         except (TypeError, ValueError) as error:

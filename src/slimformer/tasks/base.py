@@ -126,20 +126,30 @@ def fixed_length_examples(
 ) -> list[list[int]]:
     """`count` inputs of exactly `length` real tokens, cut from the running text."""
     tokenizer = tokenizer_of(model)
-    special = len(tokenizer.build_inputs_with_special_tokens([]))
-    body = length - special
+    prefix, suffix = _special_tokens(tokenizer)
+    body = length - len(prefix) - len(suffix)
     stream: list[int] = []
     examples: list[list[int]] = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"]
         while len(stream) >= body and len(examples) < count:
-            examples.append(tokenizer.build_inputs_with_special_tokens(stream[:body]))
+            examples.append(prefix + stream[:body] + suffix)
             stream = stream[body:]
         if len(examples) >= count:
             return examples
     if not examples:
         raise SlimformerError(f"the task's texts are too short to make {length}-token inputs")
     return examples
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a text (e.g. [CLS] ... [SEP])."""
+    marked = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start : start + len(plain)] == plain:
+            return marked[:start], marked[start + len(plain) :]
+    return [], []
 
 
 def batches_by_length(
