@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from slimformer.errors import AssetMissing, SlimformerError
+from slimformer.files import write_atomic
 
 __all__ = [
     "MODEL_ALIASES",
@@ -291,20 +292,6 @@ def _parse_wikipedia(path: Path) -> list[dict[str, str]]:
     return records
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache should not be
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _wikipedia_records() -> list[dict[str, str]]:
     cache = _wikipedia_cache()
     if cache.is_file():
@@ -312,7 +299,7 @@ def _wikipedia_records() -> list[dict[str, str]]:
             return [json.loads(line) for line in fh if line.strip()]
     records = _parse_wikipedia(_wikipedia_sample())
     body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    _write_atomic(cache, body)
+    write_atomic(cache, body)
     return records
 
 

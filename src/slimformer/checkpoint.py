@@ -388,20 +388,5 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so a crash leaves the old content or the new, never a half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def weights_size_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".onnx"))

@@ -25,9 +25,10 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimformer.checkpoint import load_model, resolve_path, save_model, write_atomic
+from slimformer.checkpoint import load_model, resolve_path, save_model
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
+from slimformer.files import write_atomic
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass, registered_passes
@@ -42,6 +43,7 @@ OBJECTIVES = {
 }
 STUDY_NAME = "slimformer"
 CALIBRATION_INPUTS = 128
+MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
 
 
 def parse_max_drop(text: str | float) -> float:
@@ -136,6 +138,11 @@ class TrialRecord:
     @property
     def is_baseline(self) -> bool:
         return self.description == "baseline"
+
+    @property
+    def counts(self) -> bool:
+        """Whether it used a slot of the trial budget (repeats and interrupted runs don't)."""
+        return (self.state == "complete" and self.duplicate_of is None) or self.state == "failed"
 
     def cost(self, objective: str) -> float | None:
         return self.measurement.get(OBJECTIVES[objective][0])
@@ -265,14 +272,14 @@ class Study:
         description = recipe.describe()
         trial.set_user_attr("description", description)
         trial.set_user_attr("recipe", recipe.to_dict())
-        self.reporter.trial_started(trial.number, description)
         earlier = self._completed_with(trial.study, description)
-        if earlier is not None:
+        if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             for key in ("quality", "drop", "feasible", "details", "measurement"):
                 trial.set_user_attr(key, earlier.user_attrs[key])
             trial.set_constraint("max_drop", earlier.user_attrs["drop"] - self.settings.max_drop)
             trial.set_user_attr("duplicate_of", earlier.number)
             return tuple(earlier.values)  # type: ignore[return-value]
+        self.reporter.trial_started(trial.number, description)
         baseline = self._baseline(trial.study)
         if baseline is None and recipe.steps:
             raise SlimformerError("the baseline trial has not finished; rerun with --resume")
@@ -311,6 +318,39 @@ class Study:
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
 
+    def run_trials(self, study: optuna.Study, remaining: int | None) -> None:
+        """Ask, evaluate, tell — until the trial budget or the time budget is spent.
+
+        A proposal that repeats a measured recipe is told the earlier result at no cost and
+        does not count against the budget; a long run of repeats means the space is exhausted.
+        """
+        deadline = (
+            time.monotonic() + self.settings.time_budget_s if self.settings.time_budget_s else None
+        )
+        done = repeats = 0
+        while remaining is None or done < remaining:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            trial = study.ask()
+            try:
+                values = self.objective(trial)
+            except CandidateFailed:
+                frozen = study.tell(trial, state=TrialState.FAIL)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)  # interrupted: rerun on --resume
+                raise
+            else:
+                frozen = study.tell(trial, values)
+                if "duplicate_of" in frozen.user_attrs:
+                    repeats += 1
+                    if repeats >= MAX_REPEATS:
+                        self.reporter.message("every recipe in the search space was measured")
+                        break
+                    continue
+            repeats = 0
+            done += 1
+            self.after_trial(study, frozen)
+
     @staticmethod
     def _completed_with(study: optuna.Study, description: str) -> FrozenTrial | None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -339,7 +379,7 @@ class Study:
         return [to_record(t) for t in study.get_trials(deepcopy=False)]
 
     def _write_outputs(self, records: list[TrialRecord], front: list[int]) -> None:
-        lines = [json.dumps(asdict(r)) for r in records if r.state != "running"]
+        lines = [json.dumps(asdict(r)) for r in records if r.counts]
         write_atomic(self.out / "trials.jsonl", "\n".join(lines) + "\n")
         pareto = {
             "objective": self.settings.objective,
@@ -490,18 +530,10 @@ def run_study(
         raise
     write_atomic(out / "run.json", json.dumps(settings.to_dict(), indent=2))
     study = study_runner.open_study()
-    counted = [t for t in study.trials if t.state == TrialState.COMPLETE or "error" in t.user_attrs]
+    counted = [t for t in map(to_record, study.trials) if t.counts]
     remaining = None if settings.trials is None else max(0, settings.trials - len(counted))
     reporter.study_started(settings, settings.trials, len(counted))
-    if remaining != 0:
-        study.optimize(
-            study_runner.objective,
-            n_trials=remaining,
-            timeout=settings.time_budget_s,
-            catch=(CandidateFailed,),
-            callbacks=[study_runner.after_trial],
-            gc_after_trial=True,
-        )
+    study_runner.run_trials(study, remaining)
     return study_runner.finish(study)
 
 
