@@ -253,15 +253,17 @@ class Study:
 
     def _requeue_interrupted(self, study: optuna.Study) -> None:
         """Trials cut off by a crash or Ctrl-C run again; finished ones are kept as they are."""
+        requeued = set(study.user_attrs.get("requeued", []))
         for trial in study.trials:
             if trial.state == TrialState.RUNNING:  # its process died mid-trial
                 study.tell(trial.number, state=TrialState.FAIL)
             interrupted = trial.state in (TrialState.RUNNING, TrialState.FAIL) and (
                 "error" not in trial.user_attrs
             )
-            if interrupted and not trial.user_attrs.get("requeued"):
-                study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
+            if interrupted and trial.number not in requeued:
+                requeued.add(trial.number)
                 study.enqueue_trial(trial.params, skip_if_exists=False)
+        study.set_user_attr("requeued", sorted(requeued))
 
     # --- one trial ----------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
