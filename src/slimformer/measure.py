@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import statistics
 import time
@@ -24,6 +25,9 @@ from slimformer.checkpoint import codec_for, count_parameters, weights_size_byte
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.tasks.base import batches_by_length, collate
+
+MIN_REQUESTS = 20  # batch-1 requests timed at least
+SLOW_MODEL_SECONDS = 10.0  # a throughput run stops here even before visiting every batch
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,12 @@ def time_latency(
     requests = [collate(model, [e]) for e in examples[: settings.latency_requests]]
     for request in requests[: settings.warmup]:
         model(**request)
+    # At least min_seconds and a fair sample of the inputs; slow models (a decoder's long
+    # prefill) stop at MIN_REQUESTS rather than run every input.
+    enough = min(len(requests), MIN_REQUESTS)
     timings: list[float] = []
     start = time.perf_counter()
-    while len(timings) < len(requests) or time.perf_counter() - start < settings.min_seconds:
+    while len(timings) < enough or time.perf_counter() - start < settings.min_seconds:
         request = requests[len(timings) % len(requests)]
         began = time.perf_counter()
         model(**request)
@@ -122,15 +129,23 @@ def time_throughput(
     """Inputs per second over batches sorted by length and padded to their longest."""
     chosen = examples[: settings.throughput_inputs]
     batches = [collate(model, b) for _, b in batches_by_length(chosen, settings.batch_size)]
-    model(**batches[len(batches) // 2])  # warm-up at a typical shape
-    rates: list[float] = []
+    model(**batches[0])  # warm-up on the shortest batch
+    # Visit batches in a fixed shuffled order so a short run is not biased to short inputs;
+    # stop after every batch ran and min_seconds passed, or after a cap for slow models.
+    order = list(range(len(batches)))
+    random.Random(0).shuffle(order)
+    processed, runs = 0, 0
     start = time.perf_counter()
-    while len(rates) < 2 or time.perf_counter() - start < settings.min_seconds:
-        began = time.perf_counter()
-        for batch in batches:
-            model(**batch)
-        rates.append(len(chosen) / (time.perf_counter() - began))
-    return statistics.median(rates)
+    while True:
+        batch = batches[order[runs % len(order)]]
+        model(**batch)
+        processed += batch["input_ids"].shape[0]
+        runs += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= settings.min_seconds and (
+            runs >= len(order) or elapsed >= SLOW_MODEL_SECONDS
+        ):
+            return processed / elapsed
 
 
 @torch.inference_mode()

@@ -42,7 +42,6 @@ OBJECTIVES = {
     "memory": ("peak_memory_mb", "minimize"),
 }
 STUDY_NAME = "slimformer"
-CALIBRATION_INPUTS = 128
 MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
 
 
@@ -227,7 +226,7 @@ class Study:
         if not self.state_path.is_file():
             cached = reference_state(resolve_path(self.settings.model), self.task.spec, self.base)
             shutil.copyfile(cached, self.state_path)
-        self.calibration = self.task.calibration_batches(self.base, CALIBRATION_INPUTS)
+        self.calibration = self.task.calibration_batches(self.base)
         self.facts = self.base.adapter.facts()
         self.pass_classes = self.settings.pass_classes()
 

@@ -49,6 +49,7 @@ class Task(ABC):
     direction: ClassVar[str] = "maximize"
     bounded: ClassVar[bool] = True
     default_seq_len: ClassVar[int] = 128
+    calibration_size: ClassVar[int] = 128  # inputs the passes calibrate on
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -60,9 +61,9 @@ class Task(ABC):
         """Real texts of a split: 'calibration', 'timing' (and task-specific ones)."""
 
     def calibration_batches(
-        self, model: SlimModel, count: int = 128, batch_size: int = 32
+        self, model: SlimModel, count: int | None = None, batch_size: int = 32
     ) -> list[dict[str, torch.Tensor]]:
-        examples = self.examples(model, "calibration")[:count]
+        examples = self.examples(model, "calibration")[: count or self.calibration_size]
         return [
             collate(model, examples[i : i + batch_size])
             for i in range(0, len(examples), batch_size)
