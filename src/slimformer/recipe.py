@@ -45,7 +45,9 @@ class Recipe:
             return "baseline"
         parts = []
         for step in self.steps:
-            settings = ",".join(f"{k}={_short(v)}" for k, v in step.config.items())
+            settings = ",".join(
+                f"{k}={_short(v)}" for k, v in step.config.items() if v not in ([], ())
+            )
             parts.append(f"{step.pass_name}({settings})" if settings else step.pass_name)
         return " + ".join(parts)
 
