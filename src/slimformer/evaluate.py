@@ -11,11 +11,11 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from slimformer.errors import SlimformerError
 
@@ -56,15 +56,18 @@ def evaluate_isolated(
             text=True,
             env=env,
         )
-        deadline = time.monotonic() + timeout_s
         assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith(STAGE_PREFIX) and on_stage:
-                on_stage(line[len(STAGE_PREFIX) :].strip())
-            if time.monotonic() > deadline:
-                process.kill()
-                break
-        returncode = process.wait()
+        stages = threading.Thread(
+            target=_relay_stages, args=(process.stdout, on_stage), daemon=True
+        )
+        stages.start()
+        try:
+            returncode = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise CandidateFailed(f"evaluation took longer than {timeout_s:.0f} s") from None
+        stages.join(timeout=5)
     result_file = Path(request["result"])
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if returncode == 0 and "quality" in result:
@@ -73,9 +76,13 @@ def evaluate_isolated(
         raise CandidateFailed(result["error"])
     lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
     reason = lines[-1].strip() if lines else f"evaluation process exited with code {returncode}"
-    if time.monotonic() > deadline:
-        reason = f"evaluation took longer than {timeout_s:.0f} s"
     raise CandidateFailed(reason[:300])
+
+
+def _relay_stages(stream: IO[str], on_stage: Callable[[str], None] | None) -> None:
+    for line in stream:
+        if line.startswith(STAGE_PREFIX) and on_stage:
+            on_stage(line[len(STAGE_PREFIX) :].strip())
 
 
 def _stage(name: str) -> None:
