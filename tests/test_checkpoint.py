@@ -102,7 +102,9 @@ def test_layer_pruned_model_saves_as_plain_hugging_face(family: str, tmp_path: P
 
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "recipe.yaml"} <= names
-    assert not names & {"slimformer.safetensors", "slimformer.json"}
+    assert "slimformer.safetensors" not in names
+    meta = json.loads((out / "slimformer.json").read_text())
+    assert meta["weights"] == "hf" and meta["head"] == candidate.head  # provenance kept
     assert_no_pickles(out)
     auto = getattr(transformers, tiny.AUTO_CLASSES[family])
     plain = SlimModel(module=auto.from_pretrained(out).eval(), head=candidate.head)

@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from slimformer import assets
-from slimformer.checkpoint import load_model, read_config, resolve_path, save_model
+from slimformer.checkpoint import (
+    load_model,
+    natural_head,
+    resolve_path,
+    save_model,
+    source_of,
+)
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
-from slimformer.model import SlimModel, head_from_architectures
+from slimformer.model import SlimModel
 from slimformer.recipe import Recipe, apply_recipe
 from slimformer.study import (
     Reporter,
@@ -44,11 +50,6 @@ def task_spec(
         return task
     name = task or default_task_for(model.head if model else head or "embedding")
     return TaskSpec(name=name, **{k: v for k, v in options.items() if v is not None})
-
-
-def _natural_head(path: Path) -> str:
-    """The head a checkpoint was saved with (from its config), without loading weights."""
-    return head_from_architectures(read_config(path).architectures)
 
 
 def _as_model(model: ModelRef, head: str | None = None) -> SlimModel:
@@ -121,16 +122,11 @@ def benchmark(
         if isinstance(model, SlimModel):
             model_dir = save_model(model, workdir / "model")
             spec = task_spec(task, model, data=data)
-            loaded = model
         else:
             model_dir = resolve_path(model)
-            spec = task_spec(task, None, head=_natural_head(model_dir), data=data)
-            loaded = load_model(model_dir, head=make_task(spec).head)
-        source = Path(loaded.source) if loaded.source else Path(model_dir)
-        reference = source if source.is_dir() else Path(model_dir)
-        state_path = reference_state(
-            reference, spec, loaded if reference == Path(model_dir) else None
-        )
+            spec = task_spec(task, None, head=natural_head(model_dir), data=data)
+        # The reference is loaded only when its task state is not cached yet.
+        state_path = reference_state(source_of(model_dir), spec)
         try:
             result = evaluate_isolated(model_dir, spec, state_path, settings, workdir / "run")
         except CandidateFailed as error:
@@ -168,7 +164,7 @@ def optimize(
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
     path = resolve_path(model)
-    spec = task_spec(task, None, head=_natural_head(path), data=data, seed=seed)
+    spec = task_spec(task, None, head=natural_head(path), data=data, seed=seed)
     name = str(model)
     settings = StudySettings(
         model=name if assets.resolve_model_name(name) else str(path.resolve()),

@@ -154,8 +154,13 @@ def _check_safetensors(files: list[Path]) -> None:
             ) from None
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if (path / SLIM_META).is_file():
+def _slim_weights(meta: dict[str, Any]) -> bool:
+    """Whether the folder holds slimformer-form weights (else plain Hugging Face ones)."""
+    return bool(meta) and meta.get("weights", "slimformer") == "slimformer"
+
+
+def _weight_files(path: Path, meta: dict[str, Any]) -> list[Path]:
+    if _slim_weights(meta):
         return [path / SLIM_WEIGHTS]
     single = path / "model.safetensors"
     if single.is_file():
@@ -198,14 +203,14 @@ def load_model(
     path = resolve_path(name_or_path)
     config = read_config(path, trust_remote_code)
     meta = _read_meta(path)
-    weight_files = _weight_files(path)
+    weight_files = _weight_files(path, meta)
     _check_safetensors(weight_files)
     head = head or meta.get("head") or head_from_architectures(config.architectures)
     if head not in HEADS:
         raise SlimformerError(f"unknown model head '{head}'; choose one of {', '.join(HEADS)}")
     auto = getattr(transformers, HEADS[head])
     with _quiet_transformers():
-        if meta:
+        if _slim_weights(meta):
             from accelerate import init_empty_weights
 
             # Parameters start on the meta device so the float layers that int8 ones replace
@@ -233,6 +238,20 @@ def load_model(
         source=meta.get("source") or str(path),
         recipe=recipe,
     )
+
+
+def natural_head(path: Path) -> str:
+    """The head a checkpoint was saved with, read without loading weights."""
+    meta = _read_meta(path)
+    if meta.get("head"):
+        return str(meta["head"])
+    return head_from_architectures(read_config(path).architectures)
+
+
+def source_of(path: Path) -> Path:
+    """The original checkpoint a saved model was derived from (itself for an original)."""
+    source = _read_meta(path).get("source")
+    return Path(source) if source and Path(source).is_dir() else path
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -321,11 +340,22 @@ def save_model(
         special = {n: m for n, m in model.module.named_modules() if codec_for(m) is not None}
         with _quiet_transformers():
             if special:
-                _save_slim_weights(model, special, tmp)
+                modules = _save_slim_weights(model, special, tmp)
             else:
                 model.module.save_pretrained(tmp, safe_serialization=True)
+                modules = {}
             if model.tokenizer is not None:
                 model.tokenizer.save_pretrained(tmp)
+        # Written for both forms: it keeps the head and where the model came from (the
+        # reference its quality is measured against).
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "weights": "slimformer" if special else "hf",
+            "head": model.head,
+            "source": model.source,
+            "modules": modules,
+        }
+        (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:
             _copy_sentence_transformers_files(Path(model.source), tmp)
         (tmp / "recipe.yaml").write_text(model.recipe.to_yaml())
@@ -338,7 +368,10 @@ def save_model(
     return out
 
 
-def _save_slim_weights(model: SlimModel, special: dict[str, nn.Module], tmp: Path) -> None:
+def _save_slim_weights(
+    model: SlimModel, special: dict[str, nn.Module], tmp: Path
+) -> dict[str, Any]:
+    """Write slimformer.safetensors; return how each special module was encoded."""
     model.module.config.save_pretrained(tmp)
     tensors: dict[str, torch.Tensor] = {}
     modules_meta: dict[str, Any] = {}
@@ -358,13 +391,7 @@ def _save_slim_weights(model: SlimModel, special: dict[str, nn.Module], tmp: Pat
         seen_storage.add(value.untyped_storage().data_ptr())
         tensors[key] = value.detach().contiguous()
     save_file(tensors, str(tmp / SLIM_WEIGHTS), metadata={"format": "slimformer"})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "head": model.head,
-        "source": model.source,
-        "modules": modules_meta,
-    }
-    (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
+    return modules_meta
 
 
 def _copy_sentence_transformers_files(source: Path, tmp: Path) -> None:
