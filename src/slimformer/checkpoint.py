@@ -285,6 +285,13 @@ def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> N
     load_builtin_passes()  # the passes register the codecs of the modules they create
     tensors = load_file(str(file))
     special = meta.get("modules", {})
+    from accelerate import init_empty_weights
+
+    for name, (out_features, in_features, bias) in meta.get("shapes", {}).items():
+        parent_name, _, attr = name.rpartition(".")
+        with init_empty_weights():
+            resized = nn.Linear(in_features, out_features, bias=bias)
+        setattr(module.get_submodule(parent_name) if parent_name else module, attr, resized)
 
     def owned(key: str) -> bool:
         return any(key.startswith(name + ".") for name in special)
@@ -338,8 +345,9 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         special = {n: m for n, m in model.module.named_modules() if codec_for(m) is not None}
+        resized = _resized_linears(model)
         with _quiet_transformers():
-            if special:
+            if special or resized:
                 modules = _save_slim_weights(model, special, tmp)
             else:
                 model.module.save_pretrained(tmp, safe_serialization=True)
@@ -350,10 +358,11 @@ def save_model(
         # reference its quality is measured against).
         meta = {
             "format_version": FORMAT_VERSION,
-            "weights": "slimformer" if special else "hf",
+            "weights": "slimformer" if special or resized else "hf",
             "head": model.head,
             "source": model.source,
             "modules": modules,
+            "shapes": resized,
         }
         (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:
@@ -366,6 +375,24 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _resized_linears(model: SlimModel) -> dict[str, list[int]]:
+    """Linear layers whose shape differs from what the config builds (pruned heads or FFN
+    neurons, possibly uneven per layer): name -> [out_features, in_features, has_bias]."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    with _quiet_transformers(), init_empty_weights():
+        reference = getattr(transformers, HEADS[model.head]).from_config(model.module.config)
+    expected = {n: m for n, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    resized = {}
+    for name, module in model.module.named_modules():
+        if type(module) is not nn.Linear or name not in expected:
+            continue
+        if module.weight.shape != expected[name].weight.shape:
+            resized[name] = [module.out_features, module.in_features, module.bias is not None]
+    return resized
 
 
 def _save_slim_weights(

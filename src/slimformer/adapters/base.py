@@ -126,6 +126,15 @@ class ModelAdapter:
             selected += [names[id(m)] for m in modules]
         return selected
 
+    def replace_linear(self, block_index: int, path: str, module: nn.Module) -> None:
+        """Put `module` at `path` (a BlockLayout path) inside block `block_index`."""
+        parent_path, _, attr = path.rpartition(".")
+        setattr(get_submodule(self.blocks()[block_index], parent_path), attr, module)
+
+    def head_dim(self) -> int:
+        config = self.model.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
     # --- facts --------------------------------------------------------------------------
     def facts(self) -> ModelFacts:
         config = self.model.config

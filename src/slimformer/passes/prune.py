@@ -18,10 +18,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, IntRange, Pass, PassContext, register_pass, searchable
+from slimformer.passes.base import (
+    Choice,
+    FloatRange,
+    IntRange,
+    Pass,
+    PassContext,
+    fixed,
+    register_pass,
+    searchable,
+)
+from slimformer.passes.importance import CRITERIA, choose_kept, unit_scores
 
 
 @dataclass(frozen=True)
@@ -134,3 +145,138 @@ def block_importance(
             scores.append(change / len(calibration))
         return scores
     raise SlimformerError(f"unknown importance criterion '{criterion}'")
+
+
+# --- FFN neurons and attention heads ----------------------------------------------------------
+def sliced_linear(
+    linear: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None
+) -> nn.Linear:
+    """A smaller Linear holding only the kept output rows / input columns: real slicing."""
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        bias = bias[rows] if bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    out.weight = nn.Parameter(weight.clone())
+    if bias is not None:
+        out.bias = nn.Parameter(bias.clone())
+    return out
+
+
+@dataclass(frozen=True)
+class FFNPruneConfig:
+    keep: float = searchable(0.75, FloatRange(0.3, 0.95, step=0.05), "fraction of FFN neurons kept")
+    criterion: str = searchable("activation", Choice(CRITERIA), "how neuron importance is measured")
+    allocation: str = searchable(
+        "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
+    )
+    multiple: int = fixed(
+        16, "kept neurons per layer round to a multiple of this (kernels like it)"
+    )
+
+
+@register_pass
+class FFNPrune(Pass):
+    name = "prune.ffn"
+    summary = "remove FFN neurons (gate, up and down sliced together), least important first"
+    config_class = FFNPruneConfig
+    stage = 11
+    needs_calibration = True
+
+    def apply(self, model: SlimModel, config: FFNPruneConfig, ctx: PassContext) -> dict[str, Any]:
+        adapter = model.adapter
+        layout = adapter.layout
+        layers = range(adapter.num_layers)
+        ffns = [adapter.ffn_linears(i) for i in layers]
+        outs = [f["out"] for f in ffns]
+        norms = []
+        for f in ffns:
+            into = sum(m.weight.detach().pow(2).sum(1) for role, m in f.items() if role != "out")
+            norms.append(into.sqrt() * f["out"].weight.detach().norm(dim=0))
+        ctx.progress(f"scoring FFN neurons ({config.criterion})")
+        scores = unit_scores(
+            model, ctx.calibration, config.criterion, outs, [o.in_features for o in outs], norms
+        )
+        kept = choose_kept(scores, config.keep, config.allocation, config.multiple, config.multiple)
+        for index, keep in zip(layers, kept, strict=True):
+            for path in layout.ffn_in:
+                linear = adapter.blocks()[index].get_submodule(path)
+                adapter.replace_linear(index, path, sliced_linear(linear, rows=keep))
+            linear = adapter.blocks()[index].get_submodule(layout.ffn_out)
+            adapter.replace_linear(index, layout.ffn_out, sliced_linear(linear, cols=keep))
+        return {"kept_neurons": [len(k) for k in kept]}
+
+
+@dataclass(frozen=True)
+class HeadPruneConfig:
+    keep: float = searchable(
+        0.75,
+        FloatRange(0.25, 1.0, step=0.125),
+        "fraction of attention heads kept (for grouped-query attention: of KV groups)",
+    )
+    criterion: str = searchable("activation", Choice(CRITERIA), "how head importance is measured")
+    allocation: str = searchable(
+        "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
+    )
+
+
+@register_pass
+class HeadPrune(Pass):
+    name = "prune.heads"
+    summary = "remove attention heads (whole KV groups with their query heads under GQA)"
+    config_class = HeadPruneConfig
+    stage = 12
+    needs_calibration = True
+
+    def apply(self, model: SlimModel, config: HeadPruneConfig, ctx: PassContext) -> dict[str, Any]:
+        adapter = model.adapter
+        head_dim = adapter.head_dim()
+        layers = range(adapter.num_layers)
+        attention = [adapter.attention_linears(i) for i in layers]
+        heads = [a["query"].out_features // head_dim for a in attention]
+        groups = [a["key"].out_features // head_dim for a in attention]
+        norms = [_head_norms(a, h, g) for a, h, g in zip(attention, heads, groups, strict=True)]
+        ctx.progress(f"scoring attention heads ({config.criterion})")
+        scores = unit_scores(
+            model, ctx.calibration, config.criterion, [a["out"] for a in attention], heads, norms
+        )
+        # A KV group stands or falls with its query heads (transformers' repeat_kv order).
+        group_scores = [
+            s.reshape(g, h // g).sum(1) for s, h, g in zip(scores, heads, groups, strict=True)
+        ]
+        kept = choose_kept(group_scores, config.keep, config.allocation, 1, 1)
+        lay = adapter.layout
+        for index, keep_groups in zip(layers, kept, strict=True):
+            per_group = heads[index] // groups[index]
+            query_heads = [g * per_group + q for g in keep_groups for q in range(per_group)]
+            q_rows = _rows(query_heads, head_dim)
+            kv_rows = _rows(keep_groups, head_dim)
+            a = attention[index]
+            adapter.replace_linear(index, lay.query, sliced_linear(a["query"], rows=q_rows))
+            adapter.replace_linear(index, lay.key, sliced_linear(a["key"], rows=kv_rows))
+            adapter.replace_linear(index, lay.value, sliced_linear(a["value"], rows=kv_rows))
+            adapter.replace_linear(index, lay.attention_out, sliced_linear(a["out"], cols=q_rows))
+        return {
+            "kept_heads": [len(k) * h // g for k, h, g in zip(kept, heads, groups, strict=True)]
+        }
+
+
+def _rows(units: list[int], size: int) -> list[int]:
+    return [u * size + i for u in units for i in range(size)]
+
+
+def _head_norms(attention: dict[str, nn.Linear], heads: int, groups: int) -> torch.Tensor:
+    """Per query head: norm of the weights that make it (q; its group's k, v) × that use it (o)."""
+
+    def per_unit(weight: torch.Tensor, units: int, dim: int) -> torch.Tensor:
+        # dim 0: units are blocks of output rows; dim 1: blocks of input columns
+        return weight.detach().pow(2).sum(1 - dim).reshape(units, -1).sum(1)
+
+    q = per_unit(attention["query"].weight, heads, 0)
+    kv = per_unit(attention["key"].weight, groups, 0)
+    kv = kv + per_unit(attention["value"].weight, groups, 0)
+    out = per_unit(attention["out"].weight, heads, 1)
+    return (q + kv.repeat_interleave(heads // groups)).sqrt() * out.sqrt()
