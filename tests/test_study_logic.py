@@ -295,12 +295,8 @@ def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: i
     assert counts == set(range(1, high + 1))
     assert criteria == {"block_influence", "removal_change"}
     assert scopes == {"all", "all_but_ffn_out", "attention", "ffn"}
-    assert uses == {
-        (),
-        ("prune.layers",),
-        ("quantize.dynamic_int8",),
-        ("prune.layers", "quantize.dynamic_int8"),
-    }
+    assert () in uses  # the empty recipe (all passes off) is part of the space
+    assert {name for combo in uses for name in combo} == {p.name for p in passes}
 
 
 def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:
