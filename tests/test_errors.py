@@ -31,7 +31,7 @@ RECIPE_FORMAT = "format: slimformer-recipe/1\n"
 RECIPES = {
     "invalid_yaml": "format: [unclosed\n  steps: {\n",
     "no_format": "steps: []\n",
-    "unknown_pass": RECIPE_FORMAT + "steps:\n  - pass: prune.heads\n",
+    "unknown_pass": RECIPE_FORMAT + "steps:\n  - pass: prune.nonexistent\n",
     "unknown_setting": RECIPE_FORMAT
     + "steps:\n  - pass: quantize.dynamic_int8\n    config: {bits: 4}\n",
     "choice_outside_options": RECIPE_FORMAT
@@ -233,7 +233,7 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "objective_speed": optimize_out("objective", "--objective", "speed"),
         "trials_0": optimize_out("trials", "--trials", "0"),
         "trials_abc": optimize_out("trials-abc", "--trials", "abc"),
-        "unknown_pass_option": optimize_out("passes", "--passes", "prune.heads"),
+        "unknown_pass_option": optimize_out("passes", "--passes", "prune.nonexistent"),
         "bench_batch_size_0": ["bench", "default", "--batch-size", "0"],
         "bench_threads_negative": ["bench", "default", "--threads", "-1"],
         "brackets_in_path": ["bench", str(root / "model [v2]")],
@@ -459,7 +459,7 @@ def test_optimize_with_bad_classification_data_leaves_no_run_folder(
             "no_format", ("not a slimformer recipe", "format: slimformer-recipe/1"), id="no_format"
         ),
         pytest.param(
-            "unknown_pass", ("unknown pass 'prune.heads'", "prune.layers"), id="unknown_pass"
+            "unknown_pass", ("unknown pass 'prune.nonexistent'", "prune.layers"), id="unknown_pass"
         ),
         pytest.param(
             "unknown_setting",
@@ -495,7 +495,7 @@ def test_recipe_with_non_list_skip_exits_2_with_one_line(cli: Runner, workspace:
 def test_malformed_recipe_leaves_an_existing_out_folder_untouched(
     cli: Runner, workspace: Path
 ) -> None:
-    assert_user_error(cli("recipe_bad_onto_existing_out"), "unknown pass 'prune.heads'")
+    assert_user_error(cli("recipe_bad_onto_existing_out"), "unknown pass 'prune.nonexistent'")
     occupied = workspace / out("occupied")
     assert sorted(p.name for p in occupied.iterdir()) == ["keep-me.txt"]
     assert (occupied / "keep-me.txt").read_text() == "an earlier result\n"
@@ -566,7 +566,7 @@ def test_show_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner) -> None:
         pytest.param(
             "unknown_pass_option",
             "passes",
-            ("unknown pass 'prune.heads'",),
+            ("unknown pass 'prune.nonexistent'",),
             id="unknown_pass_option",
         ),
     ],

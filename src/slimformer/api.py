@@ -67,10 +67,12 @@ def apply(
     loaded = _as_model(model)
     spec = recipe.task or task_spec(None, loaded)
     task = make_task(spec)
-    calibration = ()
+    calibration, training = (), ()
     if any(_needs_calibration(s.pass_name) for s in recipe.steps):
         calibration = task.calibration_batches(loaded)
-    result = apply_recipe(loaded, recipe, calibration)
+    if any(s.pass_name == "recover.distill" for s in recipe.steps):
+        training = task.training_batches(loaded)
+    result = apply_recipe(loaded, recipe, calibration, training=training)
     if out is not None:
         save_model(result, out)
     return result

@@ -131,6 +131,7 @@ def apply_recipe(
     recipe: Recipe,
     calibration: Any = (),
     progress: Any = None,
+    training: Any = (),
 ) -> Any:
     """Replay `recipe` on a copy of `model` (a SlimModel); the input model is left untouched."""
     import torch
@@ -145,6 +146,8 @@ def apply_recipe(
         torch.manual_seed(recipe.seed)
         ctx = PassContext(
             calibration=calibration,
+            training=training,
+            teacher=model,
             seed=recipe.seed,
             progress=progress or (lambda message: None),
         )

@@ -227,8 +227,10 @@ class Study:
             cached = reference_state(resolve_path(self.settings.model), self.task.spec, self.base)
             shutil.copyfile(cached, self.state_path)
         self.calibration = self.task.calibration_batches(self.base)
-        self.facts = self.base.adapter.facts()
         self.pass_classes = self.settings.pass_classes()
+        trains = any(cls.name == "recover.distill" for cls in self.pass_classes)
+        self.training = self.task.training_batches(self.base) if trains else []
+        self.facts = self.base.adapter.facts()
 
     def open_study(self) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -287,7 +289,9 @@ class Study:
         candidate_dir = self.out / "candidates" / f"trial-{trial.number:03d}"
         try:
             self.reporter.stage("applying passes")
-            candidate = apply_recipe(self.base, recipe, self.calibration, self.reporter.stage)
+            candidate = apply_recipe(
+                self.base, recipe, self.calibration, self.reporter.stage, self.training
+            )
             self.reporter.stage("saving")
             save_model(candidate, candidate_dir)
             result = evaluate_isolated(
@@ -435,7 +439,7 @@ class Study:
             tmp.replace(best_dir)
         else:  # the baseline, or a candidate folder lost to a crash: rebuild by replaying
             recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
-            model = apply_recipe(self.base, recipe, self.calibration)
+            model = apply_recipe(self.base, recipe, self.calibration, training=self.training)
             save_model(model, best_dir, extra_files=extra)
         return best_dir
 

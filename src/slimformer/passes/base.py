@@ -78,6 +78,9 @@ class PassContext:
     """What a pass may use besides the model: calibration batches, a seed, a progress callback."""
 
     calibration: Sequence[dict[str, torch.Tensor]] = ()
+    # Unlabeled task inputs for training passes (distillation), disjoint from scored data.
+    training: Sequence[dict[str, torch.Tensor]] = ()
+    teacher: Any = None  # the model before this recipe ran (a SlimModel)
     seed: int = 0
     progress: Callable[[str], None] = lambda message: None
 

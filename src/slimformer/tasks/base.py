@@ -69,6 +69,16 @@ class Task(ABC):
             for i in range(0, len(examples), batch_size)
         ]
 
+    def training_batches(
+        self, model: SlimModel, batch_size: int = 32
+    ) -> list[dict[str, torch.Tensor]]:
+        """Unlabeled inputs a pass may train on (distillation); never the scored split."""
+        examples = self.examples(model, "training")
+        return [
+            collate(model, examples[i : i + batch_size])
+            for i in range(0, len(examples), batch_size)
+        ]
+
     def examples(self, model: SlimModel, split: str) -> list[list[int]]:
         """Token ids, one list per input, unpadded, truncated to the task's sequence length."""
         return encode(model, self.texts(split), self.seq_len)

@@ -75,7 +75,7 @@ class ClassificationTask(Task):
         return {"calibration": rows[:cut], "test": rows[cut:]}
 
     def texts(self, split: str) -> list[str]:
-        split = "test" if split == "timing" else split
+        split = {"timing": "test", "training": "calibration"}.get(split, split)
         return [text for text, _ in self._splits[split]]
 
     def label_ids(self, model: SlimModel) -> np.ndarray:

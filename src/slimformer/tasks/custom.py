@@ -56,7 +56,7 @@ class CustomTask(Task):
         else:
             lines = assets.wikipedia_sentences()
         half = len(lines) // 2
-        return lines[:half][:256] if split == "calibration" else lines[half:][:256]
+        return lines[:half][:256] if split in ("calibration", "training") else lines[half:][:256]
 
     def prepare(self, reference: SlimModel) -> State:
         self.function  # noqa: B018  (import now so a typo fails before any work)

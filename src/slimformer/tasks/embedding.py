@@ -57,6 +57,8 @@ class EmbeddingTask(Task):
             "calibration": rows[:cut1],
             "test": rows[cut1:cut2],
             "train": rows[cut2 : cut2 + TRAIN_SIZE],
+            # Unlabeled sentences for distillation: the rest, plus calibration; never test.
+            "training": rows[:cut1] + rows[cut2 + TRAIN_SIZE :],
         }
 
     def texts(self, split: str) -> list[str]:

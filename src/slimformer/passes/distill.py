@@ -1,0 +1,139 @@
+"""Recovery by knowledge distillation: the original model teaches the pruned one.
+
+Trains the student on unlabeled task inputs (never the scored split) to match the teacher's
+outputs: KL divergence of temperature-softened logits for LMs and classifiers, cosine distance
+of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
+states. AdamW, a step budget and a time budget, deterministic for a seed. Placed after the
+structural passes and before quantization, so the student trains in float.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
+
+HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int = searchable(100, Choice((50, 100, 200, 400)), "optimizer steps")
+    lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4)), "AdamW learning rate")
+    hidden_weight: float = searchable(
+        0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
+    )
+    temperature: float = fixed(2.0, "softening of teacher and student logits")
+    time_budget_s: float = fixed(600.0, "stop training after this many seconds")
+
+
+def _pooled(hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    if mask is None or mask.shape[1] != hidden.shape[1]:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+def _final_hidden(output: Any) -> torch.Tensor:
+    if getattr(output, "hidden_states", None):
+        return output.hidden_states[-1]
+    return output.last_hidden_state
+
+
+def distillation_loss(
+    student: SlimModel,
+    teacher: SlimModel,
+    batch: dict[str, torch.Tensor],
+    config: DistillConfig,
+) -> torch.Tensor:
+    wants_hidden = config.hidden_weight > 0 and student.head != "embedding"
+    with torch.no_grad():
+        target = teacher(**batch, output_hidden_states=wants_hidden)
+    output = student(**batch, output_hidden_states=wants_hidden)
+    if student.head == "embedding":
+        s, t = output.last_hidden_state, target.last_hidden_state
+        loss = (1 - F.cosine_similarity(_pooled(s, batch), _pooled(t, batch), dim=-1)).mean()
+        if config.hidden_weight > 0:
+            loss = loss + config.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean()
+        return loss
+    temp = config.temperature
+    s_logits, t_logits = output.logits / temp, target.logits / temp
+    kl = F.kl_div(
+        F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    mask = batch.get("attention_mask")
+    if kl.dim() == 2 and mask is not None and mask.shape == kl.shape:
+        kl = (kl * mask).sum() / mask.sum()
+    loss = kl.mean() * temp**2
+    if wants_hidden:
+        t_hidden = _final_hidden(target)
+        loss = (
+            loss
+            + config.hidden_weight
+            * F.mse_loss(_final_hidden(output), t_hidden)
+            / t_hidden.pow(2).mean()
+        )
+    return loss
+
+
+@register_pass
+class Distill(Pass):
+    name = "recover.distill"
+    summary = "knowledge distillation from the original model on unlabeled task inputs"
+    config_class = DistillConfig
+    stage = 20
+    needs_calibration = True
+
+    def apply(self, model: SlimModel, config: DistillConfig, ctx: PassContext) -> dict[str, Any]:
+        if ctx.teacher is None:
+            raise SlimformerError("recover.distill needs the original model as its teacher")
+        data = list(ctx.training or ctx.calibration)
+        if len(data) < 2:
+            raise SlimformerError("recover.distill needs at least two batches of task inputs")
+        held = max(1, int(len(data) * HELD_OUT_FRACTION))
+        train, held_out = data[:-held], data[-held:]
+        before = self._held_out_loss(model, ctx.teacher, held_out, config)
+        torch.manual_seed(ctx.seed)
+        order = random.Random(ctx.seed)
+        parameters = [p for p in model.module.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+        started = time.monotonic()
+        steps = 0
+        # Eval mode: dropout off, so the same seed gives the same student.
+        model.module.eval()
+        with torch.enable_grad():
+            while steps < config.steps and time.monotonic() - started < config.time_budget_s:
+                batch = train[order.randrange(len(train))]
+                loss = distillation_loss(model, ctx.teacher, batch, config)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if steps % 25 == 0:
+                    ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
+        optimizer.zero_grad(set_to_none=True)
+        after = self._held_out_loss(model, ctx.teacher, held_out, config)
+        return {
+            "steps": steps,
+            "seconds": round(time.monotonic() - started, 1),
+            "held_out_loss_before": round(before, 6),
+            "held_out_loss_after": round(after, 6),
+        }
+
+    @staticmethod
+    def _held_out_loss(
+        model: SlimModel, teacher: SlimModel, batches: list[dict], config: DistillConfig
+    ) -> float:
+        with torch.no_grad():
+            return sum(float(distillation_loss(model, teacher, b, config)) for b in batches) / len(
+                batches
+            )
