@@ -174,7 +174,7 @@ class FFNPruneConfig:
         "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
     )
     multiple: int = fixed(
-        16, "kept neurons per layer round to a multiple of this (kernels like it)"
+        16, "kept neurons per layer round to a multiple of this (for fast kernels)"
     )
 
 
