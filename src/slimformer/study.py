@@ -195,7 +195,8 @@ def sample_recipe(
                 low, high = space.resolve(facts)
                 values[name] = trial.suggest_int(key, low, high)
             elif isinstance(space, FloatRange):
-                values[name] = trial.suggest_float(key, space.low, space.high, step=space.step)
+                value = trial.suggest_float(key, space.low, space.high, step=space.step)
+                values[name] = round(value, 6)  # 0.9, not 0.9000000000000001, in recipes
         full = asdict(cls.make_config(values))
         steps.append(Step(cls.name, {k: v for k, v in full.items() if k in values}))
     return Recipe(steps=tuple(steps), task=spec, seed=seed)
