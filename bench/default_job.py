@@ -66,6 +66,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-default"))
+    parser.add_argument(
+        "--passes",
+        default="prune.layers,quantize.dynamic_int8",
+        help="passes the study searches (the first slice's pair by default, so the figures "
+        "stay comparable run to run)",
+    )
     args = parser.parse_args()
 
     started = time.time()
@@ -77,6 +83,7 @@ def main() -> None:
             trials=args.trials,
             out=args.out,
             overwrite=True,
+            passes=args.passes.split(","),
             reporter=reporter,
         )
     assert study.best_dir is not None and study.chosen is not None
@@ -91,8 +98,10 @@ def main() -> None:
             "probe_accuracy_drop_points": round((baseline["quality"] - chosen["quality"]) * 100, 2),
         }
     result = {
-        "job": f"slimformer optimize default --task embedding --max-drop 1% --trials {args.trials}",
-        "command": f"python bench/default_job.py --trials {args.trials} --rounds {args.rounds}",
+        "job": "slimformer optimize default --task embedding --max-drop 1% "
+        f"--trials {args.trials} --passes {args.passes}",
+        "command": f"python bench/default_job.py --trials {args.trials} --rounds {args.rounds} "
+        f"--passes {args.passes}",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,
