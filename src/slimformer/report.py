@@ -232,8 +232,8 @@ def model_card(
     loading = (
         "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`."
         if plain_hf
-        else "It holds int8 layers that plain transformers cannot rebuild, so only "
-        "slimformer loads it."
+        else "It holds layers plain transformers cannot rebuild (int8, or widths that differ "
+        "from its config), so only slimformer loads it."
     )
     status = "meets" if met else "does NOT meet"
     threads = baseline.measurement["threads"]

@@ -214,7 +214,7 @@ class FFNPrune(Pass):
 class HeadPruneConfig:
     keep: float = searchable(
         0.75,
-        FloatRange(0.25, 1.0, step=0.125),
+        FloatRange(0.25, 0.875, step=0.125),
         "fraction of attention heads kept (for grouped-query attention: of KV groups)",
     )
     criterion: str = searchable("activation", Choice(CRITERIA), "how head importance is measured")
