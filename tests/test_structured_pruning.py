@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+import transformers
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
@@ -154,3 +155,30 @@ def test_unknown_criterion_is_a_clear_error():
     model = tiny.build("bert")
     with pytest.raises(SlimformerError, match="criterion"):
         prune(model, ("prune.ffn", {"criterion": "vibes"}))
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_uniform_ffn_pruning_saves_as_plain_hugging_face(family, tmp_path):
+    model = tiny.build(family)
+    pruned = prune(model, ("prune.ffn", {"keep": 0.5, "criterion": "magnitude"}))
+    assert pruned.config.intermediate_size == model.config.intermediate_size // 2
+    out = save_model(pruned, tmp_path / "m")
+    assert (out / "model.safetensors").is_file() and not (out / "slimformer.safetensors").exists()
+    plain = getattr(transformers, tiny.AUTO_CLASSES[family]).from_pretrained(out)
+    wrapped = type(pruned)(module=plain.eval(), head=pruned.head, tokenizer=pruned.tokenizer)
+    batch = tiny.calibration(model)[0]
+    assert torch.equal(tiny.output(pruned, batch), tiny.output(wrapped, batch))
+
+
+def test_uniform_llama_head_pruning_saves_as_plain_hugging_face(tmp_path):
+    model = tiny.build("llama")
+    pruned = prune(model, ("prune.heads", {"keep": 0.5, "criterion": "magnitude"}))
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2, 1)
+    assert config.head_dim == model.adapter.head_dim()
+    out = save_model(pruned, tmp_path / "m")
+    assert (out / "model.safetensors").is_file()
+    plain = getattr(transformers, tiny.AUTO_CLASSES["llama"]).from_pretrained(out)
+    wrapped = type(pruned)(module=plain.eval(), head=pruned.head, tokenizer=pruned.tokenizer)
+    batch = tiny.calibration(model)[0]
+    assert torch.equal(tiny.output(pruned, batch), tiny.output(wrapped, batch))

@@ -370,7 +370,7 @@ def save_model(
         (tmp / "recipe.yaml").write_text(model.recipe.to_yaml())
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -430,7 +430,7 @@ def _copy_sentence_transformers_files(source: Path, tmp: Path) -> None:
             shutil.copy2(item, tmp / name)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Swap `tmp` into `out` so readers see the old folder or the new one, never half."""
     if out.exists():
         old = out.with_name(f".{out.name}.old")

@@ -194,7 +194,12 @@ def print_study(result: StudyResult, console: Console) -> None:
 
 
 def model_card(
-    chosen: TrialRecord, baseline: TrialRecord, settings: StudySettings, metric: str, met: bool
+    chosen: TrialRecord,
+    baseline: TrialRecord,
+    settings: StudySettings,
+    metric: str,
+    met: bool,
+    plain_hf: bool,
 ) -> str:
     bounded = _bounded(settings)
     rows = [
@@ -225,10 +230,6 @@ def model_card(
         ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
         rows.append((label, _number(a), _number(b), f"{ratio:.2f}×"))
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
-    # Only dropped blocks can be expressed in a plain config (fewer num_hidden_layers).
-    plain_hf = chosen.recipe is not None and all(
-        s["pass"] == "prune.layers" for s in chosen.recipe.get("steps", [])
-    )
     loading = (
         "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`."
         if plain_hf

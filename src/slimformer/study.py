@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimformer.checkpoint import load_model, resolve_path, save_model
+from slimformer.checkpoint import load_model, replace_dir, resolve_path, save_model
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.files import write_atomic
@@ -428,20 +428,19 @@ class Study:
                 "measurement": baseline.measurement,
             },
         }
-        card = model_card(chosen, baseline, self.settings, self.task.metric, met)
-        extra = {"metrics.json": json.dumps(metrics, indent=2), "README.md": card}
+        tmp = self.out / ".best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         if candidate_dir.is_dir():
-            tmp = self.out / ".best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(candidate_dir, tmp)
-            for name, text in extra.items():
-                (tmp / name).write_text(text)
-            shutil.rmtree(best_dir, ignore_errors=True)
-            tmp.replace(best_dir)
         else:  # the baseline, or a candidate folder lost to a crash: rebuild by replaying
             recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
             model = apply_recipe(self.base, recipe, self.calibration, training=self.training)
-            save_model(model, best_dir, extra_files=extra)
+            save_model(model, tmp)
+        plain_hf = json.loads((tmp / "slimformer.json").read_text()).get("weights") == "hf"
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        card = model_card(chosen, baseline, self.settings, self.task.metric, met, plain_hf)
+        (tmp / "README.md").write_text(card)
+        replace_dir(tmp, best_dir)
         return best_dir
 
 

@@ -131,6 +131,18 @@ class ModelAdapter:
         parent_path, _, attr = path.rpartition(".")
         setattr(get_submodule(self.blocks()[block_index], parent_path), attr, module)
 
+    def fold_uniform_widths(self) -> None:
+        """Write an FFN width shared by every block into the config, so plain transformers
+        rebuilds the pruned model (uneven widths need slimformer's loader)."""
+        widths = {self.ffn_linears(i)["out"].in_features for i in range(self.num_layers)}
+        if len(widths) == 1:
+            self.model.config.intermediate_size = widths.pop()
+        self.fold_uniform_heads()
+
+    def fold_uniform_heads(self) -> None:
+        """Families whose config can say "fewer heads of the same size" override this; in
+        BERT and ViT the head size is derived from the head count, so it cannot."""
+
     def head_dim(self) -> int:
         config = self.model.config
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -17,3 +17,14 @@ class LlamaAdapter(ModelAdapter):
         ffn_in=("mlp.gate_proj", "mlp.up_proj"),
         ffn_out="mlp.down_proj",
     )
+
+    def fold_uniform_heads(self) -> None:
+        head_dim = self.head_dim()  # before the head count changes
+        layers = [self.attention_linears(i) for i in range(self.num_layers)]
+        heads = {a["query"].out_features // head_dim for a in layers}
+        groups = {a["key"].out_features // head_dim for a in layers}
+        if len(heads) == 1 and len(groups) == 1:
+            config = self.model.config
+            config.head_dim = head_dim
+            config.num_attention_heads = heads.pop()
+            config.num_key_value_heads = groups.pop()

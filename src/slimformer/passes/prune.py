@@ -207,6 +207,7 @@ class FFNPrune(Pass):
                 adapter.replace_linear(index, path, sliced_linear(linear, rows=keep))
             linear = adapter.blocks()[index].get_submodule(layout.ffn_out)
             adapter.replace_linear(index, layout.ffn_out, sliced_linear(linear, cols=keep))
+        adapter.fold_uniform_widths()
         return {"kept_neurons": [len(k) for k in kept]}
 
 
@@ -259,6 +260,7 @@ class HeadPrune(Pass):
             adapter.replace_linear(index, lay.key, sliced_linear(a["key"], rows=kv_rows))
             adapter.replace_linear(index, lay.value, sliced_linear(a["value"], rows=kv_rows))
             adapter.replace_linear(index, lay.attention_out, sliced_linear(a["out"], cols=q_rows))
+        adapter.fold_uniform_widths()
         return {
             "kept_heads": [len(k) * h // g for k, h, g in zip(kept, heads, groups, strict=True)]
         }
