@@ -21,13 +21,26 @@ def prune(model, *steps):
     )
 
 
+def output_with_masked_inputs(model, batch, masks):
+    """The model's output with each (module, mask) multiplying that module's input."""
+    handles = [
+        module.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,))
+        for module, mask in masks
+    ]
+    try:
+        return tiny.output(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_ffn_slicing_equals_masking_the_removed_neurons(family):
     model = tiny.build(family)
     pruned = prune(model, ("prune.ffn", {"keep": 0.5, "criterion": "magnitude", "multiple": 1}))
     batch = tiny.calibration(model)[0]
     # Mask every layer's removed neurons at once on the original model.
-    handles = []
+    masks = []
     for index in range(model.adapter.num_layers):
         kept_out = pruned.adapter.ffn_linears(index)["out"]
         full_out = model.adapter.ffn_linears(index)["out"]
@@ -42,12 +55,8 @@ def test_ffn_slicing_equals_masking_the_removed_neurons(family):
         assert len(keep) == kept_out.in_features == full_out.in_features // 2
         mask = torch.zeros(full_out.in_features)
         mask[keep] = 1
-        handles.append(full_out.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    try:
-        reference = tiny.output(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+        masks.append((full_out, mask))
+    reference = output_with_masked_inputs(model, batch, masks)
     torch.testing.assert_close(tiny.output(pruned, batch), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -57,7 +66,7 @@ def test_head_slicing_equals_masking_the_removed_heads(family):
     pruned = prune(model, ("prune.heads", {"keep": 0.5, "criterion": "magnitude"}))
     head_dim = model.adapter.head_dim()
     batch = tiny.calibration(model)[0]
-    handles = []
+    masks = []
     for index in range(model.adapter.num_layers):
         full_out = model.adapter.attention_linears(index)["out"]
         kept_out = pruned.adapter.attention_linears(index)["out"]
@@ -77,12 +86,8 @@ def test_head_slicing_equals_masking_the_removed_heads(family):
         mask = torch.zeros(full_out.in_features)
         for h in keep:
             mask[h * head_dim : (h + 1) * head_dim] = 1
-        handles.append(full_out.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
-    try:
-        reference = tiny.output(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+        masks.append((full_out, mask))
+    reference = output_with_masked_inputs(model, batch, masks)
     torch.testing.assert_close(tiny.output(pruned, batch), reference, rtol=1e-5, atol=1e-5)
 
 
