@@ -17,6 +17,7 @@ from rich.progress import (
 from rich.table import Table
 
 from slimformer.study import OBJECTIVES, StudyResult, StudySettings, TrialRecord
+from slimformer.tasks import make_task
 
 TRIAL_STAGES = {"applying passes": 1, "saving": 2, "loading": 3, "timing": 4, "scoring": 5}
 
@@ -34,7 +35,8 @@ def format_drop(drop: float | None, bounded: bool) -> str:
 
 
 def _bounded(settings: StudySettings) -> bool:
-    return settings.task.name in ("embedding", "classification")
+    """Whether the task's score is a fraction (shown in %, budgets in points)."""
+    return make_task(settings.task).bounded
 
 
 class RichReporter:

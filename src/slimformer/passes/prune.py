@@ -166,13 +166,21 @@ def sliced_linear(
     return out
 
 
+def criterion_field(unit: str) -> Any:
+    return searchable("activation", Choice(CRITERIA), f"how {unit} importance is measured")
+
+
+def allocation_field() -> Any:
+    return searchable(
+        "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
+    )
+
+
 @dataclass(frozen=True)
 class FFNPruneConfig:
     keep: float = searchable(0.75, FloatRange(0.3, 0.95, step=0.05), "fraction of FFN neurons kept")
-    criterion: str = searchable("activation", Choice(CRITERIA), "how neuron importance is measured")
-    allocation: str = searchable(
-        "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
-    )
+    criterion: str = criterion_field("neuron")
+    allocation: str = allocation_field()
     multiple: int = fixed(
         16, "kept neurons per layer round to a multiple of this (for fast kernels)"
     )
@@ -218,10 +226,8 @@ class HeadPruneConfig:
         FloatRange(0.25, 0.875, step=0.125),
         "fraction of attention heads kept (for grouped-query attention: of KV groups)",
     )
-    criterion: str = searchable("activation", Choice(CRITERIA), "how head importance is measured")
-    allocation: str = searchable(
-        "uniform", Choice(("uniform", "global")), "same fraction per layer, or one global ranking"
-    )
+    criterion: str = criterion_field("head")
+    allocation: str = allocation_field()
 
 
 @register_pass

@@ -49,6 +49,8 @@ class Task(ABC):
     direction: ClassVar[str] = "maximize"
     bounded: ClassVar[bool] = True
     default_seq_len: ClassVar[int] = 128
+    # Generic split names every task answers to, mapped onto the task's own splits.
+    split_aliases: ClassVar[dict[str, str]] = {"timing": "test", "training": "calibration"}
     calibration_size: ClassVar[int] = 128  # inputs the passes calibrate on
 
     def __init__(self, spec: TaskSpec):
@@ -59,6 +61,9 @@ class Task(ABC):
     @abstractmethod
     def texts(self, split: str) -> list[str]:
         """Real texts of a split: 'calibration', 'timing' (and task-specific ones)."""
+
+    def split_name(self, split: str) -> str:
+        return self.split_aliases.get(split, split)
 
     def calibration_batches(
         self, model: SlimModel, count: int | None = None, batch_size: int = 32

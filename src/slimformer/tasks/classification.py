@@ -75,8 +75,7 @@ class ClassificationTask(Task):
         return {"calibration": rows[:cut], "test": rows[cut:]}
 
     def texts(self, split: str) -> list[str]:
-        split = {"timing": "test", "training": "calibration"}.get(split, split)
-        return [text for text, _ in self._splits[split]]
+        return [text for text, _ in self._splits[self.split_name(split)]]
 
     def label_ids(self, model: SlimModel) -> np.ndarray:
         config = model.config

@@ -42,6 +42,7 @@ class EmbeddingTask(Task):
     name = "embedding"
     head = "embedding"
     metric = "probe_accuracy"
+    split_aliases = {"timing": "test"}  # it has a real "training" split of its own
 
     @cached_property
     def _splits(self) -> dict[str, list[tuple[str, int]]]:
@@ -62,8 +63,7 @@ class EmbeddingTask(Task):
         }
 
     def texts(self, split: str) -> list[str]:
-        split = "test" if split == "timing" else split
-        return [text for text, _ in self._splits[split]]
+        return [text for text, _ in self._splits[self.split_name(split)]]
 
     def labels(self, split: str) -> np.ndarray:
         return np.array([label for _, label in self._splits[split]])

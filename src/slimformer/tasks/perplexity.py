@@ -53,7 +53,7 @@ class PerplexityTask(Task):
         return {"calibration": documents[:cut], "test": documents[cut:]}
 
     def texts(self, split: str) -> list[str]:
-        return self._splits[{"timing": "test", "training": "calibration"}.get(split, split)]
+        return self._splits[self.split_name(split)]
 
     def examples(self, model: SlimModel, split: str) -> list[list[int]]:
         """Full windows of `seq_len` tokens cut from the split's running text."""
