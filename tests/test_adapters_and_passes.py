@@ -311,6 +311,8 @@ def test_make_config_fills_defaults_and_turns_lists_into_tuples() -> None:
         ("prune.layers", {"criterion": "random"}, "not one of"),
         ("quantize.dynamic_int8", {"scope": "everything"}, "not one of"),
         ("quantize.dynamic_int8", {"per_channel": "yes"}, "not one of"),
+        ("recover.distill", {"steps": -5}, "positive number"),
+        ("recover.distill", {"lr": "fast"}, "positive number"),
     ],
 )
 def test_make_config_rejects_unknown_settings_and_values_outside_the_choices(
@@ -318,6 +320,11 @@ def test_make_config_rejects_unknown_settings_and_values_outside_the_choices(
 ) -> None:
     with pytest.raises(SlimformerError, match=message):
         get_pass(pass_name).make_config(values)
+
+
+def test_numeric_choices_take_values_between_the_searched_options() -> None:
+    config = get_pass("recover.distill").make_config({"steps": 300, "lr": 3e-5})
+    assert (config.steps, config.lr) == (300, 3e-5)
 
 
 def test_make_config_rejects_a_non_integer_count() -> None:

@@ -26,7 +26,10 @@ Bound = int | Callable[[ModelFacts], int]
 
 @dataclass(frozen=True)
 class Choice:
+    """Options the study samples. `only=False` (numbers): a user may also set other values."""
+
     options: tuple[Any, ...]
+    only: bool = True
 
     def describe(self) -> str:
         return " | ".join(str(o) for o in self.options)
@@ -61,6 +64,10 @@ class FloatRange:
 
 
 Space = Choice | IntRange | FloatRange
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def searchable(default: Any, space: Space, help: str) -> Any:
@@ -115,9 +122,14 @@ class Pass(ABC):
             space = known[key].metadata.get("space")
             if isinstance(value, list):
                 values[key] = value = tuple(value)
-            if isinstance(space, Choice) and value not in space.options:
+            if isinstance(space, Choice) and space.only and value not in space.options:
                 raise SlimformerError(
                     f"{cls.name}: {key}={value!r} is not one of {space.describe()}"
+                )
+            if isinstance(space, Choice) and not space.only and not _positive_number(value):
+                raise SlimformerError(
+                    f"{cls.name}: {key} must be a positive number (searched: "
+                    f"{space.describe()}), got {value!r}"
                 )
             # Range bounds may depend on the model, so only the type is checked here.
             if isinstance(space, IntRange) and (

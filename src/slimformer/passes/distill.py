@@ -26,8 +26,8 @@ HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before an
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = searchable(100, Choice((50, 100, 200, 400)), "optimizer steps")
-    lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4)), "AdamW learning rate")
+    steps: int = searchable(100, Choice((50, 100, 200, 400), only=False), "optimizer steps")
+    lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4), only=False), "AdamW learning rate")
     hidden_weight: float = searchable(
         0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
     )
