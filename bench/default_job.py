@@ -5,6 +5,10 @@ model alternately (each in a fresh process, several rounds, median per figure) a
 sentence lengths and at a fixed 128 tokens, and writes bench/results/default_job.json.
 
     make bench        # or: .venv/bin/python bench/default_job.py [--trials N]
+
+    # the study with structured pruning, distillation and int8 (issue 3's figure):
+    python bench/default_job.py --name study_prune_distill_int8 --trials 24 --time-budget 45m \
+        --passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ def main() -> None:
         help="passes the study searches (the first slice's pair by default, so the figures "
         "stay comparable run to run)",
     )
+    parser.add_argument("--time-budget", default=None, help="stop the study after e.g. 45m")
+    parser.add_argument(
+        "--name", default="default_job", help="results file: bench/results/NAME.json"
+    )
     args = parser.parse_args()
 
     started = time.time()
@@ -81,6 +89,7 @@ def main() -> None:
             task="embedding",
             max_drop="1%",
             trials=args.trials,
+            time_budget=args.time_budget,
             out=args.out,
             overwrite=True,
             passes=args.passes.split(","),
@@ -99,9 +108,11 @@ def main() -> None:
         }
     result = {
         "job": "slimformer optimize default --task embedding --max-drop 1% "
-        f"--trials {args.trials} --passes {args.passes}",
+        f"--trials {args.trials} --passes {args.passes}"
+        + (f" --time-budget {args.time_budget}" if args.time_budget else ""),
         "command": f"python bench/default_job.py --trials {args.trials} --rounds {args.rounds} "
-        f"--passes {args.passes}",
+        f"--passes {args.passes} --name {args.name}"
+        + (f" --time-budget {args.time_budget}" if args.time_budget else ""),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,
@@ -124,10 +135,23 @@ def main() -> None:
             for t in study.trials
             if t.number in study.pareto
         ],
+        "trials": [
+            {
+                "trial": t.number,
+                "recipe": t.description,
+                "state": t.state,
+                "duplicate_of": t.duplicate_of,
+                "probe_accuracy": t.quality,
+                "drop_points": None if t.drop is None else round(t.drop * 100, 2),
+                "latency_ms_median": (t.measurement or {}).get("latency_ms_median"),
+                "throughput_per_s": (t.measurement or {}).get("throughput_per_s"),
+            }
+            for t in study.trials
+        ],
         "side_by_side": side_by_side,
         "wall_seconds": round(time.time() - started, 1),
     }
-    path = ROOT / "results" / "default_job.json"
+    path = ROOT / "results" / f"{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     for label, block in side_by_side.items():

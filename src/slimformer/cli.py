@@ -101,6 +101,11 @@ def bench(
         ("mean tokens per input", f"{m['mean_tokens']:.1f}"),
         ("threads", str(m["threads"])),
     ]
+    if m.get("decode_tokens_per_s") is not None:
+        rows[-3:-3] = [
+            ("prefill, batch 1 (prompt tokens/s)", f"{m['prefill_tokens_per_s']:.0f}"),
+            ("decode, batch 1 (new tokens/s)", f"{m['decode_tokens_per_s']:.1f}"),
+        ]
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)

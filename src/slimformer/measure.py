@@ -27,6 +27,7 @@ from slimformer.model import SlimModel
 from slimformer.tasks.base import batches_by_length, collate
 
 MIN_REQUESTS = 20  # batch-1 requests timed at least
+DECODE_TOKENS = 32  # new tokens per timed batch-1 generation (causal LMs)
 SLOW_MODEL_SECONDS = 10.0  # a throughput run stops here even before visiting every batch
 
 
@@ -65,6 +66,9 @@ class Measurement:
     batch_size: int
     mean_tokens: float
     runtime: str = "eager"
+    # Causal LMs only: batch-1 prompt tokens/s (from the latency runs) and new tokens/s.
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +153,32 @@ def time_throughput(
 
 
 @torch.inference_mode()
+def time_decode(
+    model: SlimModel, examples: Sequence[Sequence[int]], settings: MeasureSettings
+) -> float:
+    """Batch-1 greedy decoding with the KV cache after a real prompt: new tokens per second.
+
+    A plain loop (prefill, then one token per forward reusing `past_key_values`), not
+    `generate`, so sampling and stopping logic do not blur the model's own per-token cost.
+    The prefill is not timed; it is the latency figure.
+    """
+    timings: list[float] = []
+    start = time.perf_counter()
+    prompt_index = 0
+    while len(timings) < DECODE_TOKENS * 2 or time.perf_counter() - start < settings.min_seconds:
+        prompt = torch.tensor([list(examples[prompt_index % len(examples)])], dtype=torch.long)
+        prompt_index += 1
+        output = model(input_ids=prompt, use_cache=True)
+        for step in range(DECODE_TOKENS):
+            token = output.logits[:, -1:].argmax(-1)
+            began = time.perf_counter()
+            output = model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+            if step >= 1:  # the first step warms up cache growth
+                timings.append(time.perf_counter() - began)
+    return 1.0 / statistics.median(timings)
+
+
+@torch.inference_mode()
 def count_flops(model: SlimModel, example: Sequence[int]) -> int:
     """FLOPs of one forward on one input; int8 GEMMs are counted like float ones (2·m·n·k)."""
     extra = 0
@@ -187,6 +217,10 @@ def measure_loaded(
     throughput = time_throughput(model, examples, settings)
     peak = peak_memory_mb() - baseline_rss_mb
     typical = sorted(examples, key=len)[len(examples) // 2]
+    mean_tokens = sum(map(len, examples)) / len(examples)
+    timed = examples[: settings.latency_requests]
+    prompt_tokens = sum(map(len, timed)) / len(timed)
+    generative = model.head == "causal-lm"
     return Measurement(
         latency_ms_median=round(median, 3),
         latency_ms_p90=round(p90, 3),
@@ -197,7 +231,11 @@ def measure_loaded(
         gflops_per_input=round(count_flops(model, typical) / 1e9, 4),
         threads=threads,
         batch_size=settings.batch_size,
-        mean_tokens=round(sum(map(len, examples)) / len(examples), 1),
+        mean_tokens=round(mean_tokens, 1),
+        prefill_tokens_per_s=round(prompt_tokens / median * 1000, 1) if generative else None,
+        decode_tokens_per_s=round(time_decode(model, examples, settings), 2)
+        if generative
+        else None,
     )
 
 

@@ -227,8 +227,13 @@ def model_card(
         ("parameters", "parameters", True),
         ("GFLOPs per input", "gflops_per_input", True),
     ]
+    if baseline.measurement.get("decode_tokens_per_s") is not None:
+        fields[3:3] = [
+            ("prefill, batch 1 (prompt tokens/s)", "prefill_tokens_per_s", False),
+            ("decode, batch 1 (new tokens/s)", "decode_tokens_per_s", False),
+        ]
     for label, key, lower_is_better in fields:
-        a, b = baseline.measurement[key], chosen.measurement[key]
+        a, b = baseline.measurement[key], chosen.measurement.get(key)
         ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
         rows.append((label, _number(a), _number(b), f"{ratio:.2f}×"))
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
@@ -261,7 +266,9 @@ serving the model in a fresh process.
 """
 
 
-def _number(value: float) -> str:
+def _number(value: float | None) -> str:
+    if value is None:
+        return "—"
     return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
 

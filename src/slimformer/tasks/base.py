@@ -52,6 +52,7 @@ class Task(ABC):
     # Generic split names every task answers to, mapped onto the task's own splits.
     split_aliases: ClassVar[dict[str, str]] = {"timing": "test", "training": "calibration"}
     calibration_size: ClassVar[int] = 128  # inputs the passes calibrate on
+    training_batch_size: ClassVar[int] = 32  # inputs per distillation step
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -75,10 +76,11 @@ class Task(ABC):
         ]
 
     def training_batches(
-        self, model: SlimModel, batch_size: int = 32
+        self, model: SlimModel, batch_size: int | None = None
     ) -> list[dict[str, torch.Tensor]]:
         """Unlabeled inputs a pass may train on (distillation); never the scored split."""
         examples = self.examples(model, "training")
+        batch_size = batch_size or self.training_batch_size
         return [
             collate(model, examples[i : i + batch_size])
             for i in range(0, len(examples), batch_size)
