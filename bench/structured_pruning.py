@@ -277,7 +277,9 @@ def main() -> None:
         "task": spec.name,
         "distillation": distill,
         "command": f"python bench/structured_pruning.py {args.model}"
-        + (" --quick" if args.quick else ""),
+        + (" --quick" if args.quick else "")
+        + (f" --distill-steps {args.distill_steps}" if args.distill_steps else "")
+        + (f" --distill-seconds {args.distill_seconds:g}" if args.distill_seconds else ""),
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "torch": torch.__version__,
