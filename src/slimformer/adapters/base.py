@@ -105,26 +105,29 @@ class ModelAdapter:
         found["out"] = block.get_submodule(self.layout.ffn_out)
         return found
 
-    def block_linear_names(self, roles: Iterable[str] = LINEAR_ROLES) -> list[str]:
-        """Fully qualified names of the Linear layers inside blocks that play these roles:
+    def block_linears(
+        self, block_index: int, roles: Iterable[str] = LINEAR_ROLES
+    ) -> dict[str, nn.Module]:
+        """Fully qualified name -> Linear layer of block `block_index` for these roles:
         'attention' (q, k, v, out), 'ffn_in' (up, gate), 'ffn_out' (down)."""
         roles = set(roles)
         unknown = roles - set(LINEAR_ROLES)
         if unknown:
             raise ValueError(f"unknown linear roles {sorted(unknown)}; known: {LINEAR_ROLES}")
+        modules: list[nn.Module] = []
+        if "attention" in roles:
+            modules += self.attention_linears(block_index).values()
+        ffn = self.ffn_linears(block_index)
+        if "ffn_in" in roles:
+            modules += [m for role, m in ffn.items() if role != "out"]
+        if "ffn_out" in roles:
+            modules.append(ffn["out"])
         names = {id(m): n for n, m in self.model.named_modules()}
-        selected: list[str] = []
-        for index in range(self.num_layers):
-            modules: list[nn.Module] = []
-            if "attention" in roles:
-                modules += self.attention_linears(index).values()
-            ffn = self.ffn_linears(index)
-            if "ffn_in" in roles:
-                modules += [m for role, m in ffn.items() if role != "out"]
-            if "ffn_out" in roles:
-                modules.append(ffn["out"])
-            selected += [names[id(m)] for m in modules]
-        return selected
+        return {names[id(m)]: m for m in modules}
+
+    def block_linear_names(self, roles: Iterable[str] = LINEAR_ROLES) -> list[str]:
+        """Fully qualified names of the blocks' Linear layers that play these roles."""
+        return [n for i in range(self.num_layers) for n in self.block_linears(i, roles)]
 
     def replace_linear(self, block_index: int, path: str, module: nn.Module) -> None:
         """Put `module` at `path` (a BlockLayout path) inside block `block_index`."""

@@ -1,0 +1,268 @@
+"""`quantize.weight_only`: int8 or int4 weights, float activations, run by packed CPU kernels.
+
+Weights are quantized by round-to-nearest or GPTQ (`gptq.py`) and stored packed: int4 as two
+codes per byte with per-group scales and zeros for `aten._weight_int4pack_mm_for_cpu`, int8 as
+int8 rows with per-channel scales for `aten._weight_int8pack_mm`. The served module calls that
+kernel directly; nothing is dequantized back to a float weight. The packed layout is the CPU
+kernel's (the CUDA int4 kernel wants another), so these modules run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimformer.checkpoint import ModuleCodec, register_codec
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
+from slimformer.passes.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
+from slimformer.passes.quantize import SCOPES
+
+
+class Int4WeightLinear(nn.Module):
+    """y = x · dequant(W)ᵀ + b with W as packed int4 codes, through the int4 CPU kernel."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        packed: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        bias: torch.Tensor | None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = (
+            in_features,
+            out_features,
+            group_size,
+        )
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # [groups, out, 2]
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> Int4WeightLinear:
+        out_features, in_features = q.codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.contiguous(), 1)
+        # The kernel computes (code - 8)·scale + zero, so zero = low + 8·scale.
+        zeros = q.lows + 8 * q.scales
+        scales_and_zeros = torch.stack([q.scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        return cls(in_features, out_features, q.group_size, packed, scales_and_zeros, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype)
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4, group={self.group_size}"
+
+
+class Int8WeightLinear(nn.Module):
+    """y = x · (W_int8 · scale)ᵀ + b through the int8 weight-only CPU kernel."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight_int8.shape
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> Int8WeightLinear:
+        return cls(q.codes.to(torch.int8).contiguous(), q.scales.contiguous(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    bits: int = searchable(
+        4,
+        Choice((4, 8)),
+        "weight bits (int4: a scale and zero per group of input columns; int8: a scale per "
+        "output channel)",
+    )
+    group_size: int = searchable(
+        128, Choice((32, 64, 128)), "int4: input columns sharing one scale and zero"
+    )
+    method: str = searchable(
+        "gptq",
+        Choice(("rtn", "gptq")),
+        "round-to-nearest, or GPTQ (error compensation through the inputs' Hessian)",
+    )
+    act_order: bool = searchable(
+        False, Choice((False, True)), "GPTQ: quantize the columns with the largest inputs first"
+    )
+    scope: str = searchable("all", Choice(tuple(SCOPES)), "which Linear layers inside the blocks")
+    damp: float = fixed(0.01, "GPTQ: fraction of the mean Hessian diagonal added for stability")
+    skip: tuple[str, ...] = fixed((), "module names (or name prefixes) to keep in float")
+
+
+class _StopForward(Exception):
+    """Raised after the block whose inputs were wanted, to skip the rest of the model."""
+
+
+@torch.inference_mode()
+def collect_hessians(
+    model: SlimModel,
+    block_index: int,
+    layers: dict[str, nn.Linear],
+    calibration: list[dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """H = 2·XᵀX/n of each layer's inputs over the calibration tokens (padding excluded),
+    with every earlier block as it is now (already quantized, as GPTQ prescribes)."""
+    sums = {
+        n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()
+    }
+    counts = dict.fromkeys(layers, 0)
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def accumulate(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                x = x[mask.bool()]
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[name] += x.T @ x
+            counts[name] += x.shape[0]
+
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopForward
+
+    hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in layers.items()]
+    hooks.append(model.adapter.blocks()[block_index].register_forward_hook(stop))
+    try:
+        for batch in calibration:
+            current_mask[0] = batch.get("attention_mask")
+            with contextlib.suppress(_StopForward):
+                model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {n: (2 * sums[n] / max(1, counts[n])).float() for n in layers}
+
+
+@register_pass
+class WeightOnly(Pass):
+    name = "quantize.weight_only"
+    summary = (
+        "int8/int4 weights by round-to-nearest or GPTQ, packed for the int8/int4 CPU kernels "
+        "(activations stay float)"
+    )
+    config_class = WeightOnlyConfig
+    stage = 31
+    needs_calibration = True  # GPTQ's Hessians; round-to-nearest ignores it
+
+    def apply(self, model: SlimModel, config: WeightOnlyConfig, ctx: PassContext) -> dict[str, Any]:
+        if config.method == "gptq" and not ctx.calibration:
+            raise SlimformerError("quantize.weight_only method=gptq needs calibration data")
+        adapter = model.adapter
+        group = config.group_size if config.bits == 4 else 0
+        quantized: list[str] = []
+        kept_float: dict[str, str] = {}
+        for index in range(adapter.num_layers):
+            layers: dict[str, nn.Linear] = {}
+            for name, module in adapter.block_linears(index, SCOPES[config.scope]).items():
+                if any(name == s or name.startswith(s + ".") for s in config.skip):
+                    kept_float[name] = "in skip list"
+                elif type(module) is not nn.Linear:
+                    kept_float[name] = f"already {type(module).__name__}"
+                elif group and module.in_features % group:
+                    kept_float[name] = f"{module.in_features} inputs not a multiple of {group}"
+                else:
+                    layers[name] = module
+            hessians = (
+                collect_hessians(model, index, layers, list(ctx.calibration))
+                if config.method == "gptq" and layers
+                else {}
+            )
+            for name, linear in layers.items():
+                if config.method == "gptq":
+                    q = quantize_gptq(
+                        linear.weight,
+                        hessians[name],
+                        config.bits,
+                        group,
+                        config.damp,
+                        config.act_order,
+                    )
+                else:
+                    q = quantize_rtn(linear.weight, config.bits, group)
+                bias = None if linear.bias is None else linear.bias.detach().float().clone()
+                packed_type = Int4WeightLinear if config.bits == 4 else Int8WeightLinear
+                parent, _, attr = name.rpartition(".")
+                setattr(
+                    model.module.get_submodule(parent), attr, packed_type.from_quantized(q, bias)
+                )
+                quantized.append(name)
+        return {"quantized_layers": len(quantized), "kept_float": kept_float}
+
+
+# --- saving: the packed tensors go to safetensors as they are --------------------------------
+def _encode_int4(module: Int4WeightLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"packed": module.packed, "scales_and_zeros": module.scales_and_zeros}
+    if module.bias is not None:
+        tensors["bias"] = module.bias
+    meta = {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "group_size": module.group_size,
+    }
+    return tensors, meta
+
+
+def _decode_int4(tensors: dict[str, torch.Tensor], meta: dict) -> Int4WeightLinear:
+    return Int4WeightLinear(
+        meta["in_features"],
+        meta["out_features"],
+        meta["group_size"],
+        tensors["packed"],
+        tensors["scales_and_zeros"],
+        tensors.get("bias"),
+    )
+
+
+def _encode_int8(module: Int8WeightLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"weight_int8": module.weight_int8, "scales": module.scales}
+    if module.bias is not None:
+        tensors["bias"] = module.bias
+    return tensors, {}
+
+
+def _decode_int8(tensors: dict[str, torch.Tensor], meta: dict) -> Int8WeightLinear:
+    return Int8WeightLinear(tensors["weight_int8"], tensors["scales"], tensors.get("bias"))
+
+
+def _weight_count(module: nn.Module) -> int:
+    bias = module.out_features if module.bias is not None else 0
+    return module.in_features * module.out_features + bias
+
+
+register_codec(
+    ModuleCodec("int4_weight_linear", Int4WeightLinear, _encode_int4, _decode_int4, _weight_count)
+)
+register_codec(
+    ModuleCodec("int8_weight_linear", Int8WeightLinear, _encode_int8, _decode_int8, _weight_count)
+)

@@ -1,0 +1,162 @@
+"""quantize.weight_only: RTN and GPTQ math, the packed int4/int8 CPU kernels, save and reload."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import tiny
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slimformer.checkpoint import load_model, save_model
+from slimformer.passes.gptq import quantize_gptq, quantize_rtn
+from slimformer.passes.weight_only import (
+    Int4WeightLinear,
+    Int8WeightLinear,
+    collect_hessians,
+)
+from slimformer.recipe import Recipe, Step, apply_recipe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def correlated_inputs(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
+    """Activations like a transformer's: a few directions carry most of the energy."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, columns, generator=generator)
+    return torch.randn(rows, 16, generator=generator) @ basis + 0.1 * torch.randn(
+        rows, columns, generator=generator
+    )
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(((x @ approx.T - x @ weight.T) ** 2).mean())
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (4, 128), (8, 0)])
+def test_rtn_round_trip_error_is_at_most_half_a_step(bits, group):
+    weight = torch.randn(48, 256)
+    q = quantize_rtn(weight, bits, group)
+    step = q.scales if bits == 8 else q.scales.repeat_interleave(group, dim=1)
+    step = step[:, None] if bits == 8 else step
+    assert (q.dequantize() - weight).abs().le(step / 2 + 1e-6).all()
+    assert int(q.codes.min()) >= (-127 if bits == 8 else 0)
+    assert int(q.codes.max()) <= (127 if bits == 8 else 15)
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "act_order"), [(4, 32, False), (4, 64, True), (8, 0, False)]
+)
+def test_gptq_has_lower_layer_output_error_than_rtn(bits, group, act_order):
+    weight = torch.randn(64, 256)
+    x = correlated_inputs(2048, 256)
+    hessian = 2 * x.T @ x / len(x)
+    rtn = quantize_rtn(weight, bits, group)
+    gptq = quantize_gptq(weight, hessian, bits, group, act_order=act_order)
+    assert output_error(x, weight, gptq.dequantize()) < 0.5 * output_error(
+        x, weight, rtn.dequantize()
+    )
+
+
+def test_gptq_keeps_groups_on_consecutive_columns_under_act_order():
+    weight = torch.randn(32, 128)
+    x = correlated_inputs(512, 128)
+    q = quantize_gptq(weight, 2 * x.T @ x / len(x), 4, 32, act_order=True)
+    assert q.scales.shape == (32, 4) and q.lows.shape == (32, 4)
+    # Every code decodes inside its group's [low, high] range.
+    decoded = q.dequantize().reshape(32, 4, 32)
+    assert (decoded >= q.lows[..., None] - 1e-5).all()
+
+
+@pytest.mark.parametrize(("bits", "module_type"), [(4, Int4WeightLinear), (8, Int8WeightLinear)])
+def test_packed_module_computes_exactly_the_dequantized_product(bits, module_type):
+    weight, bias = torch.randn(48, 128), torch.randn(48)
+    q = quantize_rtn(weight, bits, 32)
+    module = module_type.from_quantized(q, bias)
+    x = torch.randn(2, 5, 128)
+    expected = x @ q.dequantize().T + bias
+    torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Counts the aten ops a forward pass dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def weight_only(model, **config):
+    recipe = Recipe(steps=(Step("quantize.weight_only", {"group_size": 32, **config}),))
+    return apply_recipe(model, recipe, tiny.calibration(model))
+
+
+@pytest.mark.parametrize(
+    ("bits", "kernel", "module_type"),
+    [
+        (4, "_weight_int4pack_mm_for_cpu.default", Int4WeightLinear),
+        (8, "_weight_int8pack_mm.default", Int8WeightLinear),
+    ],
+)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_quantized_model_runs_the_packed_kernel_and_stays_close(family, bits, kernel, module_type):
+    model = tiny.build(family)
+    quantized = weight_only(model, bits=bits, method="gptq")
+    names = model.adapter.block_linear_names()
+    assert all(type(quantized.module.get_submodule(n)) is module_type for n in names)
+    assert not any(
+        type(m) is torch.nn.Linear for n, m in quantized.module.named_modules() if n in names
+    )
+    batch = tiny.calibration(model)[0]
+    with OpRecorder() as recorder:
+        out = tiny.output(quantized, batch)
+    # One packed-kernel call per quantized Linear: none of them fell back to a float matmul.
+    assert recorder.calls[kernel] == len(names)
+    reference = tiny.output(model, batch)
+    cosine = torch.nn.functional.cosine_similarity(out.flatten(), reference.flatten(), dim=0)
+    assert cosine > (0.999 if bits == 8 else 0.95)
+
+
+def test_layers_the_kernel_cannot_take_stay_float_with_a_reason():
+    model = tiny.tiny_llama()
+    quantized = weight_only(model, bits=4, group_size=128, method="rtn")
+    step = quantized.recipe.steps[-1]
+    assert step.resolved["quantized_layers"] == 0
+    assert all("not a multiple of 128" in r for r in step.resolved["kept_float"].values())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_weights_save_and_reload_to_identical_outputs(bits, tmp_path):
+    model = tiny.tiny_llama()
+    quantized = weight_only(model, bits=bits, method="rtn")
+    save_model(quantized, tmp_path / "q")
+    reloaded = load_model(tmp_path / "q")
+    batch = tiny.calibration(model)[0]
+    torch.testing.assert_close(
+        tiny.output(reloaded, batch), tiny.output(quantized, batch), rtol=0, atol=0
+    )
+    packed = [
+        m for m in reloaded.module.modules() if isinstance(m, (Int4WeightLinear, Int8WeightLinear))
+    ]
+    assert packed and all(not any(True for _ in m.parameters()) for m in packed)
+
+
+def test_gptq_on_a_tiny_llama_beats_rtn_on_each_layers_real_inputs():
+    model = tiny.tiny_llama()
+    calibration = tiny.calibration(model, batches=4)
+    layers = model.adapter.block_linears(0)
+    hessians = collect_hessians(model, 0, layers, calibration)
+    for name, linear in layers.items():
+        # H = 2·XᵀX/n, so the output error of Δ is trace(Δ H Δᵀ)/2 per input.
+        def error(approx, weight=linear.weight.detach(), h=hessians[name]):
+            delta = approx - weight
+            return float(torch.trace(delta @ h @ delta.T))
+
+        rtn = quantize_rtn(linear.weight, 4, 32).dequantize()
+        gptq = quantize_gptq(linear.weight, hessians[name], 4, 32).dequantize()
+        assert error(gptq) < error(rtn), name
