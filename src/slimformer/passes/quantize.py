@@ -6,17 +6,20 @@ PyTorch's fbgemm/x86 int8 GEMM kernels — a real integer kernel, measured faste
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
 from slimformer.checkpoint import ModuleCodec, register_codec
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
+from slimformer.passes.sensitivity import most_sensitive
 
 # scope -> the adapter's linear roles it covers
 SCOPES = {
@@ -38,9 +41,26 @@ class DynamicInt8Config:
     per_channel: bool = searchable(
         False, Choice((False, True)), "one weight scale per output channel instead of per tensor"
     )
-    skip: tuple[str, ...] = fixed(
-        (), "module names (or name prefixes) to keep in fp32, e.g. the most sensitive layers"
+    keep_sensitive: int = searchable(
+        0,
+        Choice((0, 1, 2, 4)),
+        "the N layers whose quantization alone hurts the output most (lowest output SQNR on "
+        "calibration data) stay fp32",
     )
+    skip: tuple[str, ...] = fixed((), "module names (or name prefixes) to keep in fp32")
+
+
+def skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def dynamic_int8_layer(linear: nn.Linear, per_channel: bool) -> DynamicQuantLinear:
+    """One Linear as a dynamic-int8 module (the original is left untouched)."""
+    probe = copy.copy(linear)
+    probe.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return DynamicQuantLinear.from_float(probe)
 
 
 @register_pass
@@ -49,6 +69,7 @@ class DynamicInt8(Pass):
     summary = "int8 Linear layers with per-batch activation scales (fbgemm/x86 int8 kernels)"
     config_class = DynamicInt8Config
     stage = 30
+    needs_calibration = True  # for keep_sensitive
 
     def apply(
         self, model: SlimModel, config: DynamicInt8Config, ctx: PassContext
@@ -56,15 +77,26 @@ class DynamicInt8(Pass):
         names = [
             n
             for n in model.adapter.block_linear_names(SCOPES[config.scope])
-            if not any(n == s or n.startswith(s + ".") for s in config.skip)
+            if not skipped(n, config.skip)
         ]
+        sensitive = most_sensitive(
+            model,
+            names,
+            config.keep_sensitive,
+            lambda name, linear: dynamic_int8_layer(linear, config.per_channel),
+            ctx.calibration,
+        )
+        names = [n for n in names if n not in sensitive]
         qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
             torch.ao.quantization.quantize_dynamic(
                 model.module, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True
             )
-        return {"quantized_layers": len(names)}
+        resolved: dict[str, Any] = {"quantized_layers": len(names)}
+        if config.keep_sensitive:
+            resolved["kept_sensitive"] = sensitive  # name -> output SQNR (dB) if quantized
+        return resolved
 
 
 def _encode_dynamic_linear(module: DynamicQuantLinear) -> tuple[dict[str, torch.Tensor], dict]:

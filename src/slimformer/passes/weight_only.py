@@ -21,7 +21,8 @@ from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
 from slimformer.passes.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
-from slimformer.passes.quantize import SCOPES
+from slimformer.passes.quantize import SCOPES, skipped
+from slimformer.passes.sensitivity import most_sensitive
 
 
 class Int4WeightLinear(nn.Module):
@@ -113,6 +114,11 @@ class WeightOnlyConfig:
         False, Choice((False, True)), "GPTQ: quantize the columns with the largest inputs first"
     )
     scope: str = searchable("all", Choice(tuple(SCOPES)), "which Linear layers inside the blocks")
+    keep_sensitive: int = searchable(
+        0,
+        Choice((0, 1, 2, 4)),
+        "the N layers whose quantization alone hurts the output most stay float",
+    )
     damp: float = fixed(0.01, "GPTQ: fraction of the mean Hessian diagonal added for stability")
     skip: tuple[str, ...] = fixed((), "module names (or name prefixes) to keep in float")
 
@@ -180,12 +186,13 @@ class WeightOnly(Pass):
             raise SlimformerError("quantize.weight_only method=gptq needs calibration data")
         adapter = model.adapter
         group = config.group_size if config.bits == 4 else 0
-        quantized: list[str] = []
+        packed_type = Int4WeightLinear if config.bits == 4 else Int8WeightLinear
         kept_float: dict[str, str] = {}
+        by_block: list[dict[str, nn.Linear]] = []
         for index in range(adapter.num_layers):
             layers: dict[str, nn.Linear] = {}
             for name, module in adapter.block_linears(index, SCOPES[config.scope]).items():
-                if any(name == s or name.startswith(s + ".") for s in config.skip):
+                if skipped(name, config.skip):
                     kept_float[name] = "in skip list"
                 elif type(module) is not nn.Linear:
                     kept_float[name] = f"already {type(module).__name__}"
@@ -193,6 +200,21 @@ class WeightOnly(Pass):
                     kept_float[name] = f"{module.in_features} inputs not a multiple of {group}"
                 else:
                     layers[name] = module
+            by_block.append(layers)
+        # Sensitivity probes use round-to-nearest (GPTQ per probe would cost a Hessian each).
+        sensitive = most_sensitive(
+            model,
+            [n for layers in by_block for n in layers],
+            config.keep_sensitive,
+            lambda name, linear: packed_type.from_quantized(
+                quantize_rtn(linear.weight, config.bits, group), None
+            ),
+            ctx.calibration,
+        )
+        kept_float |= {n: f"sensitive (output SQNR {db} dB)" for n, db in sensitive.items()}
+        quantized = 0
+        for index, layers in enumerate(by_block):
+            layers = {n: m for n, m in layers.items() if n not in sensitive}
             hessians = (
                 collect_hessians(model, index, layers, list(ctx.calibration))
                 if config.method == "gptq" and layers
@@ -211,13 +233,12 @@ class WeightOnly(Pass):
                 else:
                     q = quantize_rtn(linear.weight, config.bits, group)
                 bias = None if linear.bias is None else linear.bias.detach().float().clone()
-                packed_type = Int4WeightLinear if config.bits == 4 else Int8WeightLinear
                 parent, _, attr = name.rpartition(".")
                 setattr(
                     model.module.get_submodule(parent), attr, packed_type.from_quantized(q, bias)
                 )
-                quantized.append(name)
-        return {"quantized_layers": len(quantized), "kept_float": kept_float}
+                quantized += 1
+        return {"quantized_layers": quantized, "kept_float": kept_float}
 
 
 # --- saving: the packed tensors go to safetensors as they are --------------------------------
