@@ -229,6 +229,12 @@ def load_model(
                     f"cannot load {path} as a {head} model ({first}); check that the "
                     "architecture in config.json matches the task"
                 ) from None
+    dtype = meta.get("dtype", "float32")
+    if dtype != "float32":
+        if dtype not in ("bfloat16", "float16"):
+            raise SlimformerError(f"{path}: unknown dtype '{dtype}' in {SLIM_META}")
+        # Loaded in float32 above; a 16-bit save casts back exactly.
+        module.to(getattr(torch, dtype))
     module.eval()
     recipe = Recipe.load(path) if (path / "recipe.yaml").is_file() else Recipe()
     return SlimModel(
@@ -363,6 +369,7 @@ def save_model(
             "source": model.source,
             "modules": modules,
             "shapes": resized,
+            "dtype": _float_dtype(model.module),
         }
         (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:
@@ -375,6 +382,14 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _float_dtype(module: nn.Module) -> str:
+    """The floating dtype of the model's float parameters (float32 unless cast)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return str(parameter.dtype).removeprefix("torch.")
+    return "float32"
 
 
 def _resized_linears(model: SlimModel) -> dict[str, list[int]]:

@@ -145,7 +145,8 @@ def optimize(
     passes: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated passes to search (default: all; see `slimformer passes`)"
+            help="comma-separated passes to search (default: all but those marked in "
+            "`slimformer passes` as searched only when named)"
         ),
     ] = None,
     batch_size: BatchOpt = 32,
@@ -244,7 +245,10 @@ def list_passes() -> None:
     from slimformer.passes import registered_passes
 
     for cls in registered_passes():
-        out.print(f"[bold]{cls.name}[/bold] — {cls.summary}")
+        note = (
+            "" if cls.searched_by_default else " [dim](searched only when named in --passes)[/dim]"
+        )
+        out.print(f"[bold]{cls.name}[/bold] — {cls.summary}{note}")
         table = Table(box=None, padding=(0, 2), show_edge=False)
         for column in ("setting", "search space", "default", "meaning"):
             table.add_column(

@@ -101,7 +101,7 @@ class StudySettings:
 
     def pass_classes(self) -> list[type[Pass]]:
         if not self.passes:
-            return registered_passes()
+            return [p for p in registered_passes() if p.searched_by_default]
         return sorted((get_pass(n) for n in self.passes), key=lambda c: (c.stage, c.name))
 
     def to_dict(self) -> dict[str, Any]:

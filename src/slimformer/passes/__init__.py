@@ -27,4 +27,4 @@ __all__ = [
 
 def load_builtin_passes() -> None:
     """Import the modules whose passes register themselves (kept lazy: they import torch.ao)."""
-    from slimformer.passes import distill, prune, quantize, weight_only  # noqa: F401
+    from slimformer.passes import cast, distill, prune, quantize, weight_only  # noqa: F401

@@ -102,6 +102,8 @@ class Pass(ABC):
     # quantization, then the runtime. A recipe keeps passes sorted by stage.
     stage: ClassVar[int]
     needs_calibration: ClassVar[bool] = False
+    # False for passes that only pay off on other hardware: searched only when named.
+    searched_by_default: ClassVar[bool] = True
 
     @abstractmethod
     def apply(self, model: SlimModel, config: Any, ctx: PassContext) -> dict[str, Any]:

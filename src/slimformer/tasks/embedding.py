@@ -102,7 +102,7 @@ def embed(model: SlimModel, texts: list[str], max_length: int, batch_size: int =
     out = np.zeros((len(examples), model.config.hidden_size), dtype=np.float32)
     for indices, batch in batches_by_length(examples, batch_size):
         inputs = collate(model, batch)
-        hidden = model(**inputs).last_hidden_state
+        hidden = model(**inputs).last_hidden_state.float()  # pool in fp32 for 16-bit models
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         out[indices] = pooled.float().numpy()
