@@ -13,9 +13,6 @@ run shows up in the baseline's spread (recorded) rather than in one row's ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,10 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from common import (
+    machine,
+    measure_baseline,
+    measure_recipe,
+    quality_drop,
+    ratios,
+    summarize,
+    write_result,
+)
 
-import slimformer
-from slimformer.recipe import Recipe, Step
+from slimformer.recipe import Step
 from slimformer.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parent
@@ -133,38 +137,15 @@ def best_per_structure(results: list[dict]) -> dict[str, dict]:
 def run_row(
     model: str, row: Row, spec: TaskSpec, workdir: Path, baseline_quality: float, bounded: bool
 ) -> dict:
-    recipe = Recipe(steps=row.steps, task=spec, seed=0)
-    started = time.time()
-    pruned = slimformer.apply(model, recipe, out=workdir / "model")
-    apply_seconds = time.time() - started
-    result = slimformer.benchmark(workdir / "model", task=spec)
-    distill = next(
-        (s.resolved for s in pruned.recipe.steps if s.pass_name == "recover.distill"), {}
-    )
-    drop = baseline_quality - result.quality if bounded else result.quality / baseline_quality - 1
+    measured = measure_recipe(model, row.steps, spec, workdir)
+    distill = next((s["resolved"] for s in measured["steps"] if s["pass"] == "recover.distill"), {})
     return {
         "structure": row.label,
         "criterion": row.criterion,
         "distilled": row.distilled,
-        "recipe": recipe.describe(),
-        "quality": result.quality,
-        "drop": drop,
-        "details": result.details,
-        "measurement": result.measurement,
-        "apply_seconds": round(apply_seconds, 1),
+        "drop": quality_drop(baseline_quality, measured["quality"], bounded),
         "distill": distill,
-        "steps": pruned.recipe.to_dict()["steps"],
-    }
-
-
-def measure_baseline(model: str, spec: TaskSpec) -> dict:
-    result = slimformer.benchmark(model, task=spec)
-    return {"quality": result.quality, "details": result.details, **result.measurement}
-
-
-def summarize(baselines: list[dict], figures: tuple[str, ...]) -> dict:
-    return {key: statistics.median(b[key] for b in baselines) for key in figures} | {
-        "spread": {key: [b[key] for b in baselines] for key in figures}
+        **measured,
     }
 
 
@@ -198,16 +179,7 @@ def run(
     baselines.append(measure_baseline(model, spec))
     baseline = summarize(baselines, figures)
     for result in results:
-        result["ratio_to_baseline"] = {
-            key: round(
-                baseline[key] / result["measurement"][key]
-                if key.startswith("latency") or key.endswith("_mb") or key == "parameters"
-                else result["measurement"][key] / baseline[key],
-                3,
-            )
-            for key in figures
-            if result["measurement"].get(key) is not None
-        }
+        result["ratio_to_baseline"] = ratios(baseline, result["measurement"], figures)
     return {"baseline": baseline | {"quality": baseline_quality}, "rows": results}
 
 
@@ -280,17 +252,10 @@ def main() -> None:
         + (" --quick" if args.quick else "")
         + (f" --distill-steps {args.distill_steps}" if args.distill_steps else "")
         + (f" --distill-seconds {args.distill_seconds:g}" if args.distill_seconds else ""),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "wall_seconds": round(time.time() - started, 1),
     }
-    name = f"pruning_{args.model}" + ("_quick" if args.quick else "")
-    path = ROOT / "results" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(f"pruning_{args.model}" + ("_quick" if args.quick else ""), result)
     print(f"wrote {path}")
 
 

@@ -1,0 +1,81 @@
+"""What the benchmark scripts share: replaying a recipe the user's way, measuring it in a fresh
+process, the baseline's median over a run, ratios, and writing bench/results/NAME.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import slimformer
+from slimformer.recipe import Recipe, Step
+from slimformer.tasks import TaskSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LOWER_IS_BETTER = ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "size_mb", "parameters")
+
+
+def measure_recipe(model: str, steps: tuple[Step, ...], spec: TaskSpec, workdir: Path) -> dict:
+    """`slimformer.apply` then `slimformer.benchmark` (fresh process) on the saved result."""
+    recipe = Recipe(steps=steps, task=spec, seed=0)
+    started = time.time()
+    applied = slimformer.apply(model, recipe, out=workdir / "model")
+    apply_seconds = time.time() - started
+    result = slimformer.benchmark(workdir / "model", task=spec)
+    return {
+        "recipe": recipe.describe(),
+        "quality": result.quality,
+        "details": result.details,
+        "measurement": result.measurement,
+        "apply_seconds": round(apply_seconds, 1),
+        "steps": applied.recipe.to_dict()["steps"],
+    }
+
+
+def measure_baseline(model: str, spec: TaskSpec) -> dict:
+    result = slimformer.benchmark(model, task=spec)
+    return {"quality": result.quality, "details": result.details, **result.measurement}
+
+
+def summarize(baselines: list[dict], figures: tuple[str, ...]) -> dict:
+    """Median of each figure over the baseline's measurements, with their spread."""
+    return {key: statistics.median(b[key] for b in baselines) for key in figures} | {
+        "spread": {key: [b[key] for b in baselines] for key in figures}
+    }
+
+
+def ratios(baseline: dict, measurement: dict, figures: tuple[str, ...]) -> dict[str, float]:
+    """How many times better than the baseline (>1 = better), per figure."""
+    out = {}
+    for key in figures:
+        value = measurement.get(key)
+        if value is None or not baseline.get(key):
+            continue
+        better = baseline[key] / value if key in LOWER_IS_BETTER else value / baseline[key]
+        out[key] = round(better, 3)
+    return out
+
+
+def quality_drop(baseline_quality: float, quality: float, bounded: bool) -> float:
+    """Points for accuracy-type scores, relative increase for perplexity."""
+    return baseline_quality - quality if bounded else quality / baseline_quality - 1
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_result(name: str, result: dict) -> Path:
+    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
