@@ -287,6 +287,8 @@ def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: i
             if step.pass_name == "quantize.dynamic_int8":
                 assert config.skip == ()
                 scopes.add(config.scope)
+        if "quantize.smooth" in names:
+            assert "quantize.static_int8" in names  # offered only after static int8
         uses.add(tuple(names))
         if recipe.steps:
             assert recipe.describe() != "baseline"
@@ -295,7 +297,6 @@ def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: i
     assert counts == set(range(1, high + 1))
     assert criteria == {"block_influence", "removal_change"}
     assert scopes == {"all", "all_but_ffn_out", "attention", "ffn"}
-    assert () in uses  # the empty recipe (all passes off) is part of the space
     assert {name for combo in uses for name in combo} == {p.name for p in passes}
 
 
@@ -303,7 +304,7 @@ def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:
     passes = registered_passes()
     study = make_study()
     params = baseline_params(passes)
-    assert params == {f"use {p.name}": False for p in passes}
+    assert params == {f"use {p.name}": False for p in passes if not p.requires}
     study.enqueue_trial(params)
     trial = study.ask()
     recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)

@@ -138,6 +138,13 @@ def apply_recipe(
 
     from slimformer.passes import PassContext
 
+    names = {step.pass_name for step in recipe.steps}
+    for step in recipe.steps:
+        missing = [r for r in get_pass(step.pass_name).requires if r not in names]
+        if missing:
+            raise SlimformerError(
+                f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
+            )
     result = model.copy()
     applied = []
     for step in recipe.sorted_steps():

@@ -97,7 +97,11 @@ class StudySettings:
         if self.trials is None and self.time_budget_s is None:
             raise SlimformerError("give --trials N or --time-budget (e.g. 10m)")
         for name in self.passes:
-            get_pass(name)
+            missing = [r for r in get_pass(name).requires if r not in self.passes]
+            if missing:
+                raise SlimformerError(
+                    f"--passes: {name} needs {', '.join(missing)}; add it to the list"
+                )
 
     def pass_classes(self) -> list[type[Pass]]:
         if not self.passes:
@@ -183,7 +187,12 @@ def sample_recipe(
     trial: optuna.Trial, pass_classes: Sequence[type[Pass]], facts: Any, spec: TaskSpec, seed: int
 ) -> Recipe:
     steps = []
-    for cls in pass_classes:
+    # Passes that need another (e.g. smoothing needs static int8) are offered only after it
+    # was chosen, so no trial is spent on a recipe that cannot run.
+    for cls in sorted(pass_classes, key=lambda c: bool(c.requires)):
+        chosen = {step.pass_name for step in steps}
+        if not set(cls.requires) <= chosen:
+            continue
         if not trial.suggest_categorical(f"use {cls.name}", [False, True]):
             continue
         values: dict[str, Any] = {}
@@ -199,11 +208,13 @@ def sample_recipe(
                 values[name] = round(value, 6)  # 0.9, not 0.9000000000000001, in recipes
         full = asdict(cls.make_config(values))
         steps.append(Step(cls.name, {k: v for k, v in full.items() if k in values}))
+    steps.sort(key=lambda step: get_pass(step.pass_name).stage)
     return Recipe(steps=tuple(steps), task=spec, seed=seed)
 
 
 def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, bool]:
-    return {f"use {cls.name}": False for cls in pass_classes}
+    """Every pass off (passes that need another are not even offered then)."""
+    return {f"use {cls.name}": False for cls in pass_classes if not cls.requires}
 
 
 # --- the study ----------------------------------------------------------------------------

@@ -27,4 +27,12 @@ __all__ = [
 
 def load_builtin_passes() -> None:
     """Import the modules whose passes register themselves (kept lazy: they import torch.ao)."""
-    from slimformer.passes import cast, distill, prune, quantize, weight_only  # noqa: F401
+    from slimformer.passes import (  # noqa: F401
+        cast,
+        distill,
+        prune,
+        quantize,
+        smooth,
+        static_int8,
+        weight_only,
+    )

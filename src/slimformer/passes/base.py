@@ -104,6 +104,8 @@ class Pass(ABC):
     needs_calibration: ClassVar[bool] = False
     # False for passes that only pay off on other hardware: searched only when named.
     searched_by_default: ClassVar[bool] = True
+    # Passes that must be in the same recipe for this one to make sense.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def apply(self, model: SlimModel, config: Any, ctx: PassContext) -> dict[str, Any]:
