@@ -73,7 +73,7 @@ ROWS = {
 }
 QUICK = {
     "smollm2": ("int4 RTN g128", "int4 GPTQ g128"),
-    "minilm": ("dynamic int8", "int4 GPTQ g32"),
+    "minilm": ("dynamic int8", "smoothed (a=0.5) static int8 mse"),
 }
 FIGURES = {
     "smollm2": (
