@@ -15,6 +15,7 @@ from slimformer.passes.weight_only import (
     Int4WeightLinear,
     Int8WeightLinear,
     collect_hessians,
+    fitting_group,
 )
 from slimformer.recipe import Recipe, Step, apply_recipe
 
@@ -122,12 +123,17 @@ def test_quantized_model_runs_the_packed_kernel_and_stays_close(family, bits, ke
     assert cosine > (0.999 if bits == 8 else 0.95)
 
 
-def test_layers_the_kernel_cannot_take_stay_float_with_a_reason():
-    model = tiny.tiny_llama()
+def test_int4_groups_shrink_to_fit_widths_the_requested_group_does_not_divide():
+    assert fitting_group(576, 128) == 64  # SmolLM2's hidden size
+    assert fitting_group(1536, 128) == 128
+    assert fitting_group(48, 128) is None  # not a multiple of the kernel's smallest group
+    model = tiny.tiny_llama()  # 32- and 64-wide inputs
     quantized = weight_only(model, bits=4, group_size=128, method="rtn")
     step = quantized.recipe.steps[-1]
-    assert step.resolved["quantized_layers"] == 0
-    assert all("not a multiple of 128" in r for r in step.resolved["kept_float"].values())
+    assert step.resolved["quantized_layers"] == len(model.adapter.block_linear_names())
+    assert set(step.resolved["smaller_groups"].values()) == {32, 64}
+    for name, group in step.resolved["smaller_groups"].items():
+        assert quantized.module.get_submodule(name).group_size == group
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -123,6 +123,17 @@ class WeightOnlyConfig:
     skip: tuple[str, ...] = fixed((), "module names (or name prefixes) to keep in float")
 
 
+def fitting_group(in_features: int, group_size: int) -> int | None:
+    """`group_size`, or the largest power-of-two fraction of it (down to 32, the kernel's
+    smallest) that divides `in_features` — e.g. 64 for SmolLM2's 576-wide projections."""
+    group = group_size
+    while group >= 32:
+        if in_features % group == 0:
+            return group
+        group //= 2
+    return None
+
+
 class _StopForward(Exception):
     """Raised after the block whose inputs were wanted, to skip the rest of the model."""
 
@@ -185,9 +196,9 @@ class WeightOnly(Pass):
         if config.method == "gptq" and not ctx.calibration:
             raise SlimformerError("quantize.weight_only method=gptq needs calibration data")
         adapter = model.adapter
-        group = config.group_size if config.bits == 4 else 0
         packed_type = Int4WeightLinear if config.bits == 4 else Int8WeightLinear
         kept_float: dict[str, str] = {}
+        groups: dict[str, int] = {}  # int4 group size per layer, where it had to be smaller
         by_block: list[dict[str, nn.Linear]] = []
         for index in range(adapter.num_layers):
             layers: dict[str, nn.Linear] = {}
@@ -196,10 +207,15 @@ class WeightOnly(Pass):
                     kept_float[name] = "in skip list"
                 elif type(module) is not nn.Linear:
                     kept_float[name] = f"already {type(module).__name__}"
-                elif group and module.in_features % group:
-                    kept_float[name] = f"{module.in_features} inputs not a multiple of {group}"
+                elif (
+                    config.bits == 4
+                    and fitting_group(module.in_features, config.group_size) is None
+                ):
+                    kept_float[name] = f"{module.in_features} inputs not a multiple of 32"
                 else:
                     layers[name] = module
+                    if config.bits == 4:
+                        groups[name] = fitting_group(module.in_features, config.group_size)
             by_block.append(layers)
         # Sensitivity probes use round-to-nearest (GPTQ per probe would cost a Hessian each).
         sensitive = most_sensitive(
@@ -207,7 +223,7 @@ class WeightOnly(Pass):
             [n for layers in by_block for n in layers],
             config.keep_sensitive,
             lambda name, linear: packed_type.from_quantized(
-                quantize_rtn(linear.weight, config.bits, group), None
+                quantize_rtn(linear.weight, config.bits, groups.get(name, 0)), None
             ),
             ctx.calibration,
         )
@@ -221,6 +237,7 @@ class WeightOnly(Pass):
                 else {}
             )
             for name, linear in layers.items():
+                group = groups.get(name, 0)
                 if config.method == "gptq":
                     q = quantize_gptq(
                         linear.weight,
@@ -238,7 +255,11 @@ class WeightOnly(Pass):
                     model.module.get_submodule(parent), attr, packed_type.from_quantized(q, bias)
                 )
                 quantized += 1
-        return {"quantized_layers": quantized, "kept_float": kept_float}
+        smaller = {n: g for n, g in groups.items() if g != config.group_size and n not in sensitive}
+        resolved: dict[str, Any] = {"quantized_layers": quantized, "kept_float": kept_float}
+        if smaller:
+            resolved["smaller_groups"] = smaller
+        return resolved
 
 
 # --- saving: the packed tensors go to safetensors as they are --------------------------------
