@@ -72,8 +72,22 @@ def quality_drop(baseline_quality: float, quality: float, bounded: bool) -> floa
 
 
 def machine() -> dict[str, Any]:
+    """The CPU and the instruction sets that decide which int8/bf16 kernels are fast."""
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": model,
+        "isa": [f for f in wanted if f in flags],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
