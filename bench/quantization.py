@@ -53,6 +53,7 @@ ROWS = {
         "int4 GPTQ g32": [
             ("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "gptq"})
         ],
+        "bf16": [("cast.half", {"dtype": "bfloat16"})],
     },
     "minilm": {
         "dynamic int8": [("quantize.dynamic_int8", {})],
@@ -64,11 +65,30 @@ ROWS = {
         "dynamic int8 all but FFN down": [
             ("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True})
         ],
+        "static int8 minmax": [("quantize.static_int8", {"observer": "minmax"})],
+        "static int8 percentile": [("quantize.static_int8", {"observer": "percentile"})],
+        "static int8 mse": [("quantize.static_int8", {"observer": "mse"})],
+        "smoothed (a=0.5) static int8 mse": [
+            ("quantize.smooth", {"alpha": 0.5}),
+            ("quantize.static_int8", {"observer": "mse"}),
+        ],
+        "smoothed (a=0.8) static int8 mse": [
+            ("quantize.smooth", {"alpha": 0.8}),
+            ("quantize.static_int8", {"observer": "mse"}),
+        ],
+        "smoothed (a=0.5) static int8 mse + 2 sensitive float": [
+            ("quantize.smooth", {"alpha": 0.5}),
+            ("quantize.static_int8", {"observer": "mse", "keep_sensitive": 2}),
+        ],
+        "static int8 mse all but FFN down": [
+            ("quantize.static_int8", {"observer": "mse", "scope": "all_but_ffn_out"})
+        ],
         "weight-only int8 GPTQ": [("quantize.weight_only", {"bits": 8, "method": "gptq"})],
         "int4 RTN g32": [("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "rtn"})],
         "int4 GPTQ g32": [
             ("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "gptq"})
         ],
+        "bf16": [("cast.half", {"dtype": "bfloat16"})],
     },
 }
 QUICK = {
