@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint assets clean
+.PHONY: demo test bench bench-default bench-pruning bench-quantization lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,24 @@ test: assets
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
-bench: assets
+# Every benchmark, one after another (about 3.5 hours on 2 cores; run on an idle machine:
+# other work on the same cores skews the timings). Each part alone: make bench-default,
+# bench-pruning, bench-quantization. Results: bench/results/*.json (bench/tables.py prints them).
+bench: bench-default bench-pruning bench-quantization
+
+bench-default: assets
 	$(BIN)/python bench/default_job.py
+
+bench-pruning: assets
+	$(BIN)/python bench/structured_pruning.py minilm
+	$(BIN)/python bench/structured_pruning.py smollm2 --distill-seconds 150
+	$(BIN)/python bench/default_job.py --name study_prune_distill_int8 --trials 20 \
+		--time-budget 25m --out runs/bench-study \
+		--passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
+
+bench-quantization: assets
+	$(BIN)/python bench/quantization.py smollm2
+	$(BIN)/python bench/quantization.py minilm
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
