@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "slimformer.cli"]
 
 
+FIDELITY_STATIC = 0.90
+FIDELITY_SMOOTHED = 0.90
+
+
 @pytest.fixture(scope="module")
 def minilm():
     return load_model("default")
@@ -56,19 +60,36 @@ def hidden(model, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("step", "least_fidelity"),
+    ("steps", "least_fidelity"),
     [
-        (Step("quantize.dynamic_int8", {"scope": "attention"}), 0.99),
-        (Step("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True}), 0.97),
-        (Step("quantize.dynamic_int8", {"scope": "all"}), 0.90),
-        (Step("prune.layers", {"count": 1, "criterion": "removal_change"}), 0.85),
+        ([("quantize.dynamic_int8", {"scope": "attention"})], 0.99),
+        ([("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True})], 0.97),
+        ([("quantize.dynamic_int8", {"scope": "all"})], 0.90),
+        ([("quantize.static_int8", {"observer": "mse"})], FIDELITY_STATIC),
+        (
+            [("quantize.smooth", {"alpha": 0.5}), ("quantize.static_int8", {"observer": "mse"})],
+            FIDELITY_SMOOTHED,
+        ),
+        ([("quantize.weight_only", {"bits": 8, "method": "gptq"})], 0.995),
+        ([("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "gptq"})], 0.95),
+        ([("prune.layers", {"count": 1, "criterion": "removal_change"})], 0.85),
     ],
-    ids=["int8-attention", "int8-no-ffn-out", "int8-all", "drop-1-layer"],
+    ids=[
+        "int8-attention",
+        "int8-no-ffn-out",
+        "int8-all",
+        "static-int8",
+        "smoothed-static-int8",
+        "weight-only-int8-gptq",
+        "int4-gptq",
+        "drop-1-layer",
+    ],
 )
 def test_pass_keeps_embeddings_close_on_minilm(
-    minilm, calibration, sentences, step, least_fidelity
+    minilm, calibration, sentences, steps, least_fidelity
 ):
-    candidate = apply_recipe(minilm, Recipe(steps=(step,)), calibration)
+    recipe = Recipe(steps=tuple(Step(name, config) for name, config in steps))
+    candidate = apply_recipe(minilm, recipe, calibration)
     score = fidelity(candidate, minilm, sentences)
     assert least_fidelity < score < 0.99999  # close, and really changed
 

@@ -166,3 +166,14 @@ def test_gptq_on_a_tiny_llama_beats_rtn_on_each_layers_real_inputs():
         rtn = quantize_rtn(linear.weight, 4, 32).dequantize()
         gptq = quantize_gptq(linear.weight, hessians[name], 4, 32).dequantize()
         assert error(gptq) < error(rtn), name
+
+
+def test_gptq_handles_a_rank_deficient_hessian_and_dead_inputs():
+    weight = torch.randn(16, 64)
+    x = correlated_inputs(8, 64)  # fewer calibration rows than input columns
+    x[:, 5] = 0.0  # an input channel that never fires
+    q = quantize_gptq(weight, 2 * x.T @ x / len(x), 4, 32)
+    assert torch.isfinite(q.dequantize()).all()
+    assert output_error(x, weight, q.dequantize()) < output_error(
+        x, weight, quantize_rtn(weight, 4, 32).dequantize()
+    )

@@ -88,6 +88,19 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedW
     return QuantizedWeight(codes.to(torch.int32), scale, low, 4, group)
 
 
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H); λ grows tenfold
+    (up to three times) if H is too ill-conditioned to factor."""
+    mean_diagonal = torch.diag(hessian).mean()
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
+    for attempt in range(4):
+        damped = hessian + damp * 10**attempt * mean_diagonal * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+    raise ValueError("the calibration Hessian is not positive definite even after damping")
+
+
 def quantize_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -112,7 +125,6 @@ def quantize_gptq(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype)
 
     groups = columns // group
     scales = torch.empty(rows, groups)
@@ -128,9 +140,7 @@ def quantize_gptq(
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(columns)
     w = w[:, order]
     h = h[order][:, order]
-    inverse = torch.linalg.cholesky(
-        torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True
-    ).float()
+    inverse = _upper_cholesky_of_inverse(h, damp)
 
     codes = torch.zeros(rows, columns)
     for start in range(0, columns, BLOCK_COLUMNS):
