@@ -40,8 +40,8 @@ bench-default: assets
 bench-pruning: assets
 	$(BIN)/python bench/structured_pruning.py minilm
 	$(BIN)/python bench/structured_pruning.py smollm2 --distill-seconds 150
-	$(BIN)/python bench/default_job.py --name study_prune_distill_int8 --trials 20 \
-		--time-budget 25m --out runs/bench-study \
+	$(BIN)/python bench/default_job.py --name study_prune_distill_int8 --trials 24 \
+		--time-budget 30m --out runs/bench-study \
 		--passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
 
 bench-quantization: assets

@@ -7,7 +7,7 @@ sentence lengths and at a fixed 128 tokens, and writes bench/results/default_job
     make bench        # or: .venv/bin/python bench/default_job.py [--trials N]
 
     # the study with structured pruning, distillation and int8 (issue 3's figure):
-    python bench/default_job.py --name study_prune_distill_int8 --trials 24 --time-budget 45m \
+    python bench/default_job.py --name study_prune_distill_int8 --trials 24 --time-budget 30m \
         --passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
 """
 
