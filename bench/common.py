@@ -17,7 +17,14 @@ from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOWER_IS_BETTER = ("latency_ms_median", "latency_ms_p90", "peak_memory_mb", "size_mb", "parameters")
+LOWER_IS_BETTER = (
+    "latency_ms_median",
+    "latency_ms_p90",
+    "peak_memory_mb",
+    "size_mb",
+    "parameters",
+    "gflops_per_input",
+)
 
 
 def batch_size_for(spec: TaskSpec) -> int:

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
+from common import machine, ratios, write_result
 
 import slimformer
 from slimformer.report import RichReporter
 
-ROOT = Path(__file__).resolve().parent
 FIGURES = (
     "latency_ms_median",
     "latency_ms_p90",
@@ -35,14 +33,6 @@ FIGURES = (
     "parameters",
     "gflops_per_input",
 )
-LOWER_IS_BETTER = {
-    "latency_ms_median",
-    "latency_ms_p90",
-    "peak_memory_mb",
-    "size_mb",
-    "parameters",
-    "gflops_per_input",
-}
 
 
 def measure(model: str, rounds: int, seq_len: int | None) -> dict:
@@ -55,14 +45,6 @@ def measure(model: str, rounds: int, seq_len: int | None) -> dict:
         | {k: runs[0].measurement[k] for k in ("threads", "batch_size", "mean_tokens")},
         "rounds": [r.measurement for r in runs],
     }
-
-
-def ratios(baseline: dict, chosen: dict) -> dict:
-    out = {}
-    for key in FIGURES:
-        a, b = baseline["measurement"][key], chosen["measurement"][key]
-        out[key] = round(a / b if key in LOWER_IS_BETTER else b / a, 3)
-    return out
 
 
 def main() -> None:
@@ -103,7 +85,9 @@ def main() -> None:
         side_by_side[label] = {
             "baseline": baseline,
             "chosen": chosen,
-            "ratio_chosen_over_baseline": ratios(baseline, chosen),
+            "ratio_chosen_over_baseline": ratios(
+                baseline["measurement"], chosen["measurement"], FIGURES
+            ),
             "probe_accuracy_drop_points": round((baseline["quality"] - chosen["quality"]) * 100, 2),
         }
     result = {
@@ -113,11 +97,7 @@ def main() -> None:
         "command": f"python bench/default_job.py --trials {args.trials} --rounds {args.rounds} "
         f"--passes {args.passes} --name {args.name}"
         + (f" --time-budget {args.time_budget}" if args.time_budget else ""),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "chosen": {
             "trial": study.chosen.number,
             "recipe": study.chosen.description,
@@ -151,9 +131,7 @@ def main() -> None:
         "side_by_side": side_by_side,
         "wall_seconds": round(time.time() - started, 1),
     }
-    path = ROOT / "results" / f"{args.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(args.name, result)
     for label, block in side_by_side.items():
         print(
             label,

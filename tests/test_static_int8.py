@@ -3,13 +3,10 @@ quantize.smooth (SmoothQuant's outlier migration) on tiny models."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import tiny
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
@@ -71,16 +68,6 @@ def test_static_layer_computes_the_quantized_product_on_the_onednn_kernel():
     assert cosine(layer(x), linear(x)) > 0.999
 
 
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_static_int8_model_runs_onednn_int8_and_stays_close(family):
     model = tiny.build(family)
@@ -88,7 +75,7 @@ def test_static_int8_model_runs_onednn_int8_and_stays_close(family):
     names = model.adapter.block_linear_names()
     assert all(type(quantized.module.get_submodule(n)) is StaticInt8Linear for n in names)
     batch = tiny.calibration(model)[0]
-    with OpCounter() as counter:
+    with tiny.OpCounter() as counter:
         out = tiny.output(quantized, batch)
     assert counter.calls["qlinear_pointwise.default"] == len(names)
     assert cosine(out, tiny.output(model, batch)) > 0.99

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import tiny
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.passes.gptq import quantize_gptq, quantize_rtn
@@ -80,18 +77,6 @@ def test_packed_module_computes_exactly_the_dequantized_product(bits, module_typ
     torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
 
 
-class OpRecorder(TorchDispatchMode):
-    """Counts the aten ops a forward pass dispatches."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls[func.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def weight_only(model, **config):
     recipe = Recipe(steps=(Step("quantize.weight_only", {"group_size": 32, **config}),))
     return apply_recipe(model, recipe, tiny.calibration(model))
@@ -114,7 +99,7 @@ def test_quantized_model_runs_the_packed_kernel_and_stays_close(family, bits, ke
         type(m) is torch.nn.Linear for n, m in quantized.module.named_modules() if n in names
     )
     batch = tiny.calibration(model)[0]
-    with OpRecorder() as recorder:
+    with tiny.OpCounter() as recorder:
         out = tiny.output(quantized, batch)
     # One packed-kernel call per quantized Linear: none of them fell back to a float matmul.
     assert recorder.calls[kernel] == len(names)

@@ -7,10 +7,12 @@ weights (a "fresh copy of the original"). Calibration batches are fixed as well.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -147,3 +149,15 @@ def plant_identity_block(model: SlimModel, index: int) -> None:
             linear.weight.zero_()
             if linear.bias is not None:
                 linear.bias.zero_()
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops a forward pass dispatches (to check which kernel really ran)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.calls[func.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -10,6 +10,8 @@ The observers turn that into the clipping range of an asymmetric uint8 activatio
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,44 +40,70 @@ class InputStats:
         return torch.cat(self.rows) if self.rows else torch.zeros(0, self.channel_min.numel())
 
 
+class _StopForward(Exception):
+    """Raised after the module whose inputs were wanted, to skip the rest of the model."""
+
+
 @torch.inference_mode()
+def visit_layer_inputs(
+    model: SlimModel,
+    layers: dict[str, nn.Module],
+    calibration: list[dict[str, torch.Tensor]],
+    visit: Callable[[str, torch.Tensor], None],
+    stop_after: nn.Module | None = None,
+) -> None:
+    """Run the calibration batches and call `visit(name, rows)` with each layer's input as a
+    float32 [tokens, features] matrix, padding positions left out. With `stop_after`, the
+    rest of the model is skipped once that module has run."""
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def on_input(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            mask = current_mask[0]
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                x = x[mask.bool()]
+            visit(name, x.reshape(-1, x.shape[-1]).float())
+
+        return hook
+
+    def stop(module: nn.Module, args: tuple, output: object) -> None:
+        raise _StopForward
+
+    hooks = [m.register_forward_pre_hook(on_input(n)) for n, m in layers.items()]
+    if stop_after is not None:
+        hooks.append(stop_after.register_forward_hook(stop))
+    try:
+        for batch in calibration:
+            current_mask[0] = batch.get("attention_mask")
+            with contextlib.suppress(_StopForward):
+                model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def collect_input_stats(
     model: SlimModel,
     layers: dict[str, nn.Module],
     calibration: list[dict[str, torch.Tensor]],
 ) -> dict[str, InputStats]:
     stats: dict[str, InputStats] = {}
-    current_mask: list[torch.Tensor | None] = [None]
 
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).float()
-            low, high = x.amin(0), x.amax(0)
-            entry = stats.get(name)
-            if entry is None:
-                entry = stats[name] = InputStats(low.clone(), high.clone())
-            else:
-                torch.minimum(entry.channel_min, low, out=entry.channel_min)
-                torch.maximum(entry.channel_max, high, out=entry.channel_max)
-            room = SAMPLE_ROWS - entry.kept_rows
-            if room > 0:
-                entry.rows.append(x[:room].clone())
-                entry.kept_rows += min(room, x.shape[0])
+    def record(name: str, x: torch.Tensor) -> None:
+        low, high = x.amin(0), x.amax(0)
+        entry = stats.get(name)
+        if entry is None:
+            entry = stats[name] = InputStats(low.clone(), high.clone())
+        else:
+            torch.minimum(entry.channel_min, low, out=entry.channel_min)
+            torch.maximum(entry.channel_max, high, out=entry.channel_max)
+        room = SAMPLE_ROWS - entry.kept_rows
+        if room > 0:
+            entry.rows.append(x[:room].clone())
+            entry.kept_rows += min(room, x.shape[0])
 
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-    try:
-        for batch in calibration:
-            current_mask[0] = batch.get("attention_mask")
-            model(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    visit_layer_inputs(model, layers, calibration, record)
     return stats
 
 

@@ -9,7 +9,6 @@ kernel's (the CUDA int4 kernel wants another), so these modules run on CPU.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
 from slimformer.passes.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
+from slimformer.passes.observers import visit_layer_inputs
 from slimformer.passes.quantize import SCOPES, skipped
 from slimformer.passes.sensitivity import most_sensitive
 
@@ -134,11 +134,6 @@ def fitting_group(in_features: int, group_size: int) -> int | None:
     return None
 
 
-class _StopForward(Exception):
-    """Raised after the block whose inputs were wanted, to skip the rest of the model."""
-
-
-@torch.inference_mode()
 def collect_hessians(
     model: SlimModel,
     block_index: int,
@@ -151,33 +146,14 @@ def collect_hessians(
         n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in layers.items()
     }
     counts = dict.fromkeys(layers, 0)
-    current_mask: list[torch.Tensor | None] = [None]
 
-    def accumulate(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            mask = current_mask[0]
-            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).double()
-            sums[name] += x.T @ x
-            counts[name] += x.shape[0]
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        x = x.double()
+        sums[name] += x.T @ x
+        counts[name] += x.shape[0]
 
-        return hook
-
-    def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _StopForward
-
-    hooks = [m.register_forward_pre_hook(accumulate(n)) for n, m in layers.items()]
-    hooks.append(model.adapter.blocks()[block_index].register_forward_hook(stop))
-    try:
-        for batch in calibration:
-            current_mask[0] = batch.get("attention_mask")
-            with contextlib.suppress(_StopForward):
-                model(**batch)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    block = model.adapter.blocks()[block_index]
+    visit_layer_inputs(model, layers, calibration, accumulate, stop_after=block)
     return {n: (2 * sums[n] / max(1, counts[n])).float() for n in layers}
 
 
