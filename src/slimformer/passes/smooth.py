@@ -85,11 +85,11 @@ class Smooth(Pass):
     requires: ClassVar[tuple[str, ...]] = ("quantize.static_int8",)
 
     def apply(self, model: SlimModel, config: SmoothConfig, ctx: PassContext) -> dict[str, Any]:
+        modules = dict(model.module.named_modules())
         layers = {
-            name: module
-            for name, module in model.module.named_modules()
-            if name in set(model.adapter.block_linear_names(SCOPES[config.scope]))
-            and type(module) is nn.Linear
+            name: modules[name]
+            for name in model.adapter.block_linear_names(SCOPES[config.scope])
+            if type(modules[name]) is nn.Linear
         }
         stats = collect_input_stats(model, layers, list(ctx.calibration))
         largest = 0.0
