@@ -36,18 +36,11 @@ ROWS = {
     "smollm2": {
         "dynamic int8 (per-channel)": [("quantize.dynamic_int8", {"per_channel": True})],
         "weight-only int8 RTN": [("quantize.weight_only", {"bits": 8, "method": "rtn"})],
-        "weight-only int8 GPTQ": [("quantize.weight_only", {"bits": 8, "method": "gptq"})],
         "int4 RTN g128": [
             ("quantize.weight_only", {"bits": 4, "group_size": 128, "method": "rtn"})
         ],
         "int4 GPTQ g128": [
             ("quantize.weight_only", {"bits": 4, "group_size": 128, "method": "gptq"})
-        ],
-        "int4 GPTQ g128 act-order": [
-            (
-                "quantize.weight_only",
-                {"bits": 4, "group_size": 128, "method": "gptq", "act_order": True},
-            )
         ],
         "int4 RTN g32": [("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "rtn"})],
         "int4 GPTQ g32": [
@@ -59,12 +52,6 @@ ROWS = {
         "dynamic int8": [("quantize.dynamic_int8", {})],
         "dynamic int8 + 2 sensitive float": [("quantize.dynamic_int8", {"keep_sensitive": 2})],
         "dynamic int8 per-channel": [("quantize.dynamic_int8", {"per_channel": True})],
-        "dynamic int8 per-channel + 2 sensitive float": [
-            ("quantize.dynamic_int8", {"per_channel": True, "keep_sensitive": 2})
-        ],
-        "dynamic int8 all but FFN down": [
-            ("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True})
-        ],
         "static int8 minmax": [("quantize.static_int8", {"observer": "minmax"})],
         "static int8 percentile": [("quantize.static_int8", {"observer": "percentile"})],
         "static int8 mse": [("quantize.static_int8", {"observer": "mse"})],
@@ -80,11 +67,7 @@ ROWS = {
             ("quantize.smooth", {"alpha": 0.5}),
             ("quantize.static_int8", {"observer": "mse", "keep_sensitive": 2}),
         ],
-        "static int8 mse all but FFN down": [
-            ("quantize.static_int8", {"observer": "mse", "scope": "all_but_ffn_out"})
-        ],
         "weight-only int8 GPTQ": [("quantize.weight_only", {"bits": 8, "method": "gptq"})],
-        "int4 RTN g32": [("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "rtn"})],
         "int4 GPTQ g32": [
             ("quantize.weight_only", {"bits": 4, "group_size": 32, "method": "gptq"})
         ],
