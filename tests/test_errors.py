@@ -42,6 +42,10 @@ RECIPES = {
     + "steps:\n  - pass: prune.layers\n    config: {count: abc}\n",
     "skip_not_a_list": RECIPE_FORMAT
     + "steps:\n  - pass: quantize.dynamic_int8\n    config: {skip: 5}\n",
+    "steps_not_positive": RECIPE_FORMAT
+    + "steps:\n  - pass: recover.distill\n    config: {steps: -3}\n",
+    "smooth_without_static_int8": RECIPE_FORMAT
+    + "steps:\n  - pass: quantize.smooth\n    config: {alpha: 0.5}\n",
 }
 ROWS = [(f"a film worth seeing, number {i}", f"LABEL_{i % 2}") for i in range(40)]
 RUN_JSON = '{"model": "default", "note": "written by test_errors"}\n'
@@ -234,6 +238,7 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "trials_0": optimize_out("trials", "--trials", "0"),
         "trials_abc": optimize_out("trials-abc", "--trials", "abc"),
         "unknown_pass_option": optimize_out("passes", "--passes", "prune.nonexistent"),
+        "pass_without_the_pass_it_needs": optimize_out("requires", "--passes", "quantize.smooth"),
         "bench_batch_size_0": ["bench", "default", "--batch-size", "0"],
         "bench_threads_negative": ["bench", "default", "--threads", "-1"],
         "brackets_in_path": ["bench", str(root / "model [v2]")],
@@ -477,6 +482,16 @@ def test_optimize_with_bad_classification_data_leaves_no_run_folder(
         pytest.param(
             "count_not_a_number", ("count must be an integer", "'abc'"), id="count_not_a_number"
         ),
+        pytest.param(
+            "steps_not_positive",
+            ("steps must be a positive number", "-3"),
+            id="steps_not_positive",
+        ),
+        pytest.param(
+            "smooth_without_static_int8",
+            ("quantize.smooth needs quantize.static_int8",),
+            id="smooth_without_static_int8",
+        ),
         pytest.param("missing", ("recipe not found", "missing.yaml"), id="missing"),
     ],
 )
@@ -568,6 +583,12 @@ def test_show_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner) -> None:
             "passes",
             ("unknown pass 'prune.nonexistent'",),
             id="unknown_pass_option",
+        ),
+        pytest.param(
+            "pass_without_the_pass_it_needs",
+            "requires",
+            ("quantize.smooth needs quantize.static_int8",),
+            id="pass_without_the_pass_it_needs",
         ),
     ],
 )

@@ -40,6 +40,16 @@ class Recipe:
     def sorted_steps(self) -> tuple[Step, ...]:
         return tuple(sorted(self.steps, key=lambda s: get_pass(s.pass_name).stage))
 
+    def check_requirements(self) -> None:
+        """Every pass that needs another (e.g. smoothing needs static int8) has it."""
+        names = {step.pass_name for step in self.steps}
+        for step in self.steps:
+            missing = [r for r in get_pass(step.pass_name).requires if r not in names]
+            if missing:
+                raise SlimformerError(
+                    f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
+                )
+
     def describe(self) -> str:
         if not self.steps:
             return "baseline"
@@ -89,11 +99,13 @@ class Recipe:
         seed = data.get("seed", 0)
         if not isinstance(seed, int):
             raise SlimformerError(f"{origin}: 'seed' must be an integer")
-        return cls(
+        recipe = cls(
             steps=tuple(steps),
             task=TaskSpec.from_dict(task, origin) if task else None,
             seed=seed,
         )
+        recipe.check_requirements()
+        return recipe
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -138,13 +150,7 @@ def apply_recipe(
 
     from slimformer.passes import PassContext
 
-    names = {step.pass_name for step in recipe.steps}
-    for step in recipe.steps:
-        missing = [r for r in get_pass(step.pass_name).requires if r not in names]
-        if missing:
-            raise SlimformerError(
-                f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
-            )
+    recipe.check_requirements()
     result = model.copy()
     applied = []
     for step in recipe.sorted_steps():
