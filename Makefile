@@ -45,6 +45,7 @@ bench-pruning: assets
 		--passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
 
 bench-quantization: assets
+	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/quantization.py smollm2
 	$(BIN)/python bench/quantization.py minilm
 
