@@ -59,3 +59,14 @@ def test_the_study_searches_half_only_when_named():
         model="m", task=TaskSpec("embedding"), max_drop=0.01, trials=1, passes=("cast.half",)
     )
     assert [p.name for p in named.pass_classes()] == ["cast.half"]
+
+
+def test_an_unknown_dtype_in_the_saved_metadata_is_refused(tmp_path):
+    import json
+
+    folder = save_model(cast(tiny.tiny_bert()), tmp_path / "half")
+    meta = json.loads((folder / "slimformer.json").read_text())
+    meta["dtype"] = "load"  # not a float type: must not reach getattr(torch, ...)
+    (folder / "slimformer.json").write_text(json.dumps(meta))
+    with pytest.raises(SlimformerError, match="unknown dtype 'load'"):
+        load_model(folder)
