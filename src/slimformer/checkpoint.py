@@ -294,10 +294,9 @@ def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> N
     from accelerate import init_empty_weights
 
     for name, (out_features, in_features, bias) in meta.get("shapes", {}).items():
-        parent_name, _, attr = name.rpartition(".")
         with init_empty_weights():
             resized = nn.Linear(in_features, out_features, bias=bias)
-        setattr(module.get_submodule(parent_name) if parent_name else module, attr, resized)
+        module.set_submodule(name, resized)
 
     def owned(key: str) -> bool:
         return any(key.startswith(name + ".") for name in special)
@@ -321,9 +320,7 @@ def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> N
             )
         prefix = name + "."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, codec.decode(own, info.get("meta", {})))
+        module.set_submodule(name, codec.decode(own, info.get("meta", {})))
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     still_meta = [n for n, p in module.named_parameters() if p.is_meta]

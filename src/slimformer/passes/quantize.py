@@ -54,6 +54,19 @@ def skipped(name: str, skip: tuple[str, ...]) -> bool:
     return any(name == s or name.startswith(s + ".") for s in skip)
 
 
+def scoped_layers(
+    model: SlimModel, scope: str, skip: tuple[str, ...], types: tuple[type[nn.Module], ...]
+) -> dict[str, nn.Module]:
+    """name -> module for the blocks' layers in `scope`, not skipped, of exactly these types
+    (a layer another quantizer already converted is left alone)."""
+    modules = dict(model.module.named_modules())
+    return {
+        name: modules[name]
+        for name in model.adapter.block_linear_names(SCOPES[scope])
+        if not skipped(name, skip) and type(modules[name]) in types
+    }
+
+
 def dynamic_int8_layer(linear: nn.Linear, per_channel: bool) -> DynamicQuantLinear:
     """One Linear as a dynamic-int8 module (the original is left untouched)."""
     probe = copy.copy(linear)

@@ -50,14 +50,12 @@ def rank_layers(
     reference = [model_output(model, b) for b in batches]
     scores = []
     for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.module.get_submodule(parent_name) if parent_name else model.module
-        original = getattr(parent, attr)
-        setattr(parent, attr, quantize_layer(name, original))
+        original = model.module.get_submodule(name)
+        model.module.set_submodule(name, quantize_layer(name, original))
         try:
             scores.append((name, output_sqnr(reference, [model_output(model, b) for b in batches])))
         finally:
-            setattr(parent, attr, original)
+            model.module.set_submodule(name, original)
     return sorted(scores, key=lambda item: item[1])
 
 

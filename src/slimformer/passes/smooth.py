@@ -23,7 +23,7 @@ from torch import nn
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
 from slimformer.passes.observers import collect_input_stats
-from slimformer.passes.quantize import SCOPES
+from slimformer.passes.quantize import SCOPES, scoped_layers
 
 
 class SmoothedLinear(nn.Module):
@@ -85,12 +85,7 @@ class Smooth(Pass):
     requires: ClassVar[tuple[str, ...]] = ("quantize.static_int8",)
 
     def apply(self, model: SlimModel, config: SmoothConfig, ctx: PassContext) -> dict[str, Any]:
-        modules = dict(model.module.named_modules())
-        layers = {
-            name: modules[name]
-            for name in model.adapter.block_linear_names(SCOPES[config.scope])
-            if type(modules[name]) is nn.Linear
-        }
+        layers = scoped_layers(model, config.scope, (), (nn.Linear,))
         stats = collect_input_stats(model, layers, list(ctx.calibration))
         largest = 0.0
         for name, linear in layers.items():
@@ -99,7 +94,6 @@ class Smooth(Pass):
             scales = smoothing_scales(stats[name].channel_absmax, linear.weight, config.alpha)
             with torch.no_grad():
                 linear.weight.mul_(scales[None, :])
-            parent, _, attr = name.rpartition(".")
-            setattr(model.module.get_submodule(parent), attr, SmoothedLinear(linear, 1 / scales))
+            model.module.set_submodule(name, SmoothedLinear(linear, 1 / scales))
             largest = max(largest, float(scales.max()))
         return {"smoothed_layers": len(layers), "largest_scale": round(largest, 3)}

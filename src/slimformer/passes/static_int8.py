@@ -27,7 +27,7 @@ from slimformer.passes.observers import (
     collect_input_stats,
     uint8_params,
 )
-from slimformer.passes.quantize import SCOPES, skipped
+from slimformer.passes.quantize import SCOPES, scoped_layers
 from slimformer.passes.sensitivity import most_sensitive
 from slimformer.passes.smooth import SmoothedLinear
 
@@ -138,33 +138,29 @@ class StaticInt8(Pass):
     def apply(self, model: SlimModel, config: StaticInt8Config, ctx: PassContext) -> dict[str, Any]:
         if not ctx.calibration:
             raise SlimformerError("quantize.static_int8 needs calibration data")
-        modules = dict(model.module.named_modules())
-        layers = {
-            name: modules[name]
-            for name in model.adapter.block_linear_names(SCOPES[config.scope])
-            if not skipped(name, config.skip) and type(modules[name]) in (nn.Linear, SmoothedLinear)
-        }
+        layers = scoped_layers(model, config.scope, config.skip, (nn.Linear, SmoothedLinear))
         stats = collect_input_stats(model, layers, list(ctx.calibration))
-        layers = {n: m for n, m in layers.items() if n in stats}
+        # Built once: the sensitivity probes and the final model use the same layers.
+        quantized = {
+            name: static_int8_layer(module, stats[name], config.observer)
+            for name, module in layers.items()
+            if name in stats
+        }
         sensitive = most_sensitive(
             model,
-            list(layers),
+            list(quantized),
             config.keep_sensitive,
-            lambda name, module: static_int8_layer(module, stats[name], config.observer),
+            lambda name, module: quantized[name],
             ctx.calibration,
         )
-        for name, module in layers.items():
-            if name in sensitive:
-                continue
-            parent, _, attr = name.rpartition(".")
-            quantized = static_int8_layer(module, stats[name], config.observer)
-            setattr(model.module.get_submodule(parent), attr, quantized)
+        for name, layer in quantized.items():
+            if name not in sensitive:
+                model.module.set_submodule(name, layer)
         # Smoothed layers left in float (sensitive, skipped, outside scope) lose the wrapper.
         for name, module in list(model.module.named_modules()):
             if isinstance(module, SmoothedLinear):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.module.get_submodule(parent), attr, module.unwrap())
-        resolved: dict[str, Any] = {"quantized_layers": len(layers) - len(sensitive)}
+                model.module.set_submodule(name, module.unwrap())
+        resolved: dict[str, Any] = {"quantized_layers": len(quantized) - len(sensitive)}
         if config.keep_sensitive:
             resolved["kept_sensitive"] = sensitive
         return resolved

@@ -226,10 +226,7 @@ class WeightOnly(Pass):
                 else:
                     q = quantize_rtn(linear.weight, config.bits, group)
                 bias = None if linear.bias is None else linear.bias.detach().float().clone()
-                parent, _, attr = name.rpartition(".")
-                setattr(
-                    model.module.get_submodule(parent), attr, packed_type.from_quantized(q, bias)
-                )
+                model.module.set_submodule(name, packed_type.from_quantized(q, bias))
                 quantized += 1
         smaller = {n: g for n, g in groups.items() if g != config.group_size and n not in sensitive}
         resolved: dict[str, Any] = {"quantized_layers": quantized, "kept_float": kept_float}
