@@ -11,8 +11,10 @@ from slimformer.passes.gptq import quantize_gptq, quantize_rtn
 from slimformer.passes.weight_only import (
     Int4WeightLinear,
     Int8WeightLinear,
+    UNPACK_ROWS,
     collect_hessians,
     fitting_group,
+    unpack_int4_codes,
 )
 from slimformer.recipe import Recipe, Step, apply_recipe
 
@@ -77,6 +79,24 @@ def test_packed_module_computes_exactly_the_dequantized_product(bits, module_typ
     torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_int4_unpacking_inverts_the_kernels_packing():
+    codes = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(unpack_int4_codes(packed, 192), codes.to(packed.dtype))
+
+
+@pytest.mark.parametrize(("bits", "module_type"), [(4, Int4WeightLinear), (8, Int8WeightLinear)])
+def test_many_rows_unpack_the_weight_and_give_the_kernels_result(bits, module_type):
+    weight, bias = torch.randn(128, 256), torch.randn(128)
+    module = module_type.from_quantized(quantize_rtn(weight, bits, 64), bias)
+    x = torch.randn(4 * UNPACK_ROWS, 256)
+    kernel_rows = torch.cat([module(x[i : i + 1]) for i in range(len(x))])
+    with tiny.OpCounter() as recorder:
+        unpacked = module(x)
+    assert not any("pack_mm" in op for op in recorder.calls)
+    torch.testing.assert_close(unpacked, kernel_rows, rtol=1e-4, atol=1e-4)
+
+
 def weight_only(model, **config):
     recipe = Recipe(steps=(Step("quantize.weight_only", {"group_size": 32, **config}),))
     return apply_recipe(model, recipe, tiny.calibration(model))
@@ -98,7 +118,7 @@ def test_quantized_model_runs_the_packed_kernel_and_stays_close(family, bits, ke
     assert not any(
         type(m) is torch.nn.Linear for n, m in quantized.module.named_modules() if n in names
     )
-    batch = tiny.calibration(model)[0]
+    batch = {k: v[:1, :8] for k, v in tiny.calibration(model)[0].items()}  # decode-sized
     with tiny.OpCounter() as recorder:
         out = tiny.output(quantized, batch)
     # One packed-kernel call per quantized Linear: none of them fell back to a float matmul.

@@ -3,8 +3,14 @@
 Weights are quantized by round-to-nearest or GPTQ (`gptq.py`) and stored packed: int4 as two
 codes per byte with per-group scales and zeros for `aten._weight_int4pack_mm_for_cpu`, int8 as
 int8 rows with per-channel scales for `aten._weight_int8pack_mm`. The served module calls that
-kernel directly; nothing is dequantized back to a float weight. The packed layout is the CPU
-kernel's (the CUDA int4 kernel wants another), so these modules run on CPU.
+kernel directly for decode-sized inputs. The packed layout is the CPU kernel's (the CUDA int4
+kernel wants another), so these modules run on CPU.
+
+Measured on this project's CPU (bench/kernels.py), the aten weight-only kernels are 5-15x
+slower than an fp32 GEMM for one row and 40-80x slower for hundreds: weight-only quantization
+is memory-only here. So that prompts and evaluation stay usable, an input of `UNPACK_ROWS` rows
+or more unpacks the layer's weight to float for that one call (a transient copy of one layer,
+freed after it) and runs the fp32 GEMM; the model's resident weights stay packed.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from slimformer.checkpoint import ModuleCodec, register_codec
 from slimformer.errors import SlimformerError
@@ -23,6 +30,19 @@ from slimformer.passes.gptq import QuantizedWeight, quantize_gptq, quantize_rtn
 from slimformer.passes.observers import visit_layer_inputs
 from slimformer.passes.quantize import SCOPES, skipped
 from slimformer.passes.sensitivity import most_sensitive
+
+UNPACK_ROWS = 16
+INT4_PACK_BLOCK = 64  # the CPU int4 pack interleaves blocks of 64 output rows
+
+
+def unpack_int4_codes(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Codes [out, in] from `_convert_weight_to_int4pack_for_cpu`'s layout: per block of 64
+    output rows and per input column, 32 bytes holding rows j (low nibble) and j+32 (high).
+    Checked against the kernel by tests/test_weight_only.py, so a layout change fails there."""
+    in_features = packed.shape[1] * 2
+    blocks = packed.reshape(out_features // INT4_PACK_BLOCK, in_features, INT4_PACK_BLOCK // 2)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=2)  # [blocks, in, 64]
+    return codes.permute(0, 2, 1).reshape(out_features, in_features)
 
 
 class Int4WeightLinear(nn.Module):
@@ -56,8 +76,18 @@ class Int4WeightLinear(nn.Module):
         scales_and_zeros = torch.stack([q.scales, zeros], dim=-1).transpose(0, 1).contiguous()
         return cls(in_features, out_features, q.group_size, packed, scales_and_zeros, bias)
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack_int4_codes(self.packed, self.out_features).to(dtype) - 8
+        scales, zeros = self.scales_and_zeros.to(dtype).unbind(-1)  # [groups, out] each
+        grouped = codes.reshape(self.out_features, -1, self.group_size)
+        return (grouped * scales.T[..., None] + zeros.T[..., None]).reshape(codes.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
+        if flat.shape[0] >= UNPACK_ROWS and self.out_features % INT4_PACK_BLOCK == 0:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(flat, self.dequantized_weight(x.dtype), bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype)
         )
@@ -83,8 +113,15 @@ class Int8WeightLinear(nn.Module):
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> Int8WeightLinear:
         return cls(q.codes.to(torch.int8).contiguous(), q.scales.contiguous(), bias)
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
+        if flat.shape[0] >= UNPACK_ROWS:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = F.linear(flat, self.dequantized_weight(x.dtype), bias)
+            return y.reshape(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scales.to(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
