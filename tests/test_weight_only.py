@@ -9,9 +9,9 @@ import torch
 from slimformer.checkpoint import load_model, save_model
 from slimformer.passes.gptq import quantize_gptq, quantize_rtn
 from slimformer.passes.weight_only import (
+    UNPACK_ROWS,
     Int4WeightLinear,
     Int8WeightLinear,
-    UNPACK_ROWS,
     collect_hessians,
     fitting_group,
     unpack_int4_codes,

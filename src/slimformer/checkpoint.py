@@ -5,8 +5,11 @@ Two on-disk forms:
   (e.g. after dropping layers): `transformers.AutoModel.from_pretrained` loads it too;
 - slimformer form (`slimformer.safetensors` + `slimformer.json`) when passes swapped in modules
   transformers cannot rebuild (int8 layers). The file name differs on purpose, so plain
-  transformers fails loudly instead of loading random weights.
-Either way weights are safetensors only; nothing is pickled.
+  transformers fails loudly instead of loading random weights;
+- runtime form (`model.onnx`, or OpenVINO's `model.xml` + `model.bin`, + `slimformer.json`) when
+  a runtime pass moved the model into another engine: loading returns a module served by that
+  engine with the same call signature, and no PyTorch weights are kept.
+Torch weights are safetensors only; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from slimformer.adapters import adapter_class_for
 from slimformer.errors import SlimformerError
 from slimformer.model import HEADS, SlimModel, head_from_architectures
 from slimformer.recipe import Recipe
+from slimformer.runtimes.base import ServedModule, load_served
 
 SLIM_WEIGHTS = "slimformer.safetensors"
 SLIM_META = "slimformer.json"
@@ -203,11 +207,20 @@ def load_model(
     path = resolve_path(name_or_path)
     config = read_config(path, trust_remote_code)
     meta = _read_meta(path)
-    weight_files = _weight_files(path, meta)
-    _check_safetensors(weight_files)
     head = head or meta.get("head") or head_from_architectures(config.architectures)
     if head not in HEADS:
         raise SlimformerError(f"unknown model head '{head}'; choose one of {', '.join(HEADS)}")
+    runtime = meta.get("runtime")
+    if meta.get("weights") == "runtime":
+        return SlimModel(
+            module=load_served(path, runtime or {}, config, head),
+            head=head,
+            tokenizer=_load_tokenizer(path),
+            source=meta.get("source") or str(path),
+            recipe=Recipe.load(path) if (path / "recipe.yaml").is_file() else Recipe(),
+        )
+    weight_files = _weight_files(path, meta)
+    _check_safetensors(weight_files)
     auto = getattr(transformers, HEADS[head])
     with _quiet_transformers():
         if _slim_weights(meta):
@@ -236,6 +249,8 @@ def load_model(
         # Loaded in float32 above; a 16-bit save casts back exactly.
         module.to(getattr(torch, dtype))
     module.eval()
+    if runtime:  # a runtime that serves the torch weights above (torch.compile)
+        module = load_served(path, runtime, config, head, module)
     recipe = Recipe.load(path) if (path / "recipe.yaml").is_file() else Recipe()
     return SlimModel(
         module=module,
@@ -347,26 +362,36 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        special = {n: m for n, m in model.module.named_modules() if codec_for(m) is not None}
-        resized = _resized_linears(model)
+        served = model.module if isinstance(model.module, ServedModule) else None
+        runtime = {"name": served.runtime} | served.save_artifacts(tmp) if served else None
+        # The torch module whose weights are saved: none when the runtime holds them.
+        module = served.eager if served is not None else model.module
         with _quiet_transformers():
-            if special or resized:
-                modules = _save_slim_weights(model, special, tmp)
+            if module is None:
+                model.module.config.save_pretrained(tmp)
+                weights, modules, resized = "runtime", {}, {}
             else:
-                model.module.save_pretrained(tmp, safe_serialization=True)
-                modules = {}
+                special = {n: m for n, m in module.named_modules() if codec_for(m) is not None}
+                resized = _resized_linears(module, model.head)
+                weights = "slimformer" if special or resized else "hf"
+                if weights == "slimformer":
+                    modules = _save_slim_weights(module, special, tmp)
+                else:
+                    module.save_pretrained(tmp, safe_serialization=True)
+                    modules = {}
             if model.tokenizer is not None:
                 model.tokenizer.save_pretrained(tmp)
-        # Written for both forms: it keeps the head and where the model came from (the
+        # Written for every form: it keeps the head and where the model came from (the
         # reference its quality is measured against).
         meta = {
             "format_version": FORMAT_VERSION,
-            "weights": "slimformer" if special or resized else "hf",
+            "weights": weights,
             "head": model.head,
             "source": model.source,
             "modules": modules,
             "shapes": resized,
-            "dtype": _float_dtype(model.module),
+            "dtype": _float_dtype(module) if module is not None else "float32",
+            "runtime": runtime,
         }
         (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:
@@ -389,17 +414,17 @@ def _float_dtype(module: nn.Module) -> str:
     return "float32"
 
 
-def _resized_linears(model: SlimModel) -> dict[str, list[int]]:
+def _resized_linears(root: nn.Module, head: str) -> dict[str, list[int]]:
     """Linear layers whose shape differs from what the config builds (pruned heads or FFN
     neurons, possibly uneven per layer): name -> [out_features, in_features, has_bias]."""
     import transformers
     from accelerate import init_empty_weights
 
     with _quiet_transformers(), init_empty_weights():
-        reference = getattr(transformers, HEADS[model.head]).from_config(model.module.config)
+        reference = getattr(transformers, HEADS[head]).from_config(root.config)
     expected = {n: m for n, m in reference.named_modules() if isinstance(m, nn.Linear)}
     resized = {}
-    for name, module in model.module.named_modules():
+    for name, module in root.named_modules():
         if type(module) is not nn.Linear or name not in expected:
             continue
         if module.weight.shape != expected[name].weight.shape:
@@ -407,11 +432,9 @@ def _resized_linears(model: SlimModel) -> dict[str, list[int]]:
     return resized
 
 
-def _save_slim_weights(
-    model: SlimModel, special: dict[str, nn.Module], tmp: Path
-) -> dict[str, Any]:
+def _save_slim_weights(root: nn.Module, special: dict[str, nn.Module], tmp: Path) -> dict[str, Any]:
     """Write slimformer.safetensors; return how each special module was encoded."""
-    model.module.config.save_pretrained(tmp)
+    root.config.save_pretrained(tmp)
     tensors: dict[str, torch.Tensor] = {}
     modules_meta: dict[str, Any] = {}
     for name, sub in special.items():
@@ -420,7 +443,7 @@ def _save_slim_weights(
         own, meta = codec.encode(sub)
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in own.items()})
         modules_meta[name] = {"kind": codec.kind, "meta": meta}
-    state = model.module.state_dict()
+    state = root.state_dict()
     seen_storage: set[int] = set()
     for key, value in state.items():
         if any(key.startswith(n + ".") for n in special) or not isinstance(value, torch.Tensor):
@@ -455,4 +478,10 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def weights_size_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".onnx"))
+    """Bytes of the weights: safetensors, or the runtime's files for a runtime-form model."""
+    runtime_files = set((_read_meta(path).get("runtime") or {}).get("files", ()))
+    return sum(
+        f.stat().st_size
+        for f in path.iterdir()
+        if f.suffix == ".safetensors" or f.name in runtime_files
+    )

@@ -97,18 +97,26 @@ def bench(
         ("peak memory (MB)", f"{m['peak_memory_mb']:.0f}"),
         ("size on disk (MB)", f"{m['size_mb']:.1f}"),
         ("parameters", f"{m['parameters']:,}"),
-        ("GFLOPs per input", f"{m['gflops_per_input']:.3f}"),
+        ("GFLOPs per input", _optional(m["gflops_per_input"], ".3f")),
         ("mean tokens per input", f"{m['mean_tokens']:.1f}"),
         ("threads", str(m["threads"])),
+        ("runtime", escape(str(m.get("runtime", "eager")))),
     ]
-    if m.get("decode_tokens_per_s") is not None:
-        rows[-3:-3] = [
+    if m.get("prefill_tokens_per_s") is not None:
+        rows[-4:-4] = [
             ("prefill, batch 1 (prompt tokens/s)", f"{m['prefill_tokens_per_s']:.0f}"),
-            ("decode, batch 1 (new tokens/s)", f"{m['decode_tokens_per_s']:.1f}"),
+            (
+                "decode, batch 1 (new tokens/s)",
+                _optional(m["decode_tokens_per_s"], ".1f", "— (runtime has no KV cache)"),
+            ),
         ]
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
+
+
+def _optional(value: float | None, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
 
 
 @app.command()

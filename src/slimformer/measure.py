@@ -8,6 +8,7 @@ is only meaningful in a fresh process, so `evaluate.py` runs this in a child per
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -24,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from slimformer.checkpoint import codec_for, count_parameters, weights_size_bytes
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
+from slimformer.runtimes.base import ServedModule
 from slimformer.tasks.base import batches_by_length, collate
 
 MIN_REQUESTS = 20  # batch-1 requests timed at least
@@ -61,7 +63,7 @@ class Measurement:
     peak_memory_mb: float  # resident memory added by loading and serving the model
     size_mb: float
     parameters: int
-    gflops_per_input: float
+    gflops_per_input: float | None  # None: counted only for PyTorch-run models
     threads: int
     batch_size: int
     mean_tokens: float
@@ -221,6 +223,11 @@ def measure_loaded(
     timed = examples[: settings.latency_requests]
     prompt_tokens = sum(map(len, timed)) / len(timed)
     generative = model.head == "causal-lm"
+    served = model.module if isinstance(model.module, ServedModule) else None
+    # FLOPs are counted from PyTorch's ops; inside another engine they are invisible.
+    counted = served is None or served.eager is not None
+    eager_view = model if served is None else dataclasses.replace(model, module=served.eager)
+    decodes = generative and (served is None or served.supports_kv_cache)
     return Measurement(
         latency_ms_median=round(median, 3),
         latency_ms_p90=round(p90, 3),
@@ -228,14 +235,13 @@ def measure_loaded(
         peak_memory_mb=round(peak, 1),
         size_mb=round(weights_size_bytes(model_dir) / 2**20, 2) if model_dir else 0.0,
         parameters=count_parameters(model.module),
-        gflops_per_input=round(count_flops(model, typical) / 1e9, 4),
+        gflops_per_input=round(count_flops(eager_view, typical) / 1e9, 4) if counted else None,
         threads=threads,
         batch_size=settings.batch_size,
         mean_tokens=round(mean_tokens, 1),
         prefill_tokens_per_s=round(prompt_tokens / median * 1000, 1) if generative else None,
-        decode_tokens_per_s=round(time_decode(model, examples, settings), 2)
-        if generative
-        else None,
+        decode_tokens_per_s=round(time_decode(model, examples, settings), 2) if decodes else None,
+        runtime=served.runtime if served else "eager",
     )
 
 

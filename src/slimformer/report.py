@@ -201,7 +201,7 @@ def model_card(
     settings: StudySettings,
     metric: str,
     met: bool,
-    plain_hf: bool,
+    saved: dict[str, Any],
 ) -> str:
     bounded = _bounded(settings)
     rows = [
@@ -237,12 +237,17 @@ def model_card(
         ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
         rows.append((label, _number(a), _number(b), f"{ratio:.2f}×"))
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
-    loading = (
-        "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`."
-        if plain_hf
-        else "It holds layers plain transformers cannot rebuild (int8, or widths that differ "
-        "from its config), so only slimformer loads it."
-    )
+    loading = {
+        "hf": "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`.",
+        "slimformer": "It holds layers plain transformers cannot rebuild (int8, or widths that "
+        "differ from its config), so only slimformer loads it.",
+        "runtime": "It is served by another engine; its files ("
+        + ", ".join(f"`{f}`" for f in (saved.get("runtime") or {}).get("files", ()))
+        + ") load in that engine directly too.",
+    }[saved.get("weights", "slimformer")]
+    runtime = (saved.get("runtime") or {}).get("name")
+    if runtime:
+        loading += f" `slimformer.load` returns it running in `{runtime}`."
     status = "meets" if met else "does NOT meet"
     threads = baseline.measurement["threads"]
     return f"""# slimformer model

@@ -447,9 +447,9 @@ class Study:
             recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
             model = apply_recipe(self.base, recipe, self.calibration, training=self.training)
             save_model(model, tmp)
-        plain_hf = json.loads((tmp / "slimformer.json").read_text()).get("weights") == "hf"
+        saved = json.loads((tmp / "slimformer.json").read_text())
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        card = model_card(chosen, baseline, self.settings, self.task.metric, met, plain_hf)
+        card = model_card(chosen, baseline, self.settings, self.task.metric, met, saved)
         (tmp / "README.md").write_text(card)
         replace_dir(tmp, best_dir)
         return best_dir

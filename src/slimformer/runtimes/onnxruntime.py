@@ -1,0 +1,224 @@
+"""`runtime.onnxruntime`: export to ONNX, apply ONNX Runtime's transformer fusions, optionally
+quantize to int8 inside ONNX Runtime, and serve the result through an InferenceSession.
+
+This is the recipe Optimum runs (`optimum-cli export onnx` + `ORTOptimizer` + `ORTQuantizer`
+dynamic int8), done with onnxruntime directly because Optimum's exporter pins an older
+transformers. The fusions actually applied are counted and recorded in the recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
+from slimformer.runtimes.base import (
+    HEAD_OUTPUT,
+    ServedModule,
+    Stopwatch,
+    example_inputs,
+    max_difference,
+    register_served,
+)
+from slimformer.runtimes.export import check_exportable, export_onnx
+
+ONNX_FILE = "model.onnx"
+# ONNX Runtime's optimizer knows these families' attention and normalization patterns.
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "vit": "vit"}
+# Float graphs must reproduce eager outputs to this (relative to the output's scale); a larger
+# gap means a fusion matched the wrong pattern, and the candidate is refused.
+FLOAT_TOLERANCE = 1e-3
+INTERESTING_OPS = ("Attention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "QAttention")
+
+
+@register_served
+class OnnxRuntimeModule(ServedModule):
+    runtime = "onnxruntime"
+
+    def __init__(
+        self,
+        config: Any,
+        head: str,
+        onnx_path: Path,
+        keep: tempfile.TemporaryDirectory | None = None,
+    ):
+        super().__init__(config, head)
+        self.onnx_path = onnx_path
+        self._keep = keep  # owns the temporary folder of a model not saved yet
+        self._session: Any = None
+
+    def session(self) -> Any:
+        """Created on first use so it takes the thread count set for measurement."""
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._session = ort.InferenceSession(
+                str(self.onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+        return self._session
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feed = {n: t.numpy() for n, t in inputs.items()}
+        return torch.from_numpy(self.session().run(["output"], feed)[0])
+
+    def __deepcopy__(self, memo: dict) -> OnnxRuntimeModule:
+        # The file is immutable once written; copies share it (and its temporary owner).
+        return OnnxRuntimeModule(self.config, self.head, self.onnx_path, self._keep)
+
+    def save_artifacts(self, folder: Path) -> dict[str, Any]:
+        shutil.copyfile(self.onnx_path, folder / ONNX_FILE)
+        return {"files": [ONNX_FILE]}
+
+    @classmethod
+    def load_artifacts(
+        cls, folder: Path, meta: dict[str, Any], config: Any, head: str, module: Any = None
+    ) -> OnnxRuntimeModule:
+        return cls(config, head, folder / ONNX_FILE)
+
+    def artifact_files(self) -> tuple[str, ...]:
+        return (ONNX_FILE,)
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeConfig:
+    optimize: bool = searchable(
+        True,
+        Choice((True, False)),
+        "ONNX Runtime's transformer optimizer: fused Attention, LayerNorm, GELU",
+    )
+    int8: str = searchable(
+        "none",
+        Choice(("none", "dynamic")),
+        "dynamic: int8 weights, activations quantized per batch (MatMulInteger, QAttention)",
+    )
+    per_channel: bool = fixed(False, "int8: a weight scale per output channel")
+
+
+def _uniform_heads(model: SlimModel) -> int:
+    """Heads per layer if every layer has the same count (after pruning), else 0 (unknown)."""
+    adapter = model.adapter
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    counts = {
+        next(iter(adapter.block_linears(i, ("attention",)).values())).out_features // head_dim
+        for i in range(adapter.num_layers)
+    }
+    return counts.pop() if len(counts) == 1 else 0
+
+
+def _node_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts = Counter(
+        node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node
+    )
+    return {op: counts[op] for op in INTERESTING_OPS if counts[op]}
+
+
+@register_pass
+class OnnxRuntimePass(Pass):
+    name = "runtime.onnxruntime"
+    summary = "serve through ONNX Runtime: export, transformer fusions, optional int8 inside ORT"
+    config_class = OnnxRuntimeConfig
+    stage = 50
+    needs_calibration = True  # a real batch to trace and to check outputs against eager
+
+    def apply(
+        self, model: SlimModel, config: OnnxRuntimeConfig, ctx: PassContext
+    ) -> dict[str, Any]:
+        check_exportable(model, self.name)
+        watch = Stopwatch()
+        example = example_inputs(model.head, ctx.calibration)
+        with torch.inference_mode():
+            reference = getattr(model(**example), HEAD_OUTPUT[model.head])
+        keep = tempfile.TemporaryDirectory(prefix="slimformer-onnx-")
+        folder = Path(keep.name)
+        export_onnx(model, example, folder / "exported.onnx")
+        current = folder / "exported.onnx"
+        resolved: dict[str, Any] = {}
+        model_type = OPTIMIZER_MODEL_TYPES.get(model.adapter.family)
+        if config.optimize and model_type:
+            current, resolved["fusions"] = self._optimize(model, model_type, current, folder)
+        elif config.optimize:
+            resolved["fusions"] = (
+                f"none: ONNX Runtime's optimizer has no {model.adapter.family} patterns"
+            )
+        if config.int8 == "dynamic":
+            current = self._quantize_dynamic(current, folder, config.per_channel)
+        final = folder / ONNX_FILE
+        current.replace(final)
+        for leftover in folder.glob("*.onnx"):
+            if leftover != final:
+                leftover.unlink()
+        served = OnnxRuntimeModule(model.config, model.head, final, keep)
+        with torch.inference_mode():
+            output = getattr(served(**example), HEAD_OUTPUT[model.head])
+        difference = max_difference(model.head, reference, output, example)
+        scale = float(reference.abs().max())
+        if config.int8 == "none" and not difference <= FLOAT_TOLERANCE * max(1.0, scale):
+            raise SlimformerError(
+                f"{self.name}: the ONNX model's outputs differ from PyTorch's by {difference:.3g}; "
+                "refusing it (try optimize=false)"
+            )
+        model.module = served
+        return resolved | {
+            "ops": _node_counts(final),
+            "onnx_mb": round(final.stat().st_size / 2**20, 2),
+            "max_abs_difference": round(difference, 6),
+            "seconds": watch.seconds(),
+        }
+
+    @staticmethod
+    def _optimize(
+        model: SlimModel, model_type: str, source: Path, folder: Path
+    ) -> tuple[Path, dict]:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        heads = _uniform_heads(model)
+        logging.disable(logging.WARNING)  # the optimizer logs every pattern it did not find
+        try:
+            optimized = optimize_model(
+                str(source),
+                model_type=model_type,
+                num_heads=heads,
+                hidden_size=model.config.hidden_size if heads else 0,
+                opt_level=0,  # only the transformer fusions; the session applies the rest
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+        fusions = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        target = folder / "optimized.onnx"
+        optimized.save_model_to_file(str(target))
+        return target, fusions
+
+    @staticmethod
+    def _quantize_dynamic(source: Path, folder: Path, per_channel: bool) -> Path:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        target = folder / "quantized.onnx"
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(
+                str(source),
+                str(target),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                # Fused graphs (Attention, SkipLayerNorm) carry no type info for the quantizer.
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+        return target

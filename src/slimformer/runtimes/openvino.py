@@ -1,0 +1,158 @@
+"""`runtime.openvino`: the exported ONNX graph read by OpenVINO, optionally int8 by NNCF's
+post-training quantization (calibrated on the task's calibration batches), served by
+OpenVINO's CPU plugin."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
+from slimformer.runtimes.base import (
+    HEAD_OUTPUT,
+    ServedModule,
+    Stopwatch,
+    example_inputs,
+    max_difference,
+    register_served,
+)
+from slimformer.runtimes.export import check_exportable, export_onnx
+
+XML_FILE, BIN_FILE = "model.xml", "model.bin"
+FLOAT_TOLERANCE = 1e-3  # relative to the output's scale, as for ONNX Runtime
+
+
+@register_served
+class OpenVinoModule(ServedModule):
+    runtime = "openvino"
+
+    def __init__(self, config: Any, head: str, ov_model: Any, precision: str):
+        super().__init__(config, head)
+        self.ov_model = ov_model
+        self.precision = precision
+        self._compiled: Any = None
+
+    def compiled(self) -> Any:
+        """Compiled on first use so it takes the thread count set for measurement."""
+        if self._compiled is None:
+            import openvino as ov
+
+            self._compiled = ov.Core().compile_model(
+                self.ov_model,
+                "CPU",
+                {
+                    "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                    # Set explicitly: on CPUs with bf16 instructions the default is bf16.
+                    "INFERENCE_PRECISION_HINT": self.precision,
+                },
+            )
+        return self._compiled
+
+    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        request = self.compiled()
+        result = request({n: t.numpy() for n, t in inputs.items()})
+        return torch.from_numpy(result[request.output(0)].copy())
+
+    def __deepcopy__(self, memo: dict) -> OpenVinoModule:
+        return OpenVinoModule(self.config, self.head, self.ov_model, self.precision)
+
+    def save_artifacts(self, folder: Path) -> dict[str, Any]:
+        import openvino as ov
+
+        # fp32 weights on disk: int8 layers stay int8; float ones are not rounded to fp16.
+        ov.save_model(self.ov_model, str(folder / XML_FILE), compress_to_fp16=False)
+        return {"files": [XML_FILE, BIN_FILE], "precision": self.precision}
+
+    @classmethod
+    def load_artifacts(
+        cls, folder: Path, meta: dict[str, Any], config: Any, head: str, module: Any = None
+    ) -> OpenVinoModule:
+        import openvino as ov
+
+        return cls(config, head, ov.Core().read_model(str(folder / XML_FILE)), meta["precision"])
+
+
+@dataclass(frozen=True)
+class OpenVinoConfig:
+    int8: str = searchable(
+        "none",
+        Choice(("none", "nncf")),
+        "nncf: int8 weights and activations by NNCF post-training quantization",
+    )
+    precision: str = searchable(
+        "f32",
+        Choice(("f32", "bf16")),
+        "float math in f32, or bf16 (fast only on CPUs with bf16 instructions)",
+    )
+
+
+@register_pass
+class OpenVinoPass(Pass):
+    name = "runtime.openvino"
+    summary = "serve through OpenVINO (from ONNX), optionally int8 by NNCF"
+    config_class = OpenVinoConfig
+    stage = 50
+    needs_calibration = True
+
+    def apply(self, model: SlimModel, config: OpenVinoConfig, ctx: PassContext) -> dict[str, Any]:
+        import openvino as ov
+
+        check_exportable(model, self.name)
+        watch = Stopwatch()
+        example = example_inputs(model.head, ctx.calibration)
+        with torch.inference_mode():
+            reference = getattr(model(**example), HEAD_OUTPUT[model.head])
+        with tempfile.TemporaryDirectory(prefix="slimformer-openvino-") as tmp:
+            path = Path(tmp) / "exported.onnx"
+            export_onnx(model, example, path)
+            ov_model = ov.Core().read_model(str(path))
+        resolved: dict[str, Any] = {}
+        if config.int8 == "nncf":
+            ov_model, resolved["int8_ops"] = self._quantize(ov_model, model.head, ctx.calibration)
+        served = OpenVinoModule(model.config, model.head, ov_model, config.precision)
+        with torch.inference_mode():
+            output = getattr(served(**example), HEAD_OUTPUT[model.head])
+        difference = max_difference(model.head, reference, output, example)
+        scale = float(reference.abs().max())
+        exact = config.int8 == "none" and config.precision == "f32"
+        if exact and not difference <= FLOAT_TOLERANCE * max(1.0, scale):
+            raise SlimformerError(
+                f"{self.name}: OpenVINO's outputs differ from PyTorch's by {difference:.3g}"
+            )
+        model.module = served
+        return resolved | {"max_abs_difference": round(difference, 6), "seconds": watch.seconds()}
+
+    @staticmethod
+    def _quantize(ov_model: Any, head: str, calibration: Any) -> tuple[Any, int]:
+        import logging
+
+        import nncf  # imported here: it takes seconds
+
+        names = [port.get_any_name() for port in ov_model.inputs]
+
+        def feed(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+            return {n: batch[n].numpy() for n in names}
+
+        batches = list(calibration)
+        nncf.set_log_level(logging.ERROR)
+        # NNCF draws progress bars on stdout, which would break the study's live table.
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantized = nncf.quantize(
+                    ov_model,
+                    nncf.Dataset(batches, feed),
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    subset_size=len(batches),
+                )
+        finally:
+            nncf.set_log_level(logging.INFO)
+        fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())
+        return quantized, fake_quantize

@@ -1,0 +1,144 @@
+"""Runtimes: ONNX Runtime, OpenVINO and torch.compile serve a model with eager's outputs,
+save beside their artifact and load back into the same engine."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+
+from slimformer.checkpoint import load_model, save_model
+from slimformer.errors import SlimformerError
+from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.runtimes.compiled import CompiledModule
+from slimformer.runtimes.onnxruntime import OnnxRuntimeModule
+from slimformer.runtimes.openvino import OpenVinoModule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def serve(model, *steps):
+    recipe = Recipe(steps=tuple(Step(name, config) for name, config in steps))
+    return apply_recipe(model, recipe, tiny.calibration(model))
+
+
+def real_positions(model, batch, output):
+    mask = batch.get("attention_mask")
+    return output[mask.bool()] if mask is not None and output.dim() == 3 else output
+
+
+def difference(model, served, batch) -> float:
+    reference, got = tiny.output(model, batch), tiny.output(served, batch)
+    return float((real_positions(model, batch, reference - got)).abs().max())
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_onnxruntime_float_matches_eager(family):
+    model = tiny.build(family)
+    served = serve(model, ("runtime.onnxruntime", {}))
+    assert isinstance(served.module, OnnxRuntimeModule)
+    assert difference(model, served, tiny.calibration(model)[1]) < 1e-4
+
+
+def test_onnxruntime_applies_and_reports_the_transformer_fusions_on_bert():
+    model = tiny.build("bert")
+    served = serve(model, ("runtime.onnxruntime", {}))
+    fusions = served.recipe.steps[-1].resolved["fusions"]
+    assert fusions["Attention"] == tiny.NUM_LAYERS
+    assert fusions["SkipLayerNormalization"] == 2 * tiny.NUM_LAYERS
+    assert fusions["EmbedLayerNormalization"] == 1
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_onnxruntime_dynamic_int8_runs_integer_matmuls_and_stays_close(family):
+    model = tiny.build(family)
+    served = serve(model, ("runtime.onnxruntime", {"int8": "dynamic"}))
+    ops = served.recipe.steps[-1].resolved["ops"]
+    assert ops.get("MatMulInteger", 0) + ops.get("QAttention", 0) >= 3 * tiny.NUM_LAYERS
+    assert "MatMul" not in ops or ops["MatMul"] < ops["MatMulInteger"]
+    batch = tiny.calibration(model)[1]
+    reference, got = tiny.output(model, batch), tiny.output(served, batch)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.99
+
+
+@pytest.mark.parametrize(
+    ("steps", "engine"),
+    [
+        ((("runtime.onnxruntime", {"int8": "dynamic"}),), OnnxRuntimeModule),
+        ((("runtime.openvino", {"int8": "nncf"}),), OpenVinoModule),
+    ],
+)
+def test_served_model_reloads_in_its_engine_without_torch_weights(steps, engine, tmp_path):
+    model = tiny.build("bert")
+    served = serve(model, *steps)
+    save_model(served, tmp_path / "m")
+    assert not list((tmp_path / "m").glob("*.safetensors"))
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded.module, engine)
+    assert sum(p.numel() for p in loaded.module.parameters()) == 0
+    batch = tiny.calibration(model)[1]
+    torch.testing.assert_close(tiny.output(loaded, batch), tiny.output(served, batch))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_openvino_float_matches_eager(family):
+    model = tiny.build(family)
+    served = serve(model, ("runtime.openvino", {}))
+    assert isinstance(served.module, OpenVinoModule)
+    assert difference(model, served, tiny.calibration(model)[1]) < 1e-4
+
+
+def test_openvino_nncf_int8_inserts_quantizers_and_stays_close():
+    model = tiny.build("bert")
+    served = serve(model, ("runtime.openvino", {"int8": "nncf"}))
+    assert served.recipe.steps[-1].resolved["int8_ops"] >= 3 * tiny.NUM_LAYERS
+    batch = tiny.calibration(model)[1]
+    reference, got = tiny.output(model, batch), tiny.output(served, batch)
+    cosine = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_pruned_model_with_uneven_heads_exports_and_matches():
+    model = tiny.build("bert")
+    pruned = serve(
+        model,
+        ("prune.heads", {"keep": 0.5, "criterion": "magnitude", "allocation": "global"}),
+        ("prune.ffn", {"keep": 0.5, "criterion": "magnitude", "multiple": 1}),
+    )
+    widths = {
+        next(iter(pruned.adapter.block_linears(i, ("attention",)).values())).out_features
+        for i in range(tiny.NUM_LAYERS)
+    }
+    assert len(widths) > 1  # heads kept differ per layer: no uniform head count to fuse with
+    served = apply_recipe(
+        pruned, Recipe(steps=(Step("runtime.onnxruntime", {}),)), tiny.calibration(model)
+    )
+    assert difference(pruned, served, tiny.calibration(model)[1]) < 1e-4
+
+
+def test_model_quantized_by_a_torch_pass_is_refused_with_the_reason():
+    model = tiny.build("bert")
+    with pytest.raises(SlimformerError, match="cannot export layers quantized by a PyTorch"):
+        serve(model, ("quantize.dynamic_int8", {}), ("runtime.onnxruntime", {}))
+
+
+def test_kv_cached_generation_through_onnxruntime_is_a_clear_error():
+    model = tiny.build("llama")
+    served = serve(model, ("runtime.onnxruntime", {}))
+    ids = tiny.calibration(model)[0]["input_ids"][:1]
+    with pytest.raises(SlimformerError, match="KV-cached generation"):
+        served(input_ids=ids, use_cache=True)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_reloads_compiled(tmp_path):
+    model = tiny.build("bert")
+    served = serve(model, ("runtime.compiled", {}))
+    assert isinstance(served.module, CompiledModule)
+    batch = tiny.calibration(model)[1]
+    assert difference(model, served, batch) < 1e-4
+    save_model(served, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded.module, CompiledModule)
+    torch.testing.assert_close(tiny.output(loaded, batch), tiny.output(model, batch))
