@@ -208,3 +208,41 @@ def test_killed_study_resumes_without_losing_trials(tmp_path):
 
     shown = subprocess.run([*CLI, "show", str(run)], capture_output=True, text=True)
     assert shown.returncode == 0 and "baseline" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("steps", "least_fidelity"),
+    [
+        ([("runtime.onnxruntime", {})], 0.99999),
+        ([("runtime.onnxruntime", {"int8": "dynamic"})], 0.93),
+        ([("runtime.openvino", {})], 0.99999),
+        ([("runtime.openvino", {"int8": "nncf"})], 0.93),
+        ([("runtime.batching", {"mode": "unpadded"})], 0.99999),
+    ],
+    ids=["onnxruntime", "onnxruntime-int8", "openvino", "openvino-nncf", "unpadded"],
+)
+def test_runtime_serves_minilm_with_eager_embeddings(
+    minilm, calibration, sentences, steps, least_fidelity
+):
+    recipe = Recipe(steps=tuple(Step(name, config) for name, config in steps))
+    served = apply_recipe(minilm, recipe, calibration)
+    assert fidelity(served, minilm, sentences) > least_fidelity
+
+
+def test_onnxruntime_fuses_every_minilm_attention_and_layernorm(minilm, calibration):
+    served = apply_recipe(minilm, Recipe(steps=(Step("runtime.onnxruntime", {}),)), calibration)
+    fusions = served.recipe.steps[-1].resolved["fusions"]
+    assert fusions["Attention"] == 6 and fusions["SkipLayerNormalization"] == 12
+    assert fusions["EmbedLayerNormalization"] == 1
+
+
+def test_unpadded_minilm_equals_padded_on_real_sentences(minilm, calibration, task):
+    unpadded = apply_recipe(
+        minilm, Recipe(steps=(Step("runtime.batching", {"mode": "unpadded"}),)), calibration
+    )
+    batch = calibration[0]
+    mask = batch["attention_mask"].bool()
+    assert (~mask).sum() > mask.numel() // 4  # the batch really is mostly padding
+    torch.testing.assert_close(
+        hidden(unpadded, batch)[mask], hidden(minilm, batch)[mask], rtol=1e-4, atol=1e-4
+    )

@@ -218,6 +218,7 @@ def load_model(
             tokenizer=_load_tokenizer(path),
             source=meta.get("source") or str(path),
             recipe=Recipe.load(path) if (path / "recipe.yaml").is_file() else Recipe(),
+            batching=meta.get("batching", "bucketed"),
         )
     weight_files = _weight_files(path, meta)
     _check_safetensors(weight_files)
@@ -258,6 +259,7 @@ def load_model(
         tokenizer=_load_tokenizer(path),
         source=meta.get("source") or str(path),
         recipe=recipe,
+        batching=meta.get("batching", "bucketed"),
     )
 
 
@@ -392,6 +394,7 @@ def save_model(
             "shapes": resized,
             "dtype": _float_dtype(module) if module is not None else "float32",
             "runtime": runtime,
+            "batching": model.batching,
         }
         (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:

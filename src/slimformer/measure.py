@@ -68,6 +68,7 @@ class Measurement:
     batch_size: int
     mean_tokens: float
     runtime: str = "eager"
+    batching: str = "bucketed"  # how the throughput batches were formed
     # Causal LMs only: batch-1 prompt tokens/s (from the latency runs) and new tokens/s.
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
@@ -132,10 +133,16 @@ def time_latency(
 def time_throughput(
     model: SlimModel, examples: Sequence[Sequence[int]], settings: MeasureSettings
 ) -> float:
-    """Inputs per second over batches sorted by length and padded to their longest."""
+    """Inputs per second over batches formed as the model's `batching` says: sorted by length
+    (bucketed) or in arrival order (padded, unpadded), each padded to its longest input."""
     chosen = examples[: settings.throughput_inputs]
-    batches = [collate(model, b) for _, b in batches_by_length(chosen, settings.batch_size)]
-    model(**batches[0])  # warm-up on the shortest batch
+    if model.batching == "bucketed":
+        grouped = [b for _, b in batches_by_length(chosen, settings.batch_size)]
+    else:
+        size = settings.batch_size
+        grouped = [chosen[i : i + size] for i in range(0, len(chosen), size)]
+    batches = [collate(model, b) for b in grouped]
+    model(**min(batches, key=lambda b: b["input_ids"].numel()))  # warm-up on the smallest
     # Visit batches in a fixed shuffled order so a short run is not biased to short inputs;
     # stop after every batch ran and min_seconds passed, or after a cap for slow models.
     order = list(range(len(batches)))
@@ -241,7 +248,8 @@ def measure_loaded(
         mean_tokens=round(mean_tokens, 1),
         prefill_tokens_per_s=round(prompt_tokens / median * 1000, 1) if generative else None,
         decode_tokens_per_s=round(time_decode(model, examples, settings), 2) if decodes else None,
-        runtime=served.runtime if served else "eager",
+        runtime=served.runtime if served and served.runtime != "unpadded" else "eager",
+        batching=model.batching,
     )
 
 

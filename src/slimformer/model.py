@@ -44,6 +44,8 @@ class SlimModel:
     tokenizer: Any = None
     source: str = ""
     recipe: Recipe = field(default_factory=Recipe)
+    # How batches of variable-length inputs are formed (see runtimes/batching.py).
+    batching: str = "bucketed"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -63,4 +65,5 @@ class SlimModel:
             tokenizer=self.tokenizer,
             source=self.source,
             recipe=self.recipe,
+            batching=self.batching,
         )

@@ -1,6 +1,8 @@
 """BERT-family encoders: BERT, RoBERTa, XLM-R, ELECTRA, MiniLM (a BERT)."""
 
-from slimformer.adapters.base import BlockLayout, ModelAdapter
+from torch import nn
+
+from slimformer.adapters.base import BlockLayout, ModelAdapter, PostNormBlock
 from slimformer.adapters.registry import register_adapter
 
 
@@ -17,3 +19,21 @@ class BertAdapter(ModelAdapter):
         ffn_in=("intermediate.dense",),
         ffn_out="output.dense",
     )
+
+    def post_norm_block(self, block_index: int) -> PostNormBlock:
+        block = self.blocks()[block_index]
+        attention = self.attention_linears(block_index)
+        return PostNormBlock(
+            query=attention["query"],
+            key=attention["key"],
+            value=attention["value"],
+            attention_out=attention["out"],
+            attention_norm=block.get_submodule("attention.output.LayerNorm"),
+            ffn_in=block.get_submodule(self.layout.ffn_in[0]),
+            activation=block.get_submodule("intermediate.intermediate_act_fn"),
+            ffn_out=block.get_submodule(self.layout.ffn_out),
+            ffn_norm=block.get_submodule("output.LayerNorm"),
+        )
+
+    def embeddings(self) -> nn.Module:
+        return self.base.embeddings

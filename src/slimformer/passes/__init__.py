@@ -36,4 +36,4 @@ def load_builtin_passes() -> None:
         static_int8,
         weight_only,
     )
-    from slimformer.runtimes import compiled, onnxruntime, openvino  # noqa: F401
+    from slimformer.runtimes import batching, compiled, onnxruntime, openvino  # noqa: F401

@@ -25,6 +25,7 @@ from slimformer.runtimes.base import (
     max_difference,
     register_served,
 )
+from slimformer.runtimes.export import check_not_served
 
 
 @register_served
@@ -78,6 +79,7 @@ class CompiledPass(Pass):
     needs_calibration = True  # one real batch to compile and check against eager
 
     def apply(self, model: SlimModel, config: CompiledConfig, ctx: PassContext) -> dict[str, Any]:
+        check_not_served(model, self.name)
         watch = Stopwatch()
         example = example_inputs(model.head, ctx.calibration)
         with torch.inference_mode():

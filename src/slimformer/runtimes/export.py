@@ -56,8 +56,18 @@ def check_exportable(model: SlimModel, runtime: str) -> None:
             f"{runtime}: cannot export layers quantized by a PyTorch pass: {kinds} have no ONNX "
             f"form; quantize inside the runtime instead ({runtime} int8 setting)"
         )
-    if getattr(model.module, "runtime", None):
-        raise SlimformerError(f"{runtime}: the model already runs in {model.module.runtime}")
+    check_not_served(model, runtime)
+
+
+def check_not_served(model: SlimModel, runtime: str) -> None:
+    served = getattr(model.module, "runtime", None)
+    if served == "unpadded":
+        raise SlimformerError(
+            f"{runtime}: unpadded batching runs in PyTorch only; use runtime.batching "
+            f"mode=bucketed with {runtime}"
+        )
+    if served:
+        raise SlimformerError(f"{runtime}: the model already runs in {served}")
 
 
 def export_onnx(model: SlimModel, example: dict[str, torch.Tensor], path: Path) -> None:
