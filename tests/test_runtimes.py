@@ -142,3 +142,34 @@ def test_compiled_model_matches_eager_and_reloads_compiled(tmp_path):
     loaded = load_model(tmp_path / "m")
     assert isinstance(loaded.module, CompiledModule)
     torch.testing.assert_close(tiny.output(loaded, batch), tiny.output(model, batch))
+
+
+def test_recipe_with_two_runtimes_is_refused():
+    with pytest.raises(SlimformerError, match="one runtime pass"):
+        Recipe.from_dict(
+            {
+                "format": "slimformer-recipe/1",
+                "steps": [{"pass": "runtime.onnxruntime"}, {"pass": "runtime.openvino"}],
+            }
+        )
+
+
+def test_study_samples_at_most_one_runtime_per_recipe():
+    import optuna
+
+    from slimformer.passes import get_pass
+    from slimformer.study import sample_recipe
+    from slimformer.tasks import TaskSpec
+
+    passes = [get_pass(n) for n in ("runtime.onnxruntime", "runtime.openvino", "prune.ffn")]
+    facts = tiny.build("bert").adapter.facts()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    runtimes_seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, facts, TaskSpec("embedding"), 0)
+        names = [s.pass_name for s in recipe.steps if s.pass_name.startswith("runtime.")]
+        assert len(names) <= 1
+        runtimes_seen.update(names)
+        study.tell(trial, 0.0)
+    assert runtimes_seen == {"runtime.onnxruntime", "runtime.openvino"}

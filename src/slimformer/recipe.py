@@ -49,6 +49,17 @@ class Recipe:
                 raise SlimformerError(
                     f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
                 )
+        by_group: dict[str, list[str]] = {}
+        for step in self.steps:
+            group = get_pass(step.pass_name).group
+            if group:
+                by_group.setdefault(group, []).append(step.pass_name)
+        for group, members in by_group.items():
+            if len(members) > 1:
+                raise SlimformerError(
+                    f"a recipe takes one {group} pass, this one has {', '.join(members)}; "
+                    "keep one"
+                )
 
     def describe(self) -> str:
         if not self.steps:

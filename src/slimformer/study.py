@@ -187,13 +187,23 @@ def sample_recipe(
     trial: optuna.Trial, pass_classes: Sequence[type[Pass]], facts: Any, spec: TaskSpec, seed: int
 ) -> Recipe:
     steps = []
+    groups: dict[str, list[str]] = {}
+    for cls in pass_classes:
+        if cls.group:
+            groups.setdefault(cls.group, []).append(cls.name)
+    picked = {
+        trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()
+    }
     # Passes that need another (e.g. smoothing needs static int8) are offered only after it
     # was chosen, so no trial is spent on a recipe that cannot run.
     for cls in sorted(pass_classes, key=lambda c: bool(c.requires)):
         chosen = {step.pass_name for step in steps}
         if not set(cls.requires) <= chosen:
             continue
-        if not trial.suggest_categorical(f"use {cls.name}", [False, True]):
+        if cls.group:
+            if cls.name not in picked:
+                continue
+        elif not trial.suggest_categorical(f"use {cls.name}", [False, True]):
             continue
         values: dict[str, Any] = {}
         for name, space in cls.search_space().items():
@@ -212,9 +222,12 @@ def sample_recipe(
     return Recipe(steps=tuple(steps), task=spec, seed=seed)
 
 
-def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, bool]:
+def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
     """Every pass off (passes that need another are not even offered then)."""
-    return {f"use {cls.name}": False for cls in pass_classes if not cls.requires}
+    params: dict[str, Any] = {
+        f"use {cls.name}": False for cls in pass_classes if not cls.requires and not cls.group
+    }
+    return params | {cls.group: "none" for cls in pass_classes if cls.group}
 
 
 # --- the study ----------------------------------------------------------------------------
@@ -239,7 +252,7 @@ class Study:
             cached = reference_state(resolve_path(self.settings.model), self.task.spec, self.base)
             shutil.copyfile(cached, self.state_path)
         self.calibration = self.task.calibration_batches(self.base)
-        self.pass_classes = self.settings.pass_classes()
+        self.pass_classes = [c for c in self.settings.pass_classes() if c.applies_to(self.base)]
         trains = any(cls.name == "recover.distill" for cls in self.pass_classes)
         self.training = self.task.training_batches(self.base) if trains else []
         self.facts = self.base.adapter.facts()

@@ -106,6 +106,14 @@ class Pass(ABC):
     searched_by_default: ClassVar[bool] = True
     # Passes that must be in the same recipe for this one to make sense.
     requires: ClassVar[tuple[str, ...]] = ()
+    # Passes of one group exclude each other (one runtime serves a model): the study picks at
+    # most one of them per recipe.
+    group: ClassVar[str | None] = None
+
+    @classmethod
+    def applies_to(cls, model: SlimModel) -> bool:
+        """Whether the study should offer this pass for `model` at all."""
+        return True
 
     @abstractmethod
     def apply(self, model: SlimModel, config: Any, ctx: PassContext) -> dict[str, Any]:

@@ -125,6 +125,15 @@ class BatchingPass(Pass):
     config_class = BatchingConfig
     stage = 45  # before a runtime pass (ORT/OpenVINO refuse an unpadded model)
 
+    @classmethod
+    def applies_to(cls, model: SlimModel) -> bool:
+        # Only embedding inputs vary in length here: decoders are timed on fixed windows.
+        try:
+            check_unpadded_supported(model)
+        except SlimformerError:
+            return False
+        return True
+
     def apply(self, model: SlimModel, config: BatchingConfig, ctx: PassContext) -> dict[str, Any]:
         if config.mode == "unpadded":
             check_unpadded_supported(model)

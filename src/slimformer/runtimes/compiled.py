@@ -76,6 +76,10 @@ class CompiledPass(Pass):
     summary = "serve under torch.compile (inductor C++ kernels on CPU)"
     config_class = CompiledConfig
     stage = 50
+    group = "runtime"
+    # A compile takes a minute or more per candidate on 2 cores (and again when the
+    # candidate is measured): searched only when named in --passes.
+    searched_by_default = False
     needs_calibration = True  # one real batch to compile and check against eager
 
     def apply(self, model: SlimModel, config: CompiledConfig, ctx: PassContext) -> dict[str, Any]:

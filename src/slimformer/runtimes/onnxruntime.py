@@ -133,6 +133,7 @@ class OnnxRuntimePass(Pass):
     summary = "serve through ONNX Runtime: export, transformer fusions, optional int8 inside ORT"
     config_class = OnnxRuntimeConfig
     stage = 50
+    group = "runtime"
     needs_calibration = True  # a real batch to trace and to check outputs against eager
 
     def apply(

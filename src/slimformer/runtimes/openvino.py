@@ -100,6 +100,7 @@ class OpenVinoPass(Pass):
     summary = "serve through OpenVINO (from ONNX), optionally int8 by NNCF"
     config_class = OpenVinoConfig
     stage = 50
+    group = "runtime"
     needs_calibration = True
 
     def apply(self, model: SlimModel, config: OpenVinoConfig, ctx: PassContext) -> dict[str, Any]:
