@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
 from slimformer.passes import get_pass, registered_passes
-from slimformer.recipe import Recipe
+from slimformer.recipe import Recipe, Step
 from slimformer.study import (
     TrialRecord,
     baseline_params,
@@ -21,6 +21,7 @@ from slimformer.study import (
     pareto_front,
     parse_duration,
     parse_max_drop,
+    recipe_params,
     sample_recipe,
 )
 from slimformer.tasks import TaskSpec, quality_drop
@@ -325,3 +326,32 @@ def test_sample_recipe_only_uses_the_given_passes() -> None:
         assert {s.pass_name for s in recipe.steps} <= {"quantize.dynamic_int8"}
         assert not any(name.startswith("prune.layers") for name in trial.params)
         study.tell(trial, [0.0, 1.0])
+
+
+def test_a_start_recipe_is_proposed_exactly_by_the_sampler() -> None:
+    passes = [
+        get_pass(n)
+        for n in ("prune.ffn", "prune.heads", "recover.distill", "runtime.onnxruntime")
+    ]
+    start = Recipe(
+        steps=(
+            Step("prune.ffn", {"keep": 0.5, "criterion": "fisher"}),
+            Step("recover.distill", {"steps": 300}),
+            Step("runtime.onnxruntime", {"int8": "dynamic"}),
+        ),
+        task=TaskSpec(name="embedding"),
+    )
+    study = make_study()
+    study.enqueue_trial(recipe_params(start, passes))
+    trial = study.ask()
+    proposed = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+    chosen = {step.pass_name: step.config for step in proposed.steps}
+    assert set(chosen) == {"prune.ffn", "recover.distill", "runtime.onnxruntime"}
+    assert chosen["prune.ffn"]["keep"] == 0.5 and chosen["prune.ffn"]["criterion"] == "fisher"
+    assert chosen["runtime.onnxruntime"]["int8"] == "dynamic"
+
+
+def test_a_start_recipe_with_a_pass_not_searched_is_refused() -> None:
+    start = Recipe(steps=(Step("quantize.static_int8", {}),))
+    with pytest.raises(SlimformerError, match="does not search"):
+        recipe_params(start, [get_pass("prune.ffn")])

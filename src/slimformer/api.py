@@ -160,9 +160,13 @@ def optimize(
     threads: int | None = None,
     data: str | None = None,
     seed: int = 0,
+    starts: list[str | os.PathLike[str] | Recipe] | None = None,
     reporter: Reporter | None = None,
 ) -> StudyResult:
-    """Search passes jointly, measure every candidate, return the Pareto front and the choice."""
+    """Search passes jointly, measure every candidate, return the Pareto front and the choice.
+
+    `starts`: recipes (or recipe files) the study tries first, before its sampler explores.
+    """
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
     path = resolve_path(model)
@@ -178,6 +182,9 @@ def optimize(
         passes=tuple(passes or ()),
         seed=seed,
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
+        starts=tuple(
+            (r if isinstance(r, Recipe) else Recipe.load(r)).to_dict() for r in starts or ()
+        ),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     return run_study(settings, out_dir, resume=resume, overwrite=overwrite, reporter=reporter)

@@ -161,6 +161,10 @@ def optimize(
     seq_len: SeqOpt = None,
     threads: ThreadsOpt = None,
     seed: Annotated[int, typer.Option(help="seed for data splits and the sampler")] = 0,
+    start: Annotated[
+        list[Path] | None,
+        typer.Option(help="a recipe.yaml to try first (repeat for several starting points)"),
+    ] = None,
 ) -> None:
     """Search techniques jointly; save the Pareto front and the fastest model within budget."""
     from slimformer import api
@@ -187,6 +191,7 @@ def optimize(
                 seq_len=seq_len,
                 threads=threads,
                 seed=seed,
+                starts=list(start or ()),
                 reporter=reporter,
             )
     except KeyboardInterrupt:

@@ -85,6 +85,8 @@ class StudySettings:
     time_budget_s: float | None = None
     passes: tuple[str, ...] = ()  # empty = every registered pass
     seed: int = 0
+    # Recipes (as dicts) tried first, before the sampler explores: known-good starting points.
+    starts: tuple[dict[str, Any], ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class StudySettings:
         data = asdict(self)
         data["task"] = self.task.to_dict()
         data["passes"] = list(self.passes)
+        data["starts"] = list(self.starts)
         return data
 
     @classmethod
@@ -119,6 +122,7 @@ class StudySettings:
         data = dict(data)
         data["task"] = TaskSpec.from_dict(data["task"])
         data["passes"] = tuple(data.get("passes") or ())
+        data["starts"] = tuple(data.get("starts") or ())
         data["measure"] = MeasureSettings(**data.get("measure") or {})
         return cls(**data)
 
@@ -230,6 +234,31 @@ def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
     return params | {cls.group: "none" for cls in pass_classes if cls.group}
 
 
+def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
+    """The sampler's parameters that make `sample_recipe` propose `recipe`. Settings outside
+    the searched options (e.g. 250 distillation steps) are left for the sampler to pick."""
+    offered = {cls.name: cls for cls in pass_classes}
+    unknown = [s.pass_name for s in recipe.steps if s.pass_name not in offered]
+    if unknown:
+        raise SlimformerError(
+            f"--start recipe uses {', '.join(unknown)}, which the study does not search; add "
+            "them to --passes"
+        )
+    used = {step.pass_name: step for step in recipe.steps}
+    params = baseline_params(pass_classes)
+    for cls in pass_classes:
+        if cls.name not in used:
+            continue
+        params[cls.group or f"use {cls.name}"] = cls.name if cls.group else True
+        config = asdict(cls.make_config(used[cls.name].config))
+        for name, space in cls.search_space().items():
+            value = config[name]
+            if isinstance(space, Choice) and value not in space.options:
+                continue
+            params[f"{cls.name}.{name}"] = value
+    return params
+
+
 # --- the study ----------------------------------------------------------------------------
 class Study:
     def __init__(self, settings: StudySettings, out: Path, reporter: Reporter):
@@ -275,6 +304,9 @@ class Study:
         self._requeue_interrupted(study)
         if not study.trials:
             study.enqueue_trial(baseline_params(self.pass_classes))
+            for start in self.settings.starts:
+                recipe = Recipe.from_dict(start)
+                study.enqueue_trial(recipe_params(recipe, self.pass_classes), skip_if_exists=True)
         return study
 
     def _requeue_interrupted(self, study: optuna.Study) -> None:
