@@ -100,8 +100,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, result: dict) -> Path:
-    path = RESULTS / f"{name}.json"
+def write_result(name: str, result: dict, folder: Path | None = None) -> Path:
+    path = (folder or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

@@ -35,13 +35,18 @@ FIGURES = (
 )
 
 
+def median_or_none(values: list) -> float | None:
+    """None where a figure is not measured (FLOPs inside ONNX Runtime or OpenVINO)."""
+    return None if None in values else statistics.median(values)
+
+
 def measure(model: str, rounds: int, seq_len: int | None) -> dict:
     """Median of each figure over `rounds` fresh-process benchmarks."""
     runs = [slimformer.benchmark(model, seq_len=seq_len) for _ in range(rounds)]
     return {
         "quality": runs[0].quality,
         "details": runs[0].details,
-        "measurement": {key: statistics.median(r.measurement[key] for r in runs) for key in FIGURES}
+        "measurement": {key: median_or_none([r.measurement[key] for r in runs]) for key in FIGURES}
         | {k: runs[0].measurement[k] for k in ("threads", "batch_size", "mean_tokens")},
         "rounds": [r.measurement for r in runs],
     }
