@@ -20,6 +20,7 @@ measured matmul peaks so each engine's achieved GFLOP/s can be read against them
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -169,7 +170,9 @@ def study_summary(run_dir: Path) -> dict:
     from slimformer.study import read_run
 
     settings, records = read_run(run_dir)
+    pareto_file = run_dir / "pareto.json"
     return {
+        "pareto": json.loads(pareto_file.read_text()) if pareto_file.is_file() else None,
         "command": f"slimformer optimize default --task embedding --max-drop 1% "
         f"--objective throughput --passes {','.join(settings.passes)} (+ {len(settings.starts)} "
         "start recipes)",

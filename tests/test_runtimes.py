@@ -173,3 +173,19 @@ def test_study_samples_at_most_one_runtime_per_recipe():
         runtimes_seen.update(names)
         study.tell(trial, 0.0)
     assert runtimes_seen == {"runtime.onnxruntime", "runtime.openvino"}
+
+
+def test_recipe_exporting_a_torch_quantized_model_is_refused_before_any_pass_runs():
+    with pytest.raises(
+        SlimformerError, match="runtime.openvino cannot follow quantize.weight_only"
+    ):
+        Recipe.from_dict(
+            {
+                "format": "slimformer-recipe/1",
+                "steps": [
+                    {"pass": "recover.distill"},
+                    {"pass": "quantize.weight_only"},
+                    {"pass": "runtime.openvino"},
+                ],
+            }
+        )

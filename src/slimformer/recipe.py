@@ -49,6 +49,10 @@ class Recipe:
                 raise SlimformerError(
                     f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
                 )
+        for step in self.steps:
+            for other, reason in get_pass(step.pass_name).conflicts.items():
+                if other in names:
+                    raise SlimformerError(f"{step.pass_name} cannot follow {other}: {reason}")
         by_group: dict[str, list[str]] = {}
         for step in self.steps:
             group = get_pass(step.pass_name).group

@@ -22,6 +22,16 @@ from slimformer.model import SlimModel
 from slimformer.runtimes.base import HEAD_INPUTS, HEAD_OUTPUT
 
 OPSET = 17
+_NO_ONNX_FORM = (
+    "cannot export layers quantized by a PyTorch pass (their int8/int4 kernels have no ONNX "
+    "form); quantize inside the runtime instead (its int8 setting)"
+)
+# Passes whose output cannot be exported, for the runtime passes' `conflicts`.
+EXPORT_CONFLICTS = {
+    "quantize.dynamic_int8": _NO_ONNX_FORM,
+    "quantize.static_int8": _NO_ONNX_FORM,
+    "quantize.weight_only": _NO_ONNX_FORM,
+}
 
 
 class _PositionalCall(nn.Module):

@@ -29,7 +29,7 @@ from slimformer.runtimes.base import (
     max_difference,
     register_served,
 )
-from slimformer.runtimes.export import check_exportable, export_onnx
+from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
 
 ONNX_FILE = "model.onnx"
 # ONNX Runtime's optimizer knows these families' attention and normalization patterns.
@@ -134,6 +134,7 @@ class OnnxRuntimePass(Pass):
     config_class = OnnxRuntimeConfig
     stage = 50
     group = "runtime"
+    conflicts = EXPORT_CONFLICTS
     needs_calibration = True  # a real batch to trace and to check outputs against eager
 
     def apply(

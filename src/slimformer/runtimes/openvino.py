@@ -24,7 +24,7 @@ from slimformer.runtimes.base import (
     max_difference,
     register_served,
 )
-from slimformer.runtimes.export import check_exportable, export_onnx
+from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
 
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
 FLOAT_TOLERANCE = 1e-3  # relative to the output's scale, as for ONNX Runtime
@@ -101,6 +101,7 @@ class OpenVinoPass(Pass):
     config_class = OpenVinoConfig
     stage = 50
     group = "runtime"
+    conflicts = EXPORT_CONFLICTS
     needs_calibration = True
 
     def apply(self, model: SlimModel, config: OpenVinoConfig, ctx: PassContext) -> dict[str, Any]:
