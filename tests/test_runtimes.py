@@ -161,16 +161,19 @@ def test_study_samples_at_most_one_runtime_per_recipe():
     from slimformer.study import sample_recipe
     from slimformer.tasks import TaskSpec
 
-    passes = [get_pass(n) for n in ("runtime.onnxruntime", "runtime.openvino", "prune.ffn")]
+    names = ("runtime.onnxruntime", "runtime.openvino", "prune.ffn", "quantize.dynamic_int8")
+    passes = [get_pass(n) for n in names]
     facts = tiny.build("bert").adapter.facts()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     runtimes_seen = set()
-    for _ in range(20):
+    for _ in range(30):
         trial = study.ask()
         recipe = sample_recipe(trial, passes, facts, TaskSpec("embedding"), 0)
-        names = [s.pass_name for s in recipe.steps if s.pass_name.startswith("runtime.")]
-        assert len(names) <= 1
-        runtimes_seen.update(names)
+        runtimes = [s.pass_name for s in recipe.steps if s.pass_name.startswith("runtime.")]
+        assert len(runtimes) <= 1
+        # never torch int8 before an export: such a recipe could not run
+        assert not runtimes or "quantize.dynamic_int8" not in {s.pass_name for s in recipe.steps}
+        runtimes_seen.update(runtimes)
         study.tell(trial, 0.0)
     assert runtimes_seen == {"runtime.onnxruntime", "runtime.openvino"}
 

@@ -198,11 +198,14 @@ def sample_recipe(
     picked = {
         trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()
     }
+    # Passes that cannot precede the picked runtime (PyTorch int8 before an ONNX export) are
+    # not offered with it.
+    excluded = {name for cls in pass_classes if cls.name in picked for name in cls.conflicts}
     # Passes that need another (e.g. smoothing needs static int8) are offered only after it
     # was chosen, so no trial is spent on a recipe that cannot run.
     for cls in sorted(pass_classes, key=lambda c: bool(c.requires)):
         chosen = {step.pass_name for step in steps}
-        if not set(cls.requires) <= chosen:
+        if not set(cls.requires) <= chosen or cls.name in excluded:
             continue
         if cls.group:
             if cls.name not in picked:
