@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-default bench-pruning bench-quantization lint assets clean
+.PHONY: demo test bench bench-default bench-pruning bench-quantization bench-peers lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,11 @@ test: assets
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 
-# Every benchmark, one after another (about 3.5 hours on 2 cores; run on an idle machine:
+# Every benchmark, one after another (about 4.5 hours on 2 cores; run on an idle machine:
 # other work on the same cores skews the timings). Each part alone: make bench-default,
-# bench-pruning, bench-quantization. Results: bench/results/*.json (bench/tables.py prints them).
-bench: bench-default bench-pruning bench-quantization
+# bench-pruning, bench-quantization, bench-peers. Results: bench/results/*.json
+# (bench/tables.py prints them).
+bench: bench-default bench-pruning bench-quantization bench-peers
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -48,6 +49,10 @@ bench-quantization: assets
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/quantization.py smollm2
 	$(BIN)/python bench/quantization.py minilm
+
+# slimformer's study (25 min) against PyTorch, the Optimum recipe and OpenVINO+NNCF (~40 min).
+bench-peers: assets
+	$(BIN)/python bench/peers.py --study-budget 25m
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
