@@ -255,7 +255,9 @@ def main() -> None:
             peak = limits["int8_gops_onnxruntime_matmulinteger" if int8 else "fp32_gflops_torch"]
             r["achieved_fraction_of_peak"] = round(r["achieved_gflops"] / peak, 3)
             r["peak_compared"] = "int8" if int8 else "fp32"
-    command = "python bench/peers.py" + (" --quick" if args.quick else "")
+    command = "python bench/peers.py" + (
+        " --quick" if args.quick else f" --study-budget {args.study_budget}"
+    )
     path = write_result(
         "peers" + ("_quick" if args.quick else ""),
         {
