@@ -330,8 +330,7 @@ def test_sample_recipe_only_uses_the_given_passes() -> None:
 
 def test_a_start_recipe_is_proposed_exactly_by_the_sampler() -> None:
     passes = [
-        get_pass(n)
-        for n in ("prune.ffn", "prune.heads", "recover.distill", "runtime.onnxruntime")
+        get_pass(n) for n in ("prune.ffn", "prune.heads", "recover.distill", "runtime.onnxruntime")
     ]
     start = Recipe(
         steps=(

@@ -61,8 +61,7 @@ class Recipe:
         for group, members in by_group.items():
             if len(members) > 1:
                 raise SlimformerError(
-                    f"a recipe takes one {group} pass, this one has {', '.join(members)}; "
-                    "keep one"
+                    f"a recipe takes one {group} pass, this one has {', '.join(members)}; keep one"
                 )
 
     def describe(self) -> str:

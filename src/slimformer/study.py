@@ -195,9 +195,7 @@ def sample_recipe(
     for cls in pass_classes:
         if cls.group:
             groups.setdefault(cls.group, []).append(cls.name)
-    picked = {
-        trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()
-    }
+    picked = {trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()}
     # Passes that cannot precede the picked runtime (PyTorch int8 before an ONNX export) are
     # not offered with it.
     excluded = {name for cls in pass_classes if cls.name in picked for name in cls.conflicts}

@@ -110,9 +110,9 @@ class OnnxRuntimeConfig:
 def _uniform_heads(model: SlimModel) -> int:
     """Heads per layer if every layer has the same count (after pruning), else 0 (unknown)."""
     adapter = model.adapter
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    head_dim = adapter.head_dim()
     counts = {
-        next(iter(adapter.block_linears(i, ("attention",)).values())).out_features // head_dim
+        adapter.attention_linears(i)["query"].out_features // head_dim
         for i in range(adapter.num_layers)
     }
     return counts.pop() if len(counts) == 1 else 0
