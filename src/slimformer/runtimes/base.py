@@ -125,23 +125,42 @@ def load_served(
     return served_module_class(runtime).load_artifacts(folder, meta, config, head, module)
 
 
-def example_inputs(head: str, calibration: Any, rows: int = 2) -> dict[str, torch.Tensor]:
-    """A small real batch for tracing and for checking the served outputs against eager."""
-    if not calibration:
-        raise SlimformerError("a runtime pass needs calibration data to trace and check the model")
-    batch = calibration[0]
-    return {n: batch[n][:rows] for n in HEAD_INPUTS[head] if n in batch}
+# Float graphs must reproduce eager outputs to this (relative to the output's scale); a larger
+# gap means an export or fusion went wrong, and the candidate is refused.
+FLOAT_TOLERANCE = 1e-3
 
 
-def max_difference(
-    head: str, reference: torch.Tensor, served: torch.Tensor, inputs: dict[str, torch.Tensor]
-) -> float:
-    """Largest absolute difference over real (unpadded) positions."""
-    difference = (served.float() - reference.float()).abs()
-    mask = inputs.get("attention_mask")
-    if mask is not None and difference.dim() == 3:
-        difference = difference[mask.bool()]
-    return float(difference.max())
+class EagerReference:
+    """Eager outputs on one small real batch, to trace with and to check a served model by."""
+
+    def __init__(self, model: Any, calibration: Any, rows: int = 2):
+        if not calibration:
+            raise SlimformerError(
+                "a runtime pass needs calibration data to trace and check the model"
+            )
+        self.head = model.head
+        self.inputs = {n: calibration[0][n][:rows] for n in HEAD_INPUTS[model.head]}
+        self.output = self.main_output(model)
+
+    def main_output(self, model: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return getattr(model(**self.inputs), HEAD_OUTPUT[self.head])
+
+    def difference(self, served: Any, runtime: str, exact: bool, hint: str = "") -> float:
+        """Largest absolute difference over real (unpadded) positions; for a float graph
+        (`exact`), refuse one beyond FLOAT_TOLERANCE."""
+        gap = (self.main_output(served).float() - self.output.float()).abs()
+        mask = self.inputs.get("attention_mask")
+        if mask is not None and gap.dim() == 3:
+            gap = gap[mask.bool()]
+        difference = float(gap.max())
+        scale = max(1.0, float(self.output.abs().max()))
+        if exact and not difference <= FLOAT_TOLERANCE * scale:
+            raise SlimformerError(
+                f"{runtime}: outputs differ from PyTorch's by {difference:.3g}; refusing the "
+                f"model{hint}"
+            )
+        return difference
 
 
 class Stopwatch:

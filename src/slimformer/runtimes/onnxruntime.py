@@ -18,25 +18,14 @@ from typing import Any
 
 import torch
 
-from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
-from slimformer.runtimes.base import (
-    HEAD_OUTPUT,
-    ServedModule,
-    Stopwatch,
-    example_inputs,
-    max_difference,
-    register_served,
-)
+from slimformer.runtimes.base import EagerReference, ServedModule, Stopwatch, register_served
 from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
 
 ONNX_FILE = "model.onnx"
 # ONNX Runtime's optimizer knows these families' attention and normalization patterns.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "vit": "vit"}
-# Float graphs must reproduce eager outputs to this (relative to the output's scale); a larger
-# gap means a fusion matched the wrong pattern, and the candidate is refused.
-FLOAT_TOLERANCE = 1e-3
 INTERESTING_OPS = ("Attention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "QAttention")
 
 
@@ -142,12 +131,10 @@ class OnnxRuntimePass(Pass):
     ) -> dict[str, Any]:
         check_exportable(model, self.name)
         watch = Stopwatch()
-        example = example_inputs(model.head, ctx.calibration)
-        with torch.inference_mode():
-            reference = getattr(model(**example), HEAD_OUTPUT[model.head])
+        reference = EagerReference(model, ctx.calibration)
         keep = tempfile.TemporaryDirectory(prefix="slimformer-onnx-")
         folder = Path(keep.name)
-        export_onnx(model, example, folder / "exported.onnx")
+        export_onnx(model, reference.inputs, folder / "exported.onnx")
         current = folder / "exported.onnx"
         resolved: dict[str, Any] = {}
         model_type = OPTIMIZER_MODEL_TYPES.get(model.adapter.family)
@@ -165,15 +152,8 @@ class OnnxRuntimePass(Pass):
             if leftover != final:
                 leftover.unlink()
         served = OnnxRuntimeModule(model.config, model.head, final, keep)
-        with torch.inference_mode():
-            output = getattr(served(**example), HEAD_OUTPUT[model.head])
-        difference = max_difference(model.head, reference, output, example)
-        scale = float(reference.abs().max())
-        if config.int8 == "none" and not difference <= FLOAT_TOLERANCE * max(1.0, scale):
-            raise SlimformerError(
-                f"{self.name}: the ONNX model's outputs differ from PyTorch's by {difference:.3g}; "
-                "refusing it (try optimize=false)"
-            )
+        exact = config.int8 == "none"
+        difference = reference.difference(served, self.name, exact, " (try optimize=false)")
         model.module = served
         return resolved | {
             "ops": _node_counts(final),

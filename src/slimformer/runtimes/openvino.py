@@ -13,21 +13,12 @@ from typing import Any
 
 import torch
 
-from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
-from slimformer.runtimes.base import (
-    HEAD_OUTPUT,
-    ServedModule,
-    Stopwatch,
-    example_inputs,
-    max_difference,
-    register_served,
-)
+from slimformer.runtimes.base import EagerReference, ServedModule, Stopwatch, register_served
 from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
 
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
-FLOAT_TOLERANCE = 1e-3  # relative to the output's scale, as for ONNX Runtime
 
 
 @register_served
@@ -109,26 +100,17 @@ class OpenVinoPass(Pass):
 
         check_exportable(model, self.name)
         watch = Stopwatch()
-        example = example_inputs(model.head, ctx.calibration)
-        with torch.inference_mode():
-            reference = getattr(model(**example), HEAD_OUTPUT[model.head])
+        reference = EagerReference(model, ctx.calibration)
         with tempfile.TemporaryDirectory(prefix="slimformer-openvino-") as tmp:
             path = Path(tmp) / "exported.onnx"
-            export_onnx(model, example, path)
+            export_onnx(model, reference.inputs, path)
             ov_model = ov.Core().read_model(str(path))
         resolved: dict[str, Any] = {}
         if config.int8 == "nncf":
             ov_model, resolved["int8_ops"] = self._quantize(ov_model, model.head, ctx.calibration)
         served = OpenVinoModule(model.config, model.head, ov_model, config.precision)
-        with torch.inference_mode():
-            output = getattr(served(**example), HEAD_OUTPUT[model.head])
-        difference = max_difference(model.head, reference, output, example)
-        scale = float(reference.abs().max())
         exact = config.int8 == "none" and config.precision == "f32"
-        if exact and not difference <= FLOAT_TOLERANCE * max(1.0, scale):
-            raise SlimformerError(
-                f"{self.name}: OpenVINO's outputs differ from PyTorch's by {difference:.3g}"
-            )
+        difference = reference.difference(served, self.name, exact)
         model.module = served
         return resolved | {"max_abs_difference": round(difference, 6), "seconds": watch.seconds()}
 
