@@ -51,7 +51,7 @@ class Recipe:
                 )
         for step in self.steps:
             for other, reason in get_pass(step.pass_name).conflicts.items():
-                if other in names:
+                if any(_matches(earlier, other) for earlier in self.steps):
                     raise SlimformerError(f"{step.pass_name} cannot follow {other}: {reason}")
         by_group: dict[str, list[str]] = {}
         for step in self.steps:
@@ -188,3 +188,12 @@ def apply_recipe(
         seed=recipe.seed,
     )
     return result
+
+
+def _matches(step: Step, pattern: str) -> bool:
+    """Whether `step` is `pass` or `pass:setting=value` (a setting the step sets explicitly)."""
+    name, _, setting = pattern.partition(":")
+    if step.pass_name != name:
+        return False
+    key, _, value = setting.partition("=")
+    return not setting or str(step.config.get(key)) == value

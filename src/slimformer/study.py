@@ -198,7 +198,13 @@ def sample_recipe(
     picked = {trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()}
     # Passes that cannot precede the picked runtime (PyTorch int8 before an ONNX export) are
     # not offered with it.
-    excluded = {name for cls in pass_classes if cls.name in picked for name in cls.conflicts}
+    excluded = {
+        name
+        for cls in pass_classes
+        if cls.name in picked
+        for name in cls.conflicts
+        if ":" not in name
+    }
     # Passes that need another (e.g. smoothing needs static int8) are offered only after it
     # was chosen, so no trial is spent on a recipe that cannot run.
     for cls in sorted(pass_classes, key=lambda c: bool(c.requires)):

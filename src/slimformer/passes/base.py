@@ -109,8 +109,9 @@ class Pass(ABC):
     # Passes of one group exclude each other (one runtime serves a model): the study picks at
     # most one of them per recipe.
     group: ClassVar[str | None] = None
-    # Passes that cannot come before this one in a recipe, with the reason (checked before
-    # any pass runs, so a doomed recipe costs nothing).
+    # Passes (`name`, or `name:setting=value` for one setting of it) that cannot come before
+    # this one in a recipe, with the reason: checked before any pass runs, so a doomed recipe
+    # costs nothing.
     conflicts: ClassVar[dict[str, str]] = {}
 
     @classmethod

@@ -31,6 +31,8 @@ EXPORT_CONFLICTS = {
     "quantize.dynamic_int8": _NO_ONNX_FORM,
     "quantize.static_int8": _NO_ONNX_FORM,
     "quantize.weight_only": _NO_ONNX_FORM,
+    "runtime.batching:mode=unpadded": "unpadded batching runs in PyTorch only; use "
+    "runtime.batching mode=bucketed with an exported model",
 }
 
 
@@ -71,11 +73,8 @@ def check_exportable(model: SlimModel, runtime: str) -> None:
 
 def check_not_served(model: SlimModel, runtime: str) -> None:
     served = getattr(model.module, "runtime", None)
-    if served == "unpadded":
-        raise SlimformerError(
-            f"{runtime}: unpadded batching runs in PyTorch only; use runtime.batching "
-            f"mode=bucketed with {runtime}"
-        )
+    if served == "unpadded":  # a saved unpadded model, loaded and given to a runtime
+        raise SlimformerError(f"{runtime}: {EXPORT_CONFLICTS['runtime.batching:mode=unpadded']}")
     if served:
         raise SlimformerError(f"{runtime}: the model already runs in {served}")
 
