@@ -100,6 +100,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def trial_summary(t: Any) -> dict:
+    """One study trial (a TrialRecord) as a results row."""
+    return {
+        "trial": t.number,
+        "recipe": t.description,
+        "state": t.state,
+        "duplicate_of": t.duplicate_of,
+        "probe_accuracy": t.quality,
+        "drop_points": None if t.drop is None else round(t.drop * 100, 2),
+        "latency_ms_median": (t.measurement or {}).get("latency_ms_median"),
+        "throughput_per_s": (t.measurement or {}).get("throughput_per_s"),
+        "error": t.error,
+    }
+
+
 def write_result(name: str, result: dict, folder: Path | None = None) -> Path:
     path = (folder or RESULTS) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

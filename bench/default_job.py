@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import machine, ratios, write_result
+from common import machine, ratios, trial_summary, write_result
 
 import slimformer
 from slimformer.report import RichReporter
@@ -120,19 +120,7 @@ def main() -> None:
             for t in study.trials
             if t.number in study.pareto
         ],
-        "trials": [
-            {
-                "trial": t.number,
-                "recipe": t.description,
-                "state": t.state,
-                "duplicate_of": t.duplicate_of,
-                "probe_accuracy": t.quality,
-                "drop_points": None if t.drop is None else round(t.drop * 100, 2),
-                "latency_ms_median": (t.measurement or {}).get("latency_ms_median"),
-                "throughput_per_s": (t.measurement or {}).get("throughput_per_s"),
-            }
-            for t in study.trials
-        ],
+        "trials": [trial_summary(t) for t in study.trials],
         "side_by_side": side_by_side,
         "wall_seconds": round(time.time() - started, 1),
     }

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, measure_baseline, measure_recipe, write_result
+from common import machine, measure_baseline, measure_recipe, trial_summary, write_result
 
 import slimformer
 from slimformer.recipe import Recipe, Step
@@ -179,19 +179,7 @@ def study_summary(run_dir: Path) -> dict:
         "command": f"slimformer optimize default --task embedding --max-drop 1% "
         f"--objective throughput --passes {','.join(settings.passes)} (+ {len(settings.starts)} "
         "start recipes)",
-        "trials": [
-            {
-                "trial": t.number,
-                "recipe": t.description,
-                "state": t.state,
-                "probe_accuracy": t.quality,
-                "drop_points": None if t.drop is None else round(t.drop * 100, 2),
-                "throughput_per_s": (t.measurement or {}).get("throughput_per_s"),
-                "latency_ms_median": (t.measurement or {}).get("latency_ms_median"),
-                "error": t.error,
-            }
-            for t in records
-        ],
+        "trials": [trial_summary(t) for t in records],
     }
 
 
