@@ -177,8 +177,8 @@ def study_summary(run_dir: Path) -> dict:
     return {
         "pareto": json.loads(pareto_file.read_text()) if pareto_file.is_file() else None,
         "command": f"slimformer optimize default --task embedding --max-drop 1% "
-        f"--objective throughput --passes {','.join(settings.passes)} (+ {len(settings.starts)} "
-        "start recipes)",
+        f"--objective {settings.objective} --passes {','.join(settings.passes)} "
+        f"(+ {len(settings.starts)} start recipes)",
         "trials": [trial_summary(t) for t in records],
     }
 
