@@ -92,6 +92,10 @@ class BenchResult:
     quality: float
     details: dict[str, float]
     measurement: dict[str, Any]
+    cpu: dict[str, Any] | None = None  # the machine measured on now
+    # For a model a study chose: the figures it was chosen with (its metrics.json), to show
+    # beside today's — on another CPU they can differ a lot.
+    when_chosen: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,7 +105,20 @@ class BenchResult:
             "quality": self.quality,
             "details": self.details,
             "measurement": self.measurement,
+            "cpu": self.cpu,
+            "when_chosen": self.when_chosen,
         }
+
+
+def _when_chosen(model_dir: Path) -> dict[str, Any] | None:
+    """quality, details, measurement and cpu from a study's `metrics.json`, if it has one."""
+    import json
+
+    try:
+        metrics = json.loads((model_dir / "metrics.json").read_text())
+        return {k: metrics[k] for k in ("quality", "details", "measurement", "cpu")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def benchmark(
@@ -133,6 +150,7 @@ def benchmark(
             result = evaluate_isolated(model_dir, spec, state_path, settings, workdir / "run")
         except CandidateFailed as error:
             raise SlimformerError(f"benchmark failed: {error}") from None
+        when_chosen = None if isinstance(model, SlimModel) else _when_chosen(model_dir)
     return BenchResult(
         model=str(model if not isinstance(model, SlimModel) else model.source),
         task=spec.name,
@@ -140,6 +158,8 @@ def benchmark(
         quality=result["quality"],
         details=result["details"],
         measurement=result["measurement"],
+        cpu=result.get("cpu"),
+        when_chosen=when_chosen,
     )
 
 
@@ -162,10 +182,16 @@ def optimize(
     seed: int = 0,
     starts: list[str | os.PathLike[str] | Recipe] | None = None,
     reporter: Reporter | None = None,
+    confirm_rounds: int = 3,
+    allow_other_cpu: bool = False,
 ) -> StudyResult:
     """Search passes jointly, measure every candidate, return the Pareto front and the choice.
 
     `starts`: recipes (or recipe files) the study tries first, before its sampler explores.
+    `passes`: pass names, or `pass:setting=value` to offer a setting this CPU would not
+    profit from. `confirm_rounds`: alternating fresh-process timings of baseline and chosen
+    model at the end (0 = off). `allow_other_cpu`: resume a run measured on another machine,
+    measuring its trials again here.
     """
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
@@ -182,9 +208,17 @@ def optimize(
         passes=tuple(passes or ()),
         seed=seed,
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
+        confirm_rounds=confirm_rounds,
         starts=tuple(
             (r if isinstance(r, Recipe) else Recipe.load(r)).to_dict() for r in starts or ()
         ),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
-    return run_study(settings, out_dir, resume=resume, overwrite=overwrite, reporter=reporter)
+    return run_study(
+        settings,
+        out_dir,
+        resume=resume,
+        overwrite=overwrite,
+        reporter=reporter,
+        allow_other_cpu=allow_other_cpu,
+    )

@@ -84,13 +84,33 @@ def bench(
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
-    m = result.measurement
     table = Table(title=escape(f"{result.model} — {result.task} task"), title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    today = _figure_rows(result.metric, result.quality, result.details, result.measurement)
+    chosen = result.when_chosen
+    if chosen is None:
+        for name, value in today:
+            table.add_row(name, value)
+        out.print(table)
+        return
+    table.columns[1].header = "today"
+    table.add_column("when chosen", justify="right")
+    then = dict(
+        _figure_rows(result.metric, chosen["quality"], chosen["details"], chosen["measurement"])
+    )
+    for name, value in today:
+        table.add_row(name, value, then.get(name, "—"))
+    out.print(table)
+    out.print(escape(_machines_line(result.cpu, chosen.get("cpu"))))
+
+
+def _figure_rows(
+    metric: str, quality: float, details: dict[str, float], m: dict
+) -> list[tuple[str, str]]:
     rows = [
-        (result.metric, f"{result.quality:.4f}"),
-        *[(k, f"{v:.4f}") for k, v in result.details.items()],
+        (metric, f"{quality:.4f}"),
+        *[(k, f"{v:.4f}") for k, v in details.items()],
         ("latency, batch 1, median (ms)", f"{m['latency_ms_median']:.2f}"),
         ("latency, batch 1, p90 (ms)", f"{m['latency_ms_p90']:.2f}"),
         (f"throughput, batch {m['batch_size']} (inputs/s)", f"{m['throughput_per_s']:.1f}"),
@@ -110,9 +130,22 @@ def bench(
                 _optional(m["decode_tokens_per_s"], ".1f", "— (runtime has no KV cache)"),
             ),
         ]
-    for name, value in rows:
-        table.add_row(name, value)
-    out.print(table)
+    return rows
+
+
+def _machines_line(today: dict | None, then: dict | None) -> str:
+    """Which machines the two columns come from, and whether they compare."""
+    from slimformer.cpu import CpuFingerprint
+
+    if not today or not then:
+        return "the figures it was chosen with carry no machine fingerprint"
+    now_cpu, then_cpu = CpuFingerprint.from_dict(today), CpuFingerprint.from_dict(then)
+    if now_cpu.same_machine(then_cpu):
+        return f"both measured on this machine: {now_cpu.label}"
+    return (
+        f"chosen on another machine ({'; '.join(now_cpu.differences(then_cpu))}): the ranking "
+        f"of techniques can differ here. Today: {now_cpu.label}"
+    )
 
 
 def _optional(value: float | None, spec: str, missing: str = "—") -> str:
@@ -154,7 +187,8 @@ def optimize(
         str | None,
         typer.Option(
             help="comma-separated passes to search (default: all but those marked in "
-            "`slimformer passes` as searched only when named)"
+            "`slimformer passes` as searched only when named); pass:setting=value also offers "
+            "a setting this CPU would not profit from"
         ),
     ] = None,
     batch_size: BatchOpt = 32,
@@ -165,6 +199,19 @@ def optimize(
         list[Path] | None,
         typer.Option(help="a recipe.yaml to try first (repeat for several starting points)"),
     ] = None,
+    confirm_rounds: Annotated[
+        int,
+        typer.Option(
+            help="at the end, time baseline and chosen model again this many rounds, "
+            "alternating, in fresh processes; the printed ratios are their medians (0 = off)"
+        ),
+    ] = 3,
+    allow_other_cpu: Annotated[
+        bool,
+        typer.Option(
+            help="--resume a run measured on another machine: its trials are measured again here"
+        ),
+    ] = False,
 ) -> None:
     """Search techniques jointly; save the Pareto front and the fastest model within budget."""
     from slimformer import api
@@ -193,6 +240,8 @@ def optimize(
                 seed=seed,
                 starts=list(start or ()),
                 reporter=reporter,
+                confirm_rounds=confirm_rounds,
+                allow_other_cpu=allow_other_cpu,
             )
     except KeyboardInterrupt:
         err.print(
@@ -255,13 +304,24 @@ def list_passes() -> None:
     """List the registered techniques and their searchable parameters."""
     import dataclasses
 
+    from slimformer.cpu import fingerprint
     from slimformer.passes import registered_passes
 
+    cpu = fingerprint()
+    out.print(f"[dim]this CPU: {escape(cpu.label)}[/dim]\n")
     for cls in registered_passes():
+        unpaid = cls.without_payoff(cpu)
         note = (
             "" if cls.searched_by_default else " [dim](searched only when named in --passes)[/dim]"
         )
+        if "" in unpaid:
+            note += f" [yellow](this CPU lacks {unpaid.pop('')}: not offered unless named)[/yellow]"
         out.print(f"[bold]{cls.name}[/bold] — {cls.summary}{note}")
+        for setting, capability in unpaid.items():
+            out.print(
+                f"  [yellow]{setting}: not offered on this CPU (lacks {capability}); name it as "
+                f"{cls.name}:{setting} in --passes to search it anyway[/yellow]"
+            )
         table = Table(box=None, padding=(0, 2), show_edge=False)
         for column in ("setting", "search space", "default", "meaning"):
             table.add_column(

@@ -142,9 +142,7 @@ def forced_caps(environ: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
-def effective_instruction_sets(
-    native: tuple[str, ...], forced: dict[str, str]
-) -> tuple[str, ...]:
+def effective_instruction_sets(native: tuple[str, ...], forced: dict[str, str]) -> tuple[str, ...]:
     """`native` lowered to the most restrictive forced cap: ONEDNN_MAX_CPU_ISA=AVX2 keeps avx2
     only, AVX512_CORE adds avx512f, AVX512_CORE_VNNI adds VNNI; ATEN_CPU_CAPABILITY=avx2 drops
     AVX-512 (PyTorch's own kernels then run their AVX2 code, its packings included)."""
@@ -208,3 +206,7 @@ def has_native_bf16(cpu: CpuFingerprint | None = None) -> bool:
     """bf16 math in hardware (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
     cpu = cpu or fingerprint()
     return cpu.has("avx512_bf16") or cpu.has("amx")
+
+
+# Capabilities a pass can declare it needs to pay off (Pass.pays_off_only_with), by name.
+CAPABILITIES = {"native_bf16": has_native_bf16, "vnni": has_vnni}

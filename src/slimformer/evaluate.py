@@ -34,7 +34,10 @@ def evaluate_isolated(
     workdir: Path,
     on_stage: Callable[[str], None] | None = None,
     timeout_s: float = 1800,
+    score: bool = True,
 ) -> dict[str, Any]:
+    """Load, time and (unless `score` is false: timing only) score `model_dir` in a child;
+    the result holds quality, details, measurement and the measuring process's CPU."""
     workdir.mkdir(parents=True, exist_ok=True)
     request = {
         "model_dir": str(model_dir),
@@ -42,6 +45,7 @@ def evaluate_isolated(
         "state": str(state_path),
         "settings": asdict(settings),
         "result": str(workdir / "result.json"),
+        "score": score,
     }
     request_path = workdir / "request.json"
     request_path.write_text(json.dumps(request, indent=2))
@@ -91,6 +95,7 @@ def _stage(name: str) -> None:
 
 def run_request(request: dict[str, Any]) -> dict[str, Any]:
     from slimformer.checkpoint import load_model
+    from slimformer.cpu import fingerprint
     from slimformer.measure import (
         MeasureSettings,
         measure_loaded,
@@ -115,6 +120,12 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
         examples = task.examples(model, "timing")
     _stage("timing")
     measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
+    timed = {
+        "measurement": measurement.to_dict(),
+        "cpu": fingerprint(settings.resolved_threads()).to_dict(),
+    }
+    if not request.get("score", True):
+        return {"quality": None, **timed}
     _stage("scoring")
     state = load_state(Path(request["state"]))
     score = task.score(model, state)
@@ -124,7 +135,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
         "direction": score.direction,
         "bounded": score.bounded,
         "details": score.details,
-        "measurement": measurement.to_dict(),
+        **timed,
     }
 
 

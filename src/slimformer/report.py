@@ -16,6 +16,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from slimformer.confirm import CONFIRMED_FIGURES, improvement
+from slimformer.cpu import CpuFingerprint
 from slimformer.study import OBJECTIVES, StudyResult, StudySettings, TrialRecord
 from slimformer.tasks import make_task
 
@@ -93,6 +95,10 @@ class RichReporter:
             self.progress.advance(self.overall)
         self.progress.console.print(trial_line(record, self.objective, self.bounded))
 
+    def note(self, text: str) -> None:
+        """Something the user should read later too: a line that stays."""
+        self.progress.console.print(f"[yellow]note:[/yellow] {escape(text)}")
+
     def message(self, text: str) -> None:
         """Set-up steps show as a transient line of the progress display."""
         if self.setup is None:
@@ -135,6 +141,15 @@ def trials_table(
         table.add_column(column, justify="left" if column == "recipe" else "right")
     base_latency = baseline.measurement.get("latency_ms_median") if baseline else None
     for r in records:
+        if r.stale:
+            table.add_row(
+                str(r.number),
+                _clip(r.description, 60),
+                "[dim]other CPU[/dim]",
+                *[""] * 7,
+                "measured elsewhere",
+            )
+            continue
         if r.state != "complete":
             table.add_row(
                 str(r.number),
@@ -178,12 +193,22 @@ def print_study(result: StudyResult, console: Console) -> None:
     ratio = baseline.measurement[key] / chosen.measurement[key]
     if OBJECTIVES[settings.objective][1] == "maximize":
         ratio = 1 / ratio
+    how = "in the search's single measurement"
+    if result.confirmed:
+        spread = result.confirmed["ratios"][settings.objective]
+        ratio = spread["median"]
+        how = (
+            f"median of {result.confirmed['rounds']} alternating rounds, "
+            f"{spread['min']:.2f}–{spread['max']:.2f}×"
+        )
     budget = format_drop(settings.max_drop, bounded).lstrip("+")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.met_budget:
         console.print(
-            f"chosen: trial {chosen.number} ({chosen.description}) — {ratio:.2f}× better "
-            f"{settings.objective} than the baseline at {format_drop(chosen.drop, bounded)} "
-            f"quality (budget {budget})"
+            f"chosen: trial {chosen.number} ({escape(chosen.description)}) — {ratio:.2f}× "
+            f"better {settings.objective} than the baseline ({how}) at "
+            f"{format_drop(chosen.drop, bounded)} quality (budget {budget})"
         )
     else:
         console.print(
@@ -202,6 +227,8 @@ def model_card(
     metric: str,
     met: bool,
     saved: dict[str, Any],
+    cpu: CpuFingerprint,
+    confirmed: dict[str, Any] | None = None,
 ) -> str:
     bounded = _bounded(settings)
     rows = [
@@ -232,10 +259,14 @@ def model_card(
             ("prefill, batch 1 (prompt tokens/s)", "prefill_tokens_per_s", False),
             ("decode, batch 1 (new tokens/s)", "decode_tokens_per_s", False),
         ]
+    confirmed_by_key = {key: figure for figure, (key, _) in CONFIRMED_FIGURES.items()}
     for label, key, lower_is_better in fields:
         a, b = baseline.measurement[key], chosen.measurement.get(key)
-        ratio = (a / b if lower_is_better else b / a) if a and b else float("nan")
-        rows.append((label, _number(a), _number(b), f"{ratio:.2f}×"))
+        ratio_text = f"{improvement(a, b, lower_is_better):.2f}×"
+        if confirmed and key in confirmed_by_key:
+            spread = confirmed["ratios"][confirmed_by_key[key]]
+            ratio_text = f"{spread['median']:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}) ✓"
+        rows.append((label, _number(a), _number(b), ratio_text))
     table = "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
     loading = {
         "hf": "Plain transformers loads it too: `AutoModel.from_pretrained(this_folder)`.",
@@ -250,6 +281,17 @@ def model_card(
         loading += f" `slimformer.load` returns it running in `{runtime}`."
     status = "meets" if met else "does NOT meet"
     threads = baseline.measurement["threads"]
+    throughput_batches = {
+        "bucketed": "batches sorted by length and padded to their longest",
+        "padded": "batches in arrival order, each padded to its longest input",
+        "unpadded": "batches in arrival order with no padding computed (packed tokens)",
+    }.get(chosen.measurement.get("batching", "bucketed"), "batches of real inputs")
+    confirmation = (
+        "The ratios above are the search's single measurement of each model."
+        if not confirmed
+        else "Ratios marked ✓ are confirmed (below); the figures beside them are the search's "
+        "single measurement.\n\n" + _confirmed_section(confirmed)
+    )
     return f"""# slimformer model
 
 Derived from `{settings.model}` by `{chosen.description}` (study trial {chosen.number}).
@@ -261,14 +303,48 @@ Replay it with `slimformer apply recipe.yaml {settings.model} --out DIR`.
 
 ## Measured (same machine, same run, {threads} threads, fp32 baseline vs this model)
 
+Machine: {escape_md(cpu.label)}; {escape_md(_versions(cpu))}.
+
 | figure | baseline | this model | ratio |
 |---|---|---|---|
 {table}
 
-Latency is batch-1 requests on real inputs from the task; throughput is batches sorted by
-length and padded to their longest. Memory is the resident memory added by loading and
-serving the model in a fresh process.
+Latency is batch-1 requests on real inputs from the task; throughput is {throughput_batches}.
+Memory is the resident memory added by loading and serving the model in a fresh process.
+
+{confirmation}
+
+These are facts about this machine: on a CPU with other instruction sets the ranking of
+engines and precisions can differ (`slimformer bench this_folder` there shows today's figures
+beside these).
 """
+
+
+def _confirmed_section(confirmed: dict[str, Any]) -> str:
+    rows = "\n".join(
+        f"| {figure} | {r['median']:.2f}× | {r['min']:.2f}–{r['max']:.2f}× | "
+        + ", ".join(f"{x:.2f}" for x in r["per_round"])
+        + " |"
+        for figure, r in confirmed["ratios"].items()
+    )
+    return f"""### Confirmed ratios
+
+Baseline and this model timed again after the search, {confirmed["rounds"]} rounds, the order
+alternating, each measurement in a fresh process; a round's ratio compares that round's two
+measurements (higher is better for this model).
+
+| figure | median ratio | range | per round |
+|---|---|---|---|
+{rows}"""
+
+
+def _versions(cpu: CpuFingerprint) -> str:
+    return ", ".join(f"{lib} {version}" for lib, version in sorted(cpu.versions.items()))
+
+
+def escape_md(text: str) -> str:
+    """Text from the machine or a user, safe inside a Markdown table or paragraph."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _number(value: float | None) -> str:

@@ -6,19 +6,28 @@ process. The chosen model is the cheapest trial (by the objective) whose quality
 `max_drop`; if no optimized candidate meets it we say so and save the best-quality one.
 
 Everything lives in the run folder: `study.db` (Optuna's SQLite storage, the source of truth),
-`run.json` (settings), `trials.jsonl` and `pareto.json` (rewritten after every trial),
-`candidates/` (the current Pareto front's models) and `best/`.
+`run.json` (settings and the CPU), `trials.jsonl` and `pareto.json` (rewritten after every
+trial), `candidates/` (the current Pareto front's models) and `best/`. One process at a time
+holds the folder (`runlock.py`).
+
+Timings are facts about one machine: every trial records the CPU fingerprint it was measured
+on, and only trials measured on this machine take part in the front, the choice and the
+reuse of repeated recipes. The search also follows the CPU: settings that only pay off with
+a capability this CPU lacks (bf16 math, VNNI int8) are not offered unless the user names
+them. When the study ends, the baseline and the chosen model are timed again in alternating
+fresh processes (`confirm.py`), and those ratios are the ones printed and saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +35,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.checkpoint import load_model, replace_dir, resolve_path, save_model
+from slimformer.confirm import confirm_ratios
+from slimformer.cpu import CpuFingerprint, fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.files import write_atomic
@@ -33,6 +44,7 @@ from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass, registered_passes
 from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.runlock import RunLock, clear_folder
 from slimformer.tasks import TaskSpec, make_task, quality_drop, reference_state
 
 # objective name -> (measurement field, direction)
@@ -43,6 +55,40 @@ OBJECTIVES = {
 }
 STUDY_NAME = "slimformer"
 MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
+
+# (setting, value) pairs of a pass the study does not offer on this CPU, by pass name.
+Withheld = Mapping[str, Collection[tuple[str, str]]]
+
+
+def split_pass_names(entries: Sequence[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+    """`--passes` entries are pass names, or `pass:setting=value` to search that pass and
+    offer that setting even where this CPU would not profit from it (bf16 without bf16
+    instructions, say). Returns the pass names and the requested `pass:setting=value`s."""
+    names: list[str] = []
+    requested = set()
+    for entry in entries:
+        name, colon, setting = entry.partition(":")
+        if colon:
+            if "=" not in setting:
+                raise SlimformerError(
+                    f"--passes: '{entry}' must look like pass:setting=value, e.g. "
+                    "runtime.openvino:precision=bf16"
+                )
+            key, _, value = setting.partition("=")
+            get_pass(name).make_config({key: _typed(get_pass(name), key, value)})
+            requested.add(f"{name}:{key}={value}")
+        if name not in names:
+            names.append(name)
+    return tuple(names), frozenset(requested)
+
+
+def _typed(cls: type[Pass], key: str, text: str) -> Any:
+    """A `--passes pass:setting=value` value as the setting's own type, for validation."""
+    space = cls.search_space().get(key)
+    for option in space.options if isinstance(space, Choice) else ():
+        if str(option) == text:
+            return option
+    return text
 
 
 def parse_max_drop(text: str | float) -> float:
@@ -88,6 +134,8 @@ class StudySettings:
     # Recipes (as dicts) tried first, before the sampler explores: known-good starting points.
     starts: tuple[dict[str, Any], ...] = ()
     measure: MeasureSettings = field(default_factory=MeasureSettings)
+    # Alternating fresh-process timings of baseline and chosen model when the study ends.
+    confirm_rounds: int = 3
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -98,17 +146,57 @@ class StudySettings:
             raise SlimformerError("--trials must be at least 1")
         if self.trials is None and self.time_budget_s is None:
             raise SlimformerError("give --trials N or --time-budget (e.g. 10m)")
-        for name in self.passes:
-            missing = [r for r in get_pass(name).requires if r not in self.passes]
+        if self.confirm_rounds < 0:
+            raise SlimformerError("--confirm-rounds must be 0 (off) or more")
+        names, _ = split_pass_names(self.passes)
+        for name in names:
+            missing = [r for r in get_pass(name).requires if r not in names]
             if missing:
                 raise SlimformerError(
                     f"--passes: {name} needs {', '.join(missing)}; add it to the list"
                 )
 
     def pass_classes(self) -> list[type[Pass]]:
-        if not self.passes:
+        names, _ = split_pass_names(self.passes)
+        if not names:
             return [p for p in registered_passes() if p.searched_by_default]
-        return sorted((get_pass(n) for n in self.passes), key=lambda c: (c.stage, c.name))
+        return sorted((get_pass(n) for n in names), key=lambda c: (c.stage, c.name))
+
+    def requested_settings(self) -> frozenset[str]:
+        """`pass:setting=value`s the user asked for by name: in --passes, or set explicitly
+        by a --start recipe (its settings are the user's own choice)."""
+        _, requested = split_pass_names(self.passes)
+        from_starts = {
+            f"{step['pass']}:{key}={value}"
+            for start in self.starts
+            for step in start.get("steps") or ()
+            for key, value in (step.get("config") or {}).items()
+        }
+        return requested | from_starts
+
+    def withheld(self, cpu: CpuFingerprint) -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
+        """What the study does not offer on `cpu` (by pass: (setting, value) pairs; a pass
+        withheld whole is left out of `pass_classes` by the caller through the "" key), and
+        one note per setting kept only because the user named it."""
+        named, _ = split_pass_names(self.passes)
+        requested = self.requested_settings()
+        withheld: dict[str, set[tuple[str, str]]] = {}
+        notes = []
+        for cls in self.pass_classes():
+            for setting, capability in cls.without_payoff(cpu).items():
+                asked = (
+                    (cls.name in named) if setting == "" else (f"{cls.name}:{setting}" in requested)
+                )
+                label = cls.name if setting == "" else f"{cls.name}:{setting}"
+                if asked:
+                    notes.append(
+                        f"{label} is searched as asked, though this CPU lacks {capability} "
+                        "and it is unlikely to pay off here"
+                    )
+                else:
+                    key, _, value = setting.partition("=")
+                    withheld.setdefault(cls.name, set()).add((key, value))
+        return withheld, notes
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -119,7 +207,9 @@ class StudySettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudySettings:
-        data = dict(data)
+        """From `run.json`, which also holds facts about the run (its CPU) beside them."""
+        own = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in own}
         data["task"] = TaskSpec.from_dict(data["task"])
         data["passes"] = tuple(data.get("passes") or ())
         data["starts"] = tuple(data.get("starts") or ())
@@ -141,6 +231,10 @@ class TrialRecord:
     error: str | None = None
     duration_s: float | None = None
     duplicate_of: int | None = None
+    cpu: dict[str, Any] | None = None  # the fingerprint of the machine that measured it
+    # Measured on another machine than the study's current one: kept as history, but its
+    # timings take no part in the front or the choice (a resumed study measures it again).
+    stale: bool = False
 
     @property
     def is_baseline(self) -> bool:
@@ -150,6 +244,16 @@ class TrialRecord:
     def counts(self) -> bool:
         """Whether it used a slot of the trial budget (repeats and interrupted runs don't)."""
         return (self.state == "complete" and self.duplicate_of is None) or self.state == "failed"
+
+    @property
+    def comparable(self) -> bool:
+        """A finished, first-of-its-recipe measurement from this machine."""
+        return (
+            self.state == "complete"
+            and self.duplicate_of is None
+            and self.quality is not None
+            and not self.stale
+        )
 
     def cost(self, objective: str) -> float | None:
         return self.measurement.get(OBJECTIVES[objective][0])
@@ -164,6 +268,10 @@ class StudyResult:
     chosen: TrialRecord | None
     met_budget: bool
     best_dir: Path | None
+    # Baseline vs chosen timed again in alternating fresh processes (confirm.py); None when
+    # switched off or when the baseline itself was chosen.
+    confirmed: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def baseline(self) -> TrialRecord | None:
@@ -176,6 +284,7 @@ class Reporter(Protocol):
     def stage(self, name: str) -> None: ...
     def trial_finished(self, record: TrialRecord) -> None: ...
     def message(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 class SilentReporter:
@@ -184,12 +293,21 @@ class SilentReporter:
     def stage(self, name: str) -> None: ...
     def trial_finished(self, record: TrialRecord) -> None: ...
     def message(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 # --- search space -------------------------------------------------------------------------
 def sample_recipe(
-    trial: optuna.Trial, pass_classes: Sequence[type[Pass]], facts: Any, spec: TaskSpec, seed: int
+    trial: optuna.Trial,
+    pass_classes: Sequence[type[Pass]],
+    facts: Any,
+    spec: TaskSpec,
+    seed: int,
+    withheld: Withheld | None = None,
 ) -> Recipe:
+    """One recipe from the passes' spaces; `withheld` settings (this CPU would not profit
+    from them) are left out of their options."""
+    withheld = withheld or {}
     steps = []
     groups: dict[str, list[str]] = {}
     for cls in pass_classes:
@@ -220,7 +338,9 @@ def sample_recipe(
         for name, space in cls.search_space().items():
             key = f"{cls.name}.{name}"
             if isinstance(space, Choice):
-                values[name] = trial.suggest_categorical(key, list(space.options))
+                left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
+                options = [o for o in space.options if str(o) not in left_out] or [space.options[0]]
+                values[name] = trial.suggest_categorical(key, options)
             elif isinstance(space, IntRange):
                 low, high = space.resolve(facts)
                 values[name] = trial.suggest_int(key, low, high)
@@ -268,12 +388,25 @@ def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[st
 
 # --- the study ----------------------------------------------------------------------------
 class Study:
-    def __init__(self, settings: StudySettings, out: Path, reporter: Reporter):
+    def __init__(
+        self,
+        settings: StudySettings,
+        out: Path,
+        reporter: Reporter,
+        withheld: dict[str, set[tuple[str, str]]] | None = None,
+    ):
+        """`withheld`: the search space's CPU-dependent gaps as first decided for this run
+        (a resumed study keeps them: Optuna's spaces cannot change within a study)."""
         self.settings = settings
         self.out = out
         self.reporter = reporter
         self.task = make_task(settings.task)
         self.metric_key, self.cost_direction = OBJECTIVES[settings.objective]
+        self.cpu = fingerprint(settings.measure.resolved_threads())
+        self.notes: list[str] = []
+        if withheld is None:
+            withheld, self.notes = settings.withheld(self.cpu)
+        self.withheld = withheld
 
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -288,7 +421,11 @@ class Study:
             cached = reference_state(resolve_path(self.settings.model), self.task.spec, self.base)
             shutil.copyfile(cached, self.state_path)
         self.calibration = self.task.calibration_batches(self.base)
-        self.pass_classes = [c for c in self.settings.pass_classes() if c.applies_to(self.base)]
+        self.pass_classes = [
+            c
+            for c in self.settings.pass_classes()
+            if c.applies_to(self.base) and ("", "") not in self.withheld.get(c.name, ())
+        ]
         trains = any(cls.name == "recover.distill" for cls in self.pass_classes)
         self.training = self.task.training_batches(self.base) if trains else []
         self.facts = self.base.adapter.facts()
@@ -309,6 +446,7 @@ class Study:
             load_if_exists=True,
         )
         self._requeue_interrupted(study)
+        self._requeue_measured_elsewhere(study)
         if not study.trials:
             study.enqueue_trial(baseline_params(self.pass_classes))
             for start in self.settings.starts:
@@ -330,18 +468,48 @@ class Study:
                 study.enqueue_trial(trial.params, skip_if_exists=False)
         study.set_user_attr("requeued", sorted(requeued))
 
+    def _requeue_measured_elsewhere(self, study: optuna.Study) -> None:
+        """A study resumed on another machine (--allow-other-cpu) measures again, here, every
+        recipe it had finished elsewhere, baseline first, before the sampler goes on."""
+        key = f"remeasured on {machine_key(self.cpu)}"
+        done = set(study.user_attrs.get(key, []))
+        here = {
+            t.user_attrs.get("description")
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if self._measured_here(t)
+        }
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            description = trial.user_attrs.get("description")
+            if self._measured_here(trial) or description in here or trial.number in done:
+                continue
+            done.add(trial.number)
+            here.add(description)
+            study.enqueue_trial(trial.params, skip_if_exists=False)
+        if done:
+            study.set_user_attr(key, sorted(done))
+
+    def _measured_here(self, trial: FrozenTrial) -> bool:
+        recorded = trial.user_attrs.get("cpu")
+        # Trials of runs older than fingerprints count as this machine's.
+        return recorded is None or CpuFingerprint.from_dict(recorded).same_machine(self.cpu)
+
     # --- one trial ----------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.monotonic()
         recipe = sample_recipe(
-            trial, self.pass_classes, self.facts, self.settings.task, self.settings.seed
+            trial,
+            self.pass_classes,
+            self.facts,
+            self.settings.task,
+            self.settings.seed,
+            self.withheld,
         )
         description = recipe.describe()
         trial.set_user_attr("description", description)
         trial.set_user_attr("recipe", recipe.to_dict())
         earlier = self._completed_with(trial.study, description)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
-            for key in ("quality", "drop", "feasible", "details", "measurement"):
+            for key in ("quality", "drop", "feasible", "details", "measurement", "cpu"):
                 trial.set_user_attr(key, earlier.user_attrs[key])
             trial.set_constraint("max_drop", earlier.user_attrs["drop"] - self.settings.max_drop)
             trial.set_user_attr("duplicate_of", earlier.number)
@@ -384,6 +552,7 @@ class Study:
         trial.set_constraint("max_drop", drop - self.settings.max_drop)
         trial.set_user_attr("details", result["details"])
         trial.set_user_attr("measurement", result["measurement"])
+        trial.set_user_attr("cpu", result.get("cpu") or self.cpu.to_dict())
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
 
@@ -420,16 +589,15 @@ class Study:
             done += 1
             self.after_trial(study, frozen)
 
-    @staticmethod
-    def _completed_with(study: optuna.Study, description: str) -> FrozenTrial | None:
+    def _completed_with(self, study: optuna.Study, description: str) -> FrozenTrial | None:
+        """The first finished trial of this recipe measured on this machine."""
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if trial.user_attrs.get("description") == description:
+            if trial.user_attrs.get("description") == description and self._measured_here(trial):
                 return trial
         return None
 
-    @staticmethod
-    def _baseline(study: optuna.Study) -> FrozenTrial | None:
-        return Study._completed_with(study, "baseline")
+    def _baseline(self, study: optuna.Study) -> FrozenTrial | None:
+        return self._completed_with(study, "baseline")
 
     # --- after each trial ---------------------------------------------------------------
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -445,7 +613,10 @@ class Study:
         self.reporter.trial_finished(record)
 
     def records(self, study: optuna.Study) -> list[TrialRecord]:
-        return [to_record(t) for t in study.get_trials(deepcopy=False)]
+        return [
+            replace(to_record(t), stale=not self._measured_here(t))
+            for t in study.get_trials(deepcopy=False)
+        ]
 
     def _write_outputs(self, records: list[TrialRecord], front: list[int]) -> None:
         lines = [json.dumps(asdict(r)) for r in records if r.counts]
@@ -454,6 +625,7 @@ class Study:
             "objective": self.settings.objective,
             "metric": self.task.metric,
             "max_drop": self.settings.max_drop,
+            "cpu": self.cpu.to_dict(),
             "front": [asdict(_record(records, n)) for n in front],
         }
         write_atomic(self.out / "pareto.json", json.dumps(pareto, indent=2))
@@ -464,17 +636,56 @@ class Study:
         front = pareto_front(records, self.task.direction, self.settings.objective)
         self._write_outputs(records, front)
         chosen, met = choose(records, front, self.task.direction, self.settings.objective)
-        best_dir = None
+        best_dir, confirmed = None, None
         if chosen is not None:
             best_dir = self._save_best(chosen, records, met)
-        return StudyResult(self.out, self.settings, records, front, chosen, met, best_dir)
+            if not chosen.is_baseline and self.settings.confirm_rounds:
+                confirmed = self._confirm(chosen, records, met, best_dir)
+        return StudyResult(
+            self.out,
+            self.settings,
+            records,
+            front,
+            chosen,
+            met,
+            best_dir,
+            confirmed,
+            tuple(self.notes),
+        )
 
-    def _save_best(self, chosen: TrialRecord, records: list[TrialRecord], met: bool) -> Path:
+    def _confirm(
+        self, chosen: TrialRecord, records: list[TrialRecord], met: bool, best_dir: Path
+    ) -> dict[str, Any]:
+        """Time baseline and chosen again (alternating fresh processes); the ratios go into
+        best/metrics.json and the model card, rewritten in place."""
+        self.reporter.message(
+            f"confirming the ratios: {self.settings.confirm_rounds} rounds of baseline and "
+            "chosen model, alternating"
+        )
+        confirmed = confirm_ratios(
+            resolve_path(self.settings.model),
+            best_dir,
+            self.settings.task,
+            self.state_path,
+            self.settings.measure,
+            self.out / "logs" / "confirm",
+            self.settings.confirm_rounds,
+            on_stage=self.reporter.message,
+        )
+        self._write_best_metrics(best_dir, chosen, records, met, confirmed)
+        return confirmed
+
+    def _write_best_metrics(
+        self,
+        folder: Path,
+        chosen: TrialRecord,
+        records: list[TrialRecord],
+        met: bool,
+        confirmed: dict[str, Any] | None,
+    ) -> None:
         from slimformer.report import model_card
 
-        baseline = next(r for r in records if r.is_baseline and r.state == "complete")
-        candidate_dir = self.out / "candidates" / f"trial-{chosen.number:03d}"
-        best_dir = self.out / "best"
+        baseline = next(r for r in records if r.is_baseline and r.comparable)
         metrics = {
             "trial": chosen.number,
             "met_max_drop": met,
@@ -490,7 +701,19 @@ class Study:
                 "details": baseline.details,
                 "measurement": baseline.measurement,
             },
+            "cpu": self.cpu.to_dict(),
+            "confirmed": confirmed,
         }
+        saved = json.loads((folder / "slimformer.json").read_text())
+        write_atomic(folder / "metrics.json", json.dumps(metrics, indent=2))
+        card = model_card(
+            chosen, baseline, self.settings, self.task.metric, met, saved, self.cpu, confirmed
+        )
+        write_atomic(folder / "README.md", card)
+
+    def _save_best(self, chosen: TrialRecord, records: list[TrialRecord], met: bool) -> Path:
+        candidate_dir = self.out / "candidates" / f"trial-{chosen.number:03d}"
+        best_dir = self.out / "best"
         tmp = self.out / ".best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if candidate_dir.is_dir():
@@ -499,10 +722,7 @@ class Study:
             recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
             model = apply_recipe(self.base, recipe, self.calibration, training=self.training)
             save_model(model, tmp)
-        saved = json.loads((tmp / "slimformer.json").read_text())
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        card = model_card(chosen, baseline, self.settings, self.task.metric, met, saved)
-        (tmp / "README.md").write_text(card)
+        self._write_best_metrics(tmp, chosen, records, met, None)
         replace_dir(tmp, best_dir)
         return best_dir
 
@@ -534,17 +754,23 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         error=attrs.get("error"),
         duration_s=attrs.get("duration_s"),
         duplicate_of=attrs.get("duplicate_of"),
+        cpu=attrs.get("cpu"),
     )
 
 
+def machine_key(cpu: CpuFingerprint) -> str:
+    """A short stable name for the machine `same_machine` compares."""
+    identity = [cpu.model, list(cpu.isa), cpu.cores, cpu.threads, sorted(cpu.versions.items())]
+    return hashlib.sha1(json.dumps(identity).encode()).hexdigest()[:12]
+
+
 def pareto_front(records: list[TrialRecord], direction: str, objective: str) -> list[int]:
-    """Trial numbers not dominated in (quality, cost); duplicates of earlier trials left out."""
+    """Trial numbers not dominated in (quality, cost); duplicates of earlier trials, and
+    trials measured on another machine, left out."""
     sign_q = 1 if direction == "maximize" else -1
     sign_c = 1 if OBJECTIVES[objective][1] == "maximize" else -1
     points = [
-        (r.number, sign_q * r.quality, sign_c * r.cost(objective))
-        for r in records
-        if r.state == "complete" and r.duplicate_of is None and r.quality is not None
+        (r.number, sign_q * r.quality, sign_c * r.cost(objective)) for r in records if r.comparable
     ]
     front = []
     for number, q, c in points:
@@ -561,7 +787,7 @@ def choose(
 ) -> tuple[TrialRecord | None, bool]:
     """The cheapest trial within the budget; else the best-quality optimized frontier point."""
     sign_c = -1 if OBJECTIVES[objective][1] == "maximize" else 1
-    complete = [r for r in records if r.state == "complete" and r.duplicate_of is None]
+    complete = [r for r in records if r.comparable]
     baseline = next((r for r in complete if r.is_baseline), None)
     if baseline is None:
         return None, False
@@ -583,22 +809,58 @@ def run_study(
     resume: bool = False,
     overwrite: bool = False,
     reporter: Reporter | None = None,
+    allow_other_cpu: bool = False,
 ) -> StudyResult:
+    """Run (or resume) a study in `out`, which this process holds alone while it runs."""
     reporter = reporter or SilentReporter()
     out = Path(out)
-    settings = _open_run_folder(settings, out, resume, overwrite)
-    new_folder = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    study_runner = Study(settings, out, reporter)
+    created = not out.exists()
+    lock = RunLock(out)
+    lock.acquire()  # before anything is read or removed: a live study's folder stays intact
+    try:
+        return _run_locked(
+            settings, out, lock, resume, overwrite, reporter, allow_other_cpu, created
+        )
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    settings: StudySettings,
+    out: Path,
+    lock: RunLock,
+    resume: bool,
+    overwrite: bool,
+    reporter: Reporter,
+    allow_other_cpu: bool,
+    created: bool,
+) -> StudyResult:
+    try:
+        settings, withheld = _open_run_folder(settings, out, resume, overwrite, allow_other_cpu)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    new_run = not (out / "run.json").is_file()
+    lock.announce()
+    study_runner = Study(settings, out, reporter, withheld)
     try:
         study_runner.prepare()  # bad data or a wrong model fails here, before any run exists
     except BaseException:
-        if new_folder:
+        if created or new_run:  # nothing of a run was in it yet (or --overwrite emptied it)
             shutil.rmtree(out, ignore_errors=True)
         raise
-    write_atomic(out / "run.json", json.dumps(settings.to_dict(), indent=2))
+    # The CPU it runs on now (a run resumed elsewhere continues as that machine's), and the
+    # search space's CPU-dependent gaps as first decided.
+    run_facts = {
+        "cpu": study_runner.cpu.to_dict(),
+        "withheld": {n: sorted(map(list, pairs)) for n, pairs in study_runner.withheld.items()},
+    }
+    write_atomic(out / "run.json", json.dumps(settings.to_dict() | run_facts, indent=2))
+    for note in study_runner.notes:
+        reporter.note(note)
     study = study_runner.open_study()
-    counted = [t for t in map(to_record, study.trials) if t.counts]
+    counted = [r for r in study_runner.records(study) if r.counts and not r.stale]
     remaining = None if settings.trials is None else max(0, settings.trials - len(counted))
     reporter.study_started(settings, settings.trials, len(counted))
     study_runner.run_trials(study, remaining)
@@ -606,8 +868,10 @@ def run_study(
 
 
 def _open_run_folder(
-    settings: StudySettings, out: Path, resume: bool, overwrite: bool
-) -> StudySettings:
+    settings: StudySettings, out: Path, resume: bool, overwrite: bool, allow_other_cpu: bool
+) -> tuple[StudySettings, dict[str, set[tuple[str, str]]] | None]:
+    """The settings to run with and, for a resumed run, the search space gaps it was created
+    with (None: decide them for this CPU)."""
     run_file = out / "run.json"
     if run_file.is_file():
         if resume:
@@ -617,10 +881,22 @@ def _open_run_folder(
                     f"{out} is a run on {saved.model}, not {settings.model}; "
                     "resume it with the same model or choose another --out"
                 )
+            facts = json.loads(run_file.read_text())
+            _check_same_machine(facts, saved, out, allow_other_cpu)
             # The budget may grow on resume; what was searched stays as it was.
-            settings = replace(saved, trials=settings.trials, time_budget_s=settings.time_budget_s)
-        elif overwrite:
-            shutil.rmtree(out)
+            settings = replace(
+                saved,
+                trials=settings.trials,
+                time_budget_s=settings.time_budget_s,
+                confirm_rounds=settings.confirm_rounds,
+            )
+            withheld = {
+                name: {tuple(pair) for pair in pairs}
+                for name, pairs in (facts.get("withheld") or {}).items()
+            }
+            return settings, withheld
+        if overwrite:
+            clear_folder(out)
         else:
             raise SlimformerError(
                 f"{out} already holds a run; continue it with --resume, or start over with "
@@ -628,7 +904,27 @@ def _open_run_folder(
             )
     elif resume:
         raise SlimformerError(f"nothing to resume: {out} holds no run")
-    return settings
+    elif overwrite and any(out.iterdir()):
+        clear_folder(out)  # a folder left by a run that died before run.json
+    return settings, None
+
+
+def _check_same_machine(
+    facts: dict[str, Any], saved: StudySettings, out: Path, allow_other_cpu: bool
+) -> None:
+    """Timings from two machines must not meet in one front: refuse, or (when allowed) go on
+    with the earlier trials marked stale and measured again here."""
+    if "cpu" not in facts:
+        return  # a run from before fingerprints: nothing to compare
+    then = CpuFingerprint.from_dict(facts["cpu"])
+    now = fingerprint(saved.measure.resolved_threads())
+    if now.same_machine(then) or allow_other_cpu:
+        return
+    raise SlimformerError(
+        f"{out} was measured on another machine ({'; '.join(now.differences(then))}); "
+        "its timings do not compare with this one's. Resume with --allow-other-cpu to measure "
+        "its trials again here, or choose another --out"
+    )
 
 
 def _read_settings(run_file: Path) -> StudySettings:

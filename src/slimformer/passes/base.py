@@ -19,6 +19,7 @@ from slimformer.errors import SlimformerError
 if TYPE_CHECKING:
     import torch
 
+    from slimformer.cpu import CpuFingerprint
     from slimformer.model import SlimModel
 
 Bound = int | Callable[[ModelFacts], int]
@@ -113,6 +114,10 @@ class Pass(ABC):
     # this one in a recipe, with the reason: checked before any pass runs, so a doomed recipe
     # costs nothing.
     conflicts: ClassVar[dict[str, str]] = {}
+    # Settings (`setting=value`, or "" for the whole pass) that only pay off on CPUs with a
+    # capability (`cpu.CAPABILITIES`: "native_bf16", "vnni"). Elsewhere the study does not
+    # offer them unless the user names them; `slimformer passes` shows which this CPU offers.
+    pays_off_only_with: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
@@ -174,6 +179,18 @@ class Pass(ABC):
             f.name: f.metadata["space"]
             for f in dataclasses.fields(cls.config_class)
             if "space" in f.metadata
+        }
+
+    @classmethod
+    def without_payoff(cls, cpu: CpuFingerprint) -> dict[str, str]:
+        """The settings (`setting=value`, "" = the whole pass) that `cpu` lacks the capability
+        to profit from, each with the capability it would need."""
+        from slimformer.cpu import CAPABILITIES
+
+        return {
+            setting: capability
+            for setting, capability in cls.pays_off_only_with.items()
+            if not CAPABILITIES[capability](cpu)
         }
 
 

@@ -1,0 +1,83 @@
+"""Confirmed ratios: the baseline and the chosen model timed again, alternately, in fresh
+processes, so that a printed "2× faster" does not rest on one baseline measurement.
+
+Each round times both models in new child processes, the order alternating between rounds
+(baseline first, then chosen first) so that a machine growing busier or quieter during the
+rounds does not favour one side. A round's ratio compares the two measurements of that
+round; the confirmed figure is the median of the per-round ratios, with their min and max.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slimformer.evaluate import evaluate_isolated
+
+# figure -> (measurement field, whether lower is better)
+CONFIRMED_FIGURES = {
+    "latency": ("latency_ms_median", True),
+    "throughput": ("throughput_per_s", False),
+    "memory": ("peak_memory_mb", True),
+}
+
+
+def improvement(baseline: float | None, chosen: float | None, lower_is_better: bool) -> float:
+    """How many times better `chosen` is than `baseline` (>1 = better); NaN if unknown."""
+    if not baseline or not chosen:
+        return float("nan")
+    return baseline / chosen if lower_is_better else chosen / baseline
+
+
+def confirm_ratios(
+    baseline_dir: Path,
+    chosen_dir: Path,
+    task_spec: Any,
+    state_path: Path,
+    measure_settings: Any,
+    workdir: Path,
+    rounds: int,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time baseline and chosen `rounds` times each, alternating; return per-figure ratios
+    (median, min, max, every round's) and both sides' per-round measurements."""
+    sides = {"baseline": baseline_dir, "chosen": chosen_dir}
+    measured: dict[str, list[dict[str, Any]]] = {"baseline": [], "chosen": []}
+    cpu = None
+    for index in range(rounds):
+        order = ("baseline", "chosen") if index % 2 == 0 else ("chosen", "baseline")
+        for side in order:
+            if on_stage:
+                on_stage(f"confirming: round {index + 1}/{rounds}, {side}")
+            result = evaluate_isolated(
+                sides[side],
+                task_spec,
+                state_path,
+                measure_settings,
+                workdir / f"round-{index + 1}-{side}",
+                score=False,
+            )
+            measured[side].append(result["measurement"])
+            cpu = result.get("cpu", cpu)
+    ratios = {}
+    for figure, (key, lower_is_better) in CONFIRMED_FIGURES.items():
+        per_round = [
+            improvement(b.get(key), c.get(key), lower_is_better)
+            for b, c in zip(measured["baseline"], measured["chosen"], strict=True)
+        ]
+        ratios[figure] = {
+            "median": round(statistics.median(per_round), 3),
+            "min": round(min(per_round), 3),
+            "max": round(max(per_round), 3),
+            "per_round": [round(r, 3) for r in per_round],
+        }
+    return {
+        "rounds": rounds,
+        "order": "alternating, fresh process per measurement",
+        "ratios": ratios,
+        "baseline": measured["baseline"],
+        "chosen": measured["chosen"],
+        "cpu": cpu,
+    }
