@@ -79,15 +79,19 @@ def test_packed_module_computes_exactly_the_dequantized_product(bits, module_typ
     torch.testing.assert_close(module(x), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_int4_unpacking_inverts_the_kernels_packing():
-    codes = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+@pytest.mark.parametrize("shape", [(192, 96), (48, 128), (16, 32), (576, 64)])
+def test_int4_unpacking_inverts_the_running_kernels_packing(shape):
+    codes = torch.randint(0, 16, shape, dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(unpack_int4_codes(packed, 192), codes.to(packed.dtype))
+    assert torch.equal(unpack_int4_codes(packed, shape[0]), codes.to(torch.uint8))
 
 
-@pytest.mark.parametrize(("bits", "module_type"), [(4, Int4WeightLinear), (8, Int8WeightLinear)])
-def test_many_rows_unpack_the_weight_and_give_the_kernels_result(bits, module_type):
-    weight, bias = torch.randn(128, 256), torch.randn(128)
+@pytest.mark.parametrize(
+    ("bits", "module_type", "out_features"),
+    [(4, Int4WeightLinear, 128), (4, Int4WeightLinear, 48), (8, Int8WeightLinear, 128)],
+)
+def test_many_rows_unpack_the_weight_and_give_the_kernels_result(bits, module_type, out_features):
+    weight, bias = torch.randn(out_features, 256), torch.randn(out_features)
     module = module_type.from_quantized(quantize_rtn(weight, bits, 64), bias)
     x = torch.randn(4 * UNPACK_ROWS, 256)
     kernel_rows = torch.cat([module(x[i : i + 1]) for i in range(len(x))])

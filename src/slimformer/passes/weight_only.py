@@ -1,10 +1,19 @@
 """`quantize.weight_only`: int8 or int4 weights, float activations, run by packed CPU kernels.
 
-Weights are quantized by round-to-nearest or GPTQ (`gptq.py`) and stored packed: int4 as two
-codes per byte with per-group scales and zeros for `aten._weight_int4pack_mm_for_cpu`, int8 as
-int8 rows with per-channel scales for `aten._weight_int8pack_mm`. The served module calls that
-kernel directly for decode-sized inputs. The packed layout is the CPU kernel's (the CUDA int4
-kernel wants another), so these modules run on CPU.
+Weights are quantized by round-to-nearest or GPTQ (`gptq.py`). int8 layers keep int8 rows with
+per-channel scales, the plain [out, in] layout `aten._weight_int8pack_mm` reads. int4 layers keep
+their codes packed by `aten._convert_weight_to_int4pack_for_cpu` for
+`aten._weight_int4pack_mm_for_cpu`, with per-group scales and zeros. That packed layout depends on
+the instruction set the kernel dispatches to (AVX-512, AVX2 and the plain C++ kernel each
+interleave output rows differently) and may change between torch versions, so it is never saved:
+
+- Saved int4 format (`INT4_LAYOUT`, described by `INT4_FORMAT` in slimformer.json): the codes as
+  uint8 [out, in/2], row-major, two per byte with the even input column in the low nibble; scales
+  and zeros as floats [out, in/group_size], with w = (code - 8)·scale + zero; and the bias. A
+  model saved in the older CPU-specific layout (a "packed" tensor, no layout marker) is refused.
+- At load the codes are packed for the running CPU's kernel; the resident module keeps only that
+  packed tensor. Getting the codes back (saving, the many-rows path below) goes through the
+  running kernel's packing permutation, learned once per weight shape by packing probe tensors.
 
 Measured on this project's CPU (bench/kernels.py), the aten weight-only kernels are 5-15x
 slower than an fp32 GEMM for one row and 40-80x slower for hundreds: weight-only quantization
@@ -15,6 +24,7 @@ freed after it) and runs the fp32 GEMM; the model's resident weights stay packed
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +42,73 @@ from slimformer.passes.quantize import SCOPES, skipped
 from slimformer.passes.sensitivity import most_sensitive
 
 UNPACK_ROWS = 16
-INT4_PACK_BLOCK = 64  # the CPU int4 pack interleaves blocks of 64 output rows
+INT4_LAYOUT = "int4-codes/1"
+INT4_FORMAT = (
+    "int4 codes, 2 per byte row-major [out, in/2] (low nibble = even input column); "
+    "w = (code - 8)*scale + zero per group of group_size input columns; "
+    "scales and zeros float [out, in/group_size]"
+)
+
+
+# aten's packing is today a fixed function of the dispatched instruction set (blocks of 64
+# output rows under AVX-512, 32 under AVX2, each interleaved its own way), but probing the
+# running kernel, rather than restating aten's C++ here, stays right on every dispatch level and
+# through torch layout changes; a change that is no longer a rearrangement of codes is refused.
+@functools.cache
+def _int4_unpacking_order(out_features: int, in_features: int) -> torch.Tensor:
+    """For each code in row-major order, the position of its nibble among the packed tensor's
+    nibbles (`_nibbles`) under the running kernel's packing: int32 [out·in].
+
+    Packs "digit" probes, where every code is one base-16 digit of its own row-major index, so
+    the nibbles at each packed position spell out which code landed there."""
+    count = out_features * in_features
+    index = torch.arange(count, dtype=torch.int32).reshape(out_features, in_features)
+    digits = 1
+    while 16**digits < count:
+        digits += 1
+    source = torch.zeros(count, dtype=torch.int32)
+    for digit in range(digits):
+        probe = (index >> (4 * digit)) & 15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        source |= _nibbles(packed).to(torch.int32) << (4 * digit)
+    hits = torch.bincount(source, minlength=count)
+    if hits.numel() != count or not bool((hits == 1).all()):
+        raise SlimformerError(
+            f"torch {torch.__version__}'s int4 CPU packing of a {out_features}x{in_features} "
+            "weight is not a rearrangement of its 4-bit codes; slimformer cannot read int4 "
+            "weights back with this torch"
+        )
+    order = torch.empty(count, dtype=torch.int32)
+    order[source.long()] = torch.arange(count, dtype=torch.int32)
+    return order
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit value of a packed uint8 tensor, flat: low then high nibble of each byte."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+
+
+def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [out, in] (0..15) in the running CPU kernel's packed layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
 
 
 def unpack_int4_codes(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """Codes [out, in] from `_convert_weight_to_int4pack_for_cpu`'s layout: per block of 64
-    output rows and per input column, 32 bytes holding rows j (low nibble) and j+32 (high).
-    Checked against the kernel by tests/test_weight_only.py, so a layout change fails there."""
-    in_features = packed.shape[1] * 2
-    blocks = packed.reshape(out_features // INT4_PACK_BLOCK, in_features, INT4_PACK_BLOCK // 2)
-    codes = torch.cat([blocks & 15, blocks >> 4], dim=2)  # [blocks, in, 64]
-    return codes.permute(0, 2, 1).reshape(out_features, in_features)
+    """Codes uint8 [out, in] from a tensor `pack_int4_codes` packed in this process."""
+    in_features = packed.numel() * 2 // out_features
+    order = _int4_unpacking_order(out_features, in_features)
+    return _nibbles(packed).index_select(0, order).reshape(out_features, in_features)
+
+
+def codes_to_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """The saved form of codes [out, in]: uint8 [out, in/2], even column in the low nibble."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def bytes_to_codes(data: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [out, in] from their saved form (`codes_to_bytes`)."""
+    return _nibbles(data).reshape(data.shape[0], -1)
 
 
 class Int4WeightLinear(nn.Module):
@@ -68,23 +134,43 @@ class Int4WeightLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> Int4WeightLinear:
+        """From codes [out, in] and scales and zeros [out, groups]: w = (code - 8)·scale + zero."""
+        out_features, in_features = codes.shape
+        scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+        return cls(
+            in_features, out_features, group_size, pack_int4_codes(codes), scales_and_zeros, bias
+        )
+
+    @classmethod
     def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None) -> Int4WeightLinear:
-        out_features, in_features = q.codes.shape
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes.contiguous(), 1)
         # The kernel computes (code - 8)·scale + zero, so zero = low + 8·scale.
-        zeros = q.lows + 8 * q.scales
-        scales_and_zeros = torch.stack([q.scales, zeros], dim=-1).transpose(0, 1).contiguous()
-        return cls(in_features, out_features, q.group_size, packed, scales_and_zeros, bias)
+        return cls.from_codes(q.codes, q.scales, q.lows + 8 * q.scales, q.group_size, bias)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_int4_codes(self.packed, self.out_features)
+
+    def row_scales_and_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros, [out, groups] each."""
+        scales, zeros = self.scales_and_zeros.unbind(-1)
+        return scales.T, zeros.T
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = unpack_int4_codes(self.packed, self.out_features).to(dtype) - 8
-        scales, zeros = self.scales_and_zeros.to(dtype).unbind(-1)  # [groups, out] each
+        codes = self.codes().to(dtype) - 8
+        scales, zeros = (t.to(dtype) for t in self.row_scales_and_zeros())
         grouped = codes.reshape(self.out_features, -1, self.group_size)
-        return (grouped * scales.T[..., None] + zeros.T[..., None]).reshape(codes.shape)
+        return (grouped * scales[..., None] + zeros[..., None]).reshape(codes.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).contiguous()
-        if flat.shape[0] >= UNPACK_ROWS and self.out_features % INT4_PACK_BLOCK == 0:
+        if flat.shape[0] >= UNPACK_ROWS:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             y = F.linear(flat, self.dequantized_weight(x.dtype), bias)
             return y.reshape(*x.shape[:-1], self.out_features)
@@ -272,12 +358,22 @@ class WeightOnly(Pass):
         return resolved
 
 
-# --- saving: the packed tensors go to safetensors as they are --------------------------------
+# --- saving: int4 as plain codes (see the module docstring), int8 rows as they are ------------
+OLD_INT4_LAYOUT = (
+    "this model's int4 layers were saved by an older slimformer in a CPU-specific packed layout "
+    "that other CPUs misread; re-create it from the original model with `slimformer apply "
+    "<recipe.yaml> <model> --out DIR` (the saved folder's recipe.yaml is the recipe)"
+)
+
+
 def _encode_int4(module: Int4WeightLinear) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors = {"packed": module.packed, "scales_and_zeros": module.scales_and_zeros}
+    scales, zeros = module.row_scales_and_zeros()
+    tensors = {"codes": codes_to_bytes(module.codes()), "scales": scales, "zeros": zeros}
     if module.bias is not None:
         tensors["bias"] = module.bias
     meta = {
+        "layout": INT4_LAYOUT,
+        "format": INT4_FORMAT,
         "in_features": module.in_features,
         "out_features": module.out_features,
         "group_size": module.group_size,
@@ -286,12 +382,18 @@ def _encode_int4(module: Int4WeightLinear) -> tuple[dict[str, torch.Tensor], dic
 
 
 def _decode_int4(tensors: dict[str, torch.Tensor], meta: dict) -> Int4WeightLinear:
-    return Int4WeightLinear(
-        meta["in_features"],
-        meta["out_features"],
+    if meta.get("layout") != INT4_LAYOUT:
+        if "packed" in tensors:
+            raise SlimformerError(OLD_INT4_LAYOUT)
+        raise SlimformerError(
+            f"an int4 layer was saved in layout {meta.get('layout')!r}; this slimformer reads "
+            f"{INT4_LAYOUT!r}"
+        )
+    return Int4WeightLinear.from_codes(
+        bytes_to_codes(tensors["codes"]),
+        tensors["scales"],
+        tensors["zeros"],
         meta["group_size"],
-        tensors["packed"],
-        tensors["scales_and_zeros"],
         tensors.get("bias"),
     )
 
