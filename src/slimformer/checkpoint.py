@@ -337,7 +337,11 @@ def _load_slim_weights(module: nn.Module, file: Path, meta: dict[str, Any]) -> N
             )
         prefix = name + "."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.set_submodule(name, codec.decode(own, info.get("meta", {})))
+        try:
+            decoded = codec.decode(own, info.get("meta", {}))
+        except SlimformerError as error:  # a codec cannot see the path; name the folder here
+            raise SlimformerError(f"{file.parent}: {error}") from None
+        module.set_submodule(name, decoded)
     if hasattr(module, "tie_weights"):
         module.tie_weights()
     still_meta = [n for n, p in module.named_parameters() if p.is_meta]

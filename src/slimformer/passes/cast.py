@@ -33,6 +33,8 @@ class Half(Pass):
     config_class = HalfConfig
     stage = 40
     searched_by_default = False
+    # fp16 has no fast CPU path we serve at all; bf16 only with AVX-512 BF16 or AMX.
+    pays_off_only_with = {"": "native_bf16"}
 
     def apply(self, model: SlimModel, config: HalfConfig, ctx: PassContext) -> dict[str, Any]:
         if any(isinstance(m, DynamicQuantLinear) for m in model.module.modules()):

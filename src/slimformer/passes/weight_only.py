@@ -311,6 +311,9 @@ class WeightOnly(Pass):
                     and fitting_group(module.in_features, config.group_size) is None
                 ):
                     kept_float[name] = f"{module.in_features} inputs not a multiple of 32"
+                elif config.bits == 4 and module.out_features % 16:
+                    # aten's int4 packing takes output rows in multiples of 16.
+                    kept_float[name] = f"{module.out_features} outputs not a multiple of 16"
                 else:
                     layers[name] = module
                     if config.bits == 4:
