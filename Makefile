@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-default bench-pruning bench-quantization bench-peers lint assets clean
+.PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
+	bench-peers bench-isa lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,24 +20,39 @@ assets: $(STAMP)
 
 # The demo leaves out recover.distill (2-3 minutes a trial on 2 cores) to stay well inside
 # 15 minutes; `slimformer optimize default` without --passes searches it too. It starts from
-# two known-good recipes (recipes/*.yaml: OpenVINO int8, and dynamic int8 with the two most
-# sensitive layers float), measured like every other trial, then the sampler explores.
+# two known-good recipes (recipes/*.yaml: ONNX Runtime int8, and dynamic int8 with the two
+# most sensitive layers float), measured like every other trial, then the sampler explores.
+# ONNX Runtime's int8 is the start because it pays off on every x86 CPU measured (AVX2 and
+# AVX-512 VNNI alike); OpenVINO's NNCF int8 wins only with VNNI, where the sampler offers it.
 DEMO_PASSES := prune.layers,prune.ffn,prune.heads,quantize.dynamic_int8,runtime.onnxruntime,runtime.openvino
-DEMO_STARTS := --start recipes/openvino-int8.yaml --start recipes/dynamic-int8-sensitive.yaml
+DEMO_STARTS := --start recipes/onnxruntime-int8.yaml --start recipes/dynamic-int8-sensitive.yaml
 
 demo: assets
 	$(BIN)/slimformer optimize default --task embedding --max-drop 1% --trials 12 \
 		--time-budget 8m --passes $(DEMO_PASSES) $(DEMO_STARTS) --out runs/demo --overwrite
 
-test: assets
+# The suite, then the kernel, quantization and runtime tests again with the dispatch forced
+# down to AVX2 (no AVX-512, VNNI or BF16), as on the AVX2-only CPUs users have: PyTorch's own
+# kernels and oneDNN obey these caps (int4 packing, oneDNN's int8 GEMM, bf16 matmuls).
+FORCED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int4.py \
+	tests/test_static_int8.py tests/test_int8_saturation.py tests/test_sensitivity.py \
+	tests/test_cast.py tests/test_runtimes.py tests/test_runtimes_isa.py tests/test_batching.py
+
+test: test-native test-avx2
+
+test-native: assets
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
+
+test-avx2: assets
+	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
 # Every benchmark, one after another (about 4.5 hours on 2 cores; run on an idle machine:
 # other work on the same cores skews the timings). Each part alone: make bench-default,
 # bench-pruning, bench-quantization, bench-peers. Results: bench/results/*.json
 # (bench/tables.py prints them).
-bench: bench-default bench-pruning bench-quantization bench-peers
+bench: bench-default bench-pruning bench-quantization bench-peers bench-isa
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -56,6 +72,10 @@ bench-quantization: assets
 # slimformer's study (25 min) against PyTorch, the Optimum recipe and OpenVINO+NNCF (~40 min).
 bench-peers: assets
 	$(BIN)/python bench/peers.py --study-budget 25m
+
+# Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
+bench-isa: assets
+	$(BIN)/python bench/isa.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
