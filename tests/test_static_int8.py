@@ -10,6 +10,7 @@ from torch import nn
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
+from slimformer.kernels import exact_weight_bits
 from slimformer.passes.observers import (
     InputStats,
     activation_range,
@@ -55,16 +56,25 @@ def test_clipping_observers_beat_minmax_when_one_outlier_stretches_the_range():
     assert errors["mse"] < errors["minmax"]
 
 
-def test_static_layer_computes_the_quantized_product_on_the_onednn_kernel():
+def exact_product(layer: StaticInt8Linear, x: torch.Tensor) -> torch.Tensor:
+    """What the layer should compute: its integer codes (rounded as it rounds them) multiplied
+    exactly, in float64."""
+    codes = torch.round(x * layer.input_multiplier) + layer.input_zero_point
+    codes = codes.double().clamp(0, 255) - layer.input_zero_point
+    weight = layer.weight_int8.double() * layer.weight_scales.double()[:, None]
+    return codes @ weight.T * layer.input_scale + layer.bias.double()
+
+
+def test_static_layer_computes_the_exact_product_of_its_codes_on_this_cpus_kernel():
+    # Skewed positive inputs put many u8·s8 pairs past 16 bits with 8-bit weight codes: where
+    # the GEMM would saturate them, the layer must have chosen 7-bit ones.
+    torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    x = torch.randn(3, 7, 64)
+    x = torch.randn(3, 7, 64).abs() * 2 - 0.2
     layer = static_int8_layer(linear, stats_of(x.reshape(-1, 64)), "minmax")
-    # Reference: the same codes dequantized, in float.
-    codes = torch.clamp(torch.round(x * layer.input_multiplier) + layer.input_zero_point, 0, 255)
-    x_hat = (codes - layer.input_zero_point) * layer.input_scale
-    w_hat = layer.weight_int8.float() * layer.weight_scales[:, None]
-    expected = x_hat @ w_hat.T + linear.bias
-    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    assert layer.weight_bits == exact_weight_bits()
+    assert int(layer.weight_int8.abs().max()) == 2 ** (layer.weight_bits - 1) - 1
+    torch.testing.assert_close(layer(x).double(), exact_product(layer, x), rtol=1e-5, atol=1e-4)
     assert cosine(layer(x), linear(x)) > 0.999
 
 
