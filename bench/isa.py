@@ -7,11 +7,11 @@ the dispatch forced down to AVX2, each against the fp32 baseline of its own disp
 MiniLM on the embedding task (movie-review sentences at real lengths): probe accuracy,
 fidelity, batch-1 latency and batch-32 throughput of the int8, int4 and bf16 modes in PyTorch,
 ONNX Runtime and OpenVINO. The forced level runs in a child process started with
-`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, so everything it starts inherits them.
-Those caps reach PyTorch's own kernels and oneDNN (static int8, bf16 matmuls, int4 packing);
-libraries that read the CPU's features themselves (fbgemm for dynamic int8, ONNX Runtime's
-MLAS, OpenVINO's CPU plugin) are not lowered by them, and each row says which engine ran, so
-a figure for those engines under "avx2" is still this CPU's, not an AVX2 machine's.
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2`, so
+everything it starts inherits them. Those caps reach PyTorch's own kernels (int4 packing),
+oneDNN (static int8, bf16 matmuls) and fbgemm (dynamic int8); ONNX Runtime's MLAS and
+OpenVINO's CPU plugin read the CPU's features themselves and are not lowered, and each row
+says which engine ran, so their figures under "avx2" are still this CPU's.
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ from slimformer.cpu import fingerprint
 from slimformer.recipe import Step
 from slimformer.tasks import TaskSpec
 
-FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+FORCED_AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 # label -> (steps, the engine whose kernels run it, whether the forced caps reach that engine)
 ROWS: dict[str, tuple[list[tuple[str, dict]], str, bool]] = {
-    "PyTorch dynamic int8": ([("quantize.dynamic_int8", {})], "fbgemm", False),
+    "PyTorch dynamic int8": ([("quantize.dynamic_int8", {})], "fbgemm", True),
     "PyTorch static int8 (MSE observer)": (
         [("quantize.static_int8", {"observer": "mse"})],
         "oneDNN",

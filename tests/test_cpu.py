@@ -35,10 +35,12 @@ def test_native_sets_come_from_the_cpu_flags_and_need_all_three_amx_parts():
     [
         ({}, ZEN4),
         ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, ("avx2",)),
-        ({"ATEN_CPU_CAPABILITY": "avx2"}, ("avx2",)),
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, ("avx2", "avx512_vnni", "avx512_bf16")),
+        ({"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}, ("avx2",)),
         ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, ("avx2", "avx512f")),
         ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, ("avx2", "avx512f", "avx512_vnni")),
-        ({"ATEN_CPU_CAPABILITY": "default"}, ()),
+        ({"ATEN_CPU_CAPABILITY": "default"}, ("avx512_vnni", "avx512_bf16")),
+        ({"ONEDNN_MAX_CPU_ISA": "SSE41"}, ()),
         ({"ONEDNN_MAX_CPU_ISA": "ALL", "ATEN_CPU_CAPABILITY": "avx512"}, ZEN4),
     ],
 )
@@ -47,12 +49,17 @@ def test_forced_dispatch_caps_lower_the_effective_instruction_sets(forced, kept)
 
 
 def test_fingerprint_follows_forced_caps_in_the_environment(monkeypatch):
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    caps = {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    }
+    for name, value in caps.items():
+        monkeypatch.setenv(name, value)
     forced = fingerprint(threads=1)
     assert not has_vnni(forced) and not has_native_bf16(forced)
     assert set(forced.isa) <= {"avx2"}
-    assert forced.forced == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert forced.forced == caps
     assert "torch" in forced.versions and forced.threads == 1
     assert CpuFingerprint.from_dict(forced.to_dict()) == forced
 

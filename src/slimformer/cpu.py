@@ -26,8 +26,12 @@ from typing import Any
 ISA_ORDER = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx")
 
 # How far each dispatch cap lets the kernels go (values as the libraries spell them).
-# How many of ISA_ORDER each dispatch cap keeps (values as the libraries spell them).
-_ATEN_CAPS = {"default": 0, "avx2": 2, "avx512": 6}
+# What each dispatch cap removes, as the libraries spell their values. PyTorch's own vector
+# kernels (ATEN_CPU_CAPABILITY) use no VNNI or bf16 instructions, so their cap only drops
+# their AVX-512 code; oneDNN's and fbgemm's caps lower everything above their level.
+_ATEN_CAPS = {"default": {"avx2", "avx512f"}, "avx2": {"avx512f"}, "avx512": set()}
+# How many of ISA_ORDER each oneDNN / fbgemm cap keeps.
+_FBGEMM_CAPS = {"avx2": 1, "avx512": 3, "avx512_256": 3, "avx512_e1": 4, "avx512_vnni": 4}
 _ONEDNN_CAPS = {
     "sse41": 0,
     "avx": 0,
@@ -137,23 +141,25 @@ def forced_caps(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {
         name: environ[name]
-        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
         if environ.get(name)
     }
 
 
 def effective_instruction_sets(native: tuple[str, ...], forced: dict[str, str]) -> tuple[str, ...]:
-    """`native` lowered to the most restrictive forced cap: ONEDNN_MAX_CPU_ISA=AVX2 keeps avx2
-    only, AVX512_CORE adds avx512f, AVX512_CORE_VNNI adds VNNI; ATEN_CPU_CAPABILITY=avx2 drops
-    AVX-512 (PyTorch's own kernels then run their AVX2 code, its packings included)."""
+    """`native` lowered by every forced cap: ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN: static int8, bf16
+    matmuls) and FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (fbgemm: dynamic int8) keep avx2 only;
+    ATEN_CPU_CAPABILITY=avx2 drops AVX-512 from PyTorch's own kernels (their int4 packing
+    included) but leaves VNNI and bf16 to oneDNN. The three together imitate an AVX2 CPU."""
     level = len(ISA_ORDER)
-    aten = forced.get("ATEN_CPU_CAPABILITY", "").lower()
-    if aten in _ATEN_CAPS:
-        level = min(level, _ATEN_CAPS[aten])
     onednn = forced.get("ONEDNN_MAX_CPU_ISA", "").lower()
     if onednn in _ONEDNN_CAPS:
         level = min(level, _ONEDNN_CAPS[onednn])
-    return tuple(isa for isa in native if ISA_ORDER.index(isa) < level)
+    fbgemm = forced.get("FBGEMM_ENABLE_INSTRUCTIONS", "").lower()
+    if fbgemm in _FBGEMM_CAPS:
+        level = min(level, _FBGEMM_CAPS[fbgemm])
+    dropped = _ATEN_CAPS.get(forced.get("ATEN_CPU_CAPABILITY", "").lower(), set())
+    return tuple(isa for isa in native if ISA_ORDER.index(isa) < level and isa not in dropped)
 
 
 def _cpu_model() -> str:
