@@ -86,6 +86,7 @@ def test_openvino_float_matches_eager(family):
     model = tiny.build(family)
     served = serve(model, ("runtime.openvino", {}))
     assert isinstance(served.module, OpenVinoModule)
+    assert served.recipe.steps[-1].resolved["precision"] == "f32"
     assert difference(model, served, tiny.calibration(model)[1]) < 1e-4
 
 

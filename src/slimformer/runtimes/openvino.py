@@ -1,6 +1,12 @@
 """`runtime.openvino`: the exported ONNX graph read by OpenVINO, optionally int8 by NNCF's
 post-training quantization (calibrated on the task's calibration batches), served by
-OpenVINO's CPU plugin."""
+OpenVINO's CPU plugin.
+
+The recipe records the float precision the compiled graph actually runs in. bf16 runs only on
+CPUs with bf16 instructions: elsewhere OpenVINO itself falls back to f32, and under a forced
+oneDNN cap (ONEDNN_MAX_CPU_ISA=AVX2 without OV_CPU_MAX_ISA) the plugin still believes in bf16
+while oneDNN refuses it, and compiling fails, so f32 is asked for there instead.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,14 @@ from typing import Any
 
 import torch
 
+from slimformer import cpu
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
 from slimformer.runtimes.base import EagerReference, ServedModule, Stopwatch, register_served
 from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
 
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
+NO_BF16_WHY = "no bf16 instructions (AVX-512 BF16 or AMX) on this CPU: OpenVINO runs f32 here"
 
 
 @register_served
@@ -28,7 +36,7 @@ class OpenVinoModule(ServedModule):
     def __init__(self, config: Any, head: str, ov_model: Any, precision: str):
         super().__init__(config, head)
         self.ov_model = ov_model
-        self.precision = precision
+        self.precision = runnable_precision(precision)
         self._compiled: Any = None
 
     def compiled(self) -> Any:
@@ -46,6 +54,13 @@ class OpenVinoModule(ServedModule):
                 },
             )
         return self._compiled
+
+    def executed_precision(self) -> str:
+        """The float precision the compiled graph's layers run in, read from its execution
+        graph: bf16 if any layer runs bf16, else f32 (int8 layers run int8 either way)."""
+        layers = self.compiled().get_runtime_model().get_ops()
+        ran = {layer.get_rt_info()["runtimePrecision"].astype(str) for layer in layers}
+        return "bf16" if "bf16" in ran else "f32"
 
     def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         request = self.compiled()
@@ -71,6 +86,11 @@ class OpenVinoModule(ServedModule):
         return cls(config, head, ov.Core().read_model(str(folder / XML_FILE)), meta["precision"])
 
 
+def runnable_precision(precision: str) -> str:
+    """`precision`, or f32 for bf16 on a CPU without bf16 instructions (see the module doc)."""
+    return "f32" if precision == "bf16" and not cpu.has_native_bf16() else precision
+
+
 @dataclass(frozen=True)
 class OpenVinoConfig:
     int8: str = searchable(
@@ -94,6 +114,9 @@ class OpenVinoPass(Pass):
     group = "runtime"
     conflicts = EXPORT_CONFLICTS
     needs_calibration = True
+    # bf16 runs as f32 without bf16 instructions; NNCF's int8 ran slower than f32 on an AVX2
+    # CPU (no VNNI: oneDNN's int8 GEMMs there are not faster than its f32 ones).
+    pays_off_only_with = {"precision=bf16": "native_bf16", "int8=nncf": "vnni"}
 
     def apply(self, model: SlimModel, config: OpenVinoConfig, ctx: PassContext) -> dict[str, Any]:
         import openvino as ov
@@ -109,8 +132,11 @@ class OpenVinoPass(Pass):
         if config.int8 == "nncf":
             ov_model, resolved["int8_ops"] = self._quantize(ov_model, model.head, ctx.calibration)
         served = OpenVinoModule(model.config, model.head, ov_model, config.precision)
-        exact = config.int8 == "none" and config.precision == "f32"
+        exact = config.int8 == "none" and served.precision == "f32"
         difference = reference.difference(served, self.name, exact)
+        resolved["precision"] = served.executed_precision()
+        if resolved["precision"] != config.precision and not cpu.has_native_bf16():
+            resolved["why"] = NO_BF16_WHY
         model.module = served
         return resolved | {"max_abs_difference": round(difference, 6), "seconds": watch.seconds()}
 
