@@ -33,9 +33,10 @@ demo: assets
 
 # The suite, then the kernel, quantization and runtime tests again with the dispatch forced
 # down to AVX2 (no AVX-512, VNNI or BF16), as on the AVX2-only CPUs users have: PyTorch's own
-# kernels (int4 packing), oneDNN (static int8 GEMM, bf16 matmuls) and fbgemm (dynamic int8)
-# obey these caps; ONNX Runtime and OpenVINO read the CPU themselves and do not.
-FORCED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+# kernels (int4 packing), oneDNN (static int8 GEMM, bf16 matmuls), fbgemm (dynamic int8) and
+# OpenVINO's CPU plugin obey these caps; ONNX Runtime's MLAS reads the CPU itself and does not.
+FORCED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
+	OV_CPU_MAX_ISA=AVX2
 ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int4.py \
 	tests/test_static_int8.py tests/test_int8_saturation.py tests/test_sensitivity.py \
 	tests/test_cast.py tests/test_runtimes.py tests/test_runtimes_isa.py tests/test_batching.py \

@@ -7,11 +7,11 @@ the dispatch forced down to AVX2, each against the fp32 baseline of its own disp
 MiniLM on the embedding task (movie-review sentences at real lengths): probe accuracy,
 fidelity, batch-1 latency and batch-32 throughput of the int8, int4 and bf16 modes in PyTorch,
 ONNX Runtime and OpenVINO. The forced level runs in a child process started with
-`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2`, so
-everything it starts inherits them. Those caps reach PyTorch's own kernels (int4 packing),
-oneDNN (static int8, bf16 matmuls) and fbgemm (dynamic int8); ONNX Runtime's MLAS and
-OpenVINO's CPU plugin read the CPU's features themselves and are not lowered, and each row
-says which engine ran, so their figures under "avx2" are still this CPU's.
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+OV_CPU_MAX_ISA=AVX2`, so everything it starts inherits them. Those caps reach PyTorch's own
+kernels (int4 packing), oneDNN (static int8, bf16 matmuls), fbgemm (dynamic int8) and
+OpenVINO's CPU plugin; ONNX Runtime's MLAS reads the CPU's features itself and is not
+lowered, so its figures under "avx2" are still this CPU's (each row names its engine).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ FORCED_AVX2 = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "OV_CPU_MAX_ISA": "AVX2",
 }
 # label -> (steps, the engine whose kernels run it, whether the forced caps reach that engine)
 ROWS: dict[str, tuple[list[tuple[str, dict]], str, bool]] = {
@@ -61,12 +62,12 @@ ROWS: dict[str, tuple[list[tuple[str, dict]], str, bool]] = {
         "ONNX Runtime MLAS",
         False,
     ),
-    "OpenVINO f32": ([("runtime.openvino", {})], "OpenVINO CPU plugin", False),
-    "OpenVINO NNCF int8": ([("runtime.openvino", {"int8": "nncf"})], "OpenVINO CPU plugin", False),
+    "OpenVINO f32": ([("runtime.openvino", {})], "OpenVINO CPU plugin", True),
+    "OpenVINO NNCF int8": ([("runtime.openvino", {"int8": "nncf"})], "OpenVINO CPU plugin", True),
     "OpenVINO bf16": (
         [("runtime.openvino", {"precision": "bf16"})],
         "OpenVINO CPU plugin",
-        False,
+        True,
     ),
 }
 QUICK = ("PyTorch static int8 (MSE observer)", "PyTorch weight-only int4 g32")

@@ -214,7 +214,7 @@ def test_killed_study_resumes_without_losing_trials(tmp_path):
     ("steps", "least_fidelity"),
     [
         ([("runtime.onnxruntime", {})], 0.99999),
-        ([("runtime.onnxruntime", {"int8": "dynamic"})], 0.93),
+        ([("runtime.onnxruntime", {"int8": "dynamic"})], 0.98),  # per-channel: 0.9915
         ([("runtime.openvino", {})], 0.99999),
         ([("runtime.openvino", {"int8": "nncf"})], 0.93),
         ([("runtime.batching", {"mode": "unpadded"})], 0.99999),

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 import tiny
+
 from slimformer.checkpoint import save_model
 from slimformer.confirm import confirm_ratios
 from slimformer.runlock import PID_FILE, RunLock
@@ -95,7 +95,9 @@ def test_out_that_is_a_file_or_cannot_be_created_is_one_error_line(tiny_encoder,
     )
 
 
-def test_resume_on_another_cpu_is_refused_then_remeasured_when_allowed(tiny_encoder, tmp_path):
+def test_resume_on_another_cpu_is_refused_then_remeasured_and_bench_compares_machines(
+    tiny_encoder, tmp_path
+):
     run = tmp_path / "run"
     start = ["optimize", str(tiny_encoder), "--out", str(run), *FAST, "--max-drop", "100%"]
     elsewhere = slimformer(*start, "--trials", "1", env=ANOTHER_CPU)
@@ -118,6 +120,14 @@ def test_resume_on_another_cpu_is_refused_then_remeasured_when_allowed(tiny_enco
     assert run_json["cpu"]["forced"] == {}  # the run continues as this machine's
     metrics = json.loads((run / "best" / "metrics.json").read_text())
     assert metrics["cpu"] == run_json["cpu"] and metrics["trial"] in {t["number"] for t in here}
+
+    # `bench` of the chosen model shows the figures it was chosen with beside today's.
+    bench = ["bench", str(run / "best"), "--threads", "1", "--batch-size", "8"]
+    same = slimformer(*bench)
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert "when chosen" in same.stdout and "both measured on this machine" in same.stdout
+    elsewhere_bench = slimformer(*bench, env=ANOTHER_CPU)
+    assert "chosen on another machine (isa" in elsewhere_bench.stdout
 
 
 def test_a_finished_study_saves_confirmed_ratios_with_their_spread(

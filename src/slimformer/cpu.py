@@ -141,20 +141,28 @@ def forced_caps(environ: dict[str, str] | None = None) -> dict[str, str]:
     environ = os.environ if environ is None else environ
     return {
         name: environ[name]
-        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+        for name in (
+            "ATEN_CPU_CAPABILITY",
+            "ONEDNN_MAX_CPU_ISA",
+            "FBGEMM_ENABLE_INSTRUCTIONS",
+            "OV_CPU_MAX_ISA",
+        )
         if environ.get(name)
     }
 
 
 def effective_instruction_sets(native: tuple[str, ...], forced: dict[str, str]) -> tuple[str, ...]:
     """`native` lowered by every forced cap: ONEDNN_MAX_CPU_ISA=AVX2 (oneDNN: static int8, bf16
-    matmuls) and FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (fbgemm: dynamic int8) keep avx2 only;
+    matmuls), OV_CPU_MAX_ISA=AVX2 (OpenVINO's CPU plugin) and FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+    (fbgemm: dynamic int8) keep avx2 only;
     ATEN_CPU_CAPABILITY=avx2 drops AVX-512 from PyTorch's own kernels (their int4 packing
-    included) but leaves VNNI and bf16 to oneDNN. The three together imitate an AVX2 CPU."""
+    included) but leaves VNNI and bf16 to oneDNN. Together they imitate an AVX2 CPU (ONNX
+    Runtime's MLAS has no such cap: it always uses this CPU's own kernels)."""
     level = len(ISA_ORDER)
-    onednn = forced.get("ONEDNN_MAX_CPU_ISA", "").lower()
-    if onednn in _ONEDNN_CAPS:
-        level = min(level, _ONEDNN_CAPS[onednn])
+    for name in ("ONEDNN_MAX_CPU_ISA", "OV_CPU_MAX_ISA"):  # OpenVINO's takes oneDNN's names
+        cap = forced.get(name, "").lower()
+        if cap in _ONEDNN_CAPS:
+            level = min(level, _ONEDNN_CAPS[cap])
     fbgemm = forced.get("FBGEMM_ENABLE_INSTRUCTIONS", "").lower()
     if fbgemm in _FBGEMM_CAPS:
         level = min(level, _FBGEMM_CAPS[fbgemm])

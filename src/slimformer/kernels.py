@@ -13,11 +13,20 @@ per-channel weights lose (mean cosine to the float model 0.975 against 0.991; 0.
 Which code path oneDNN takes depends on the CPU and on `ONEDNN_MAX_CPU_ISA`, not on
 `ATEN_CPU_CAPABILITY`, so instead of inferring it from CPU flags `int8_gemm_saturates` asks the
 kernel itself, once per process, with a GEMM in which every pair of products overflows 16 bits.
+
+Dynamic int8 layers (`quantize.dynamic_int8`) run fbgemm's GEMM instead
+(`quantized::linear_dynamic`), which has the same u8×s8 pair sums but quantizes the activations
+itself, per tensor and per call. Its `reduce_range` narrows those codes to 0..127, which torch's
+dynamic Linear always asks for: needed only without VNNI, and it costs accuracy (mean cosine to
+the float all-MiniLM-L6-v2 embeddings: 0.933 instead of 0.958 with per-tensor weights, 0.972
+instead of 0.991 per channel). fbgemm picks its kernels on its own: it ignores both caps above
+and obeys `FBGEMM_ENABLE_INSTRUCTIONS`, so `dynamic_int8_gemm_saturates` probes it separately.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -30,6 +39,11 @@ SATURATION_REASON = (
 # (rows, inner, outputs): one row as in decoding and a block of rows as in a prefill, in case
 # oneDNN picks a different kernel for each.
 _PROBE_SHAPES = ((1, 64, 16), (32, 256, 64))
+FULL_ACTIVATION_RANGE = "full (8-bit)"
+REDUCED_ACTIVATION_RANGE = (
+    "reduced (7-bit): this CPU's int8 GEMM sums u8×s8 pairs in 16 bits (no VNNI), so 8-bit "
+    "activation codes would saturate"
+)
 
 
 def pack_int8_weight(weight_int8: torch.Tensor) -> torch.Tensor:
@@ -90,3 +104,34 @@ def exact_weight_bits() -> int:
     """The widest weight codes the int8 GEMM sums exactly here (with uint8 activations):
     8 with VNNI, else 7."""
     return SATURATION_SAFE_WEIGHT_BITS if int8_gemm_saturates() else FULL_WEIGHT_BITS
+
+
+def dynamic_int8_linear(
+    x: torch.Tensor, packed_params: torch.ScriptObject, reduce_range: bool
+) -> torch.Tensor:
+    """x × weightᵀ + bias in float32 on fbgemm's u8×s8 GEMM, x quantized per tensor on the way in
+    from its own min and max (made to include 0) to codes 0..255, or 0..127 with
+    `reduce_range`."""
+    return torch.ops.quantized.linear_dynamic(x, packed_params, reduce_range)
+
+
+@functools.cache
+def dynamic_int8_gemm_saturates() -> bool:
+    """Whether fbgemm's dynamic int8 linear loses products to 16-bit saturation with full-range
+    (8-bit) activation codes, in this process: inputs spanning exactly 0..255 (so the kernel's
+    own activation scale is 1 and its zero point 0: codes equal values, nearly all 255) times
+    weight codes of 127, whose exact sums fit float32, compared with float64 sums."""
+    for rows, inner, outputs in _PROBE_SHAPES:
+        x = torch.full((rows, inner), 255.0)
+        x[0, 0] = 0.0
+        weight = torch.full((outputs, inner), 127, dtype=torch.int8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors' deprecation notice
+            quantized = torch._make_per_tensor_quantized_tensor(weight, 1.0, 0)
+            # How torch's dynamic Linear packs its weight (`set_weight_bias`).
+            packed = torch.ops.quantized.linear_prepack(quantized, None)
+        result = dynamic_int8_linear(x, packed, reduce_range=False).double()
+        exact = x.double() @ weight.double().T
+        if not torch.allclose(result, exact, rtol=1e-6, atol=0.0):
+            return True
+    return False

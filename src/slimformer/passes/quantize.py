@@ -2,6 +2,8 @@
 
 `quantize.dynamic_int8`: int8 weights, activations quantized on the fly per batch, run by
 PyTorch's fbgemm/x86 int8 GEMM kernels — a real integer kernel, measured faster on AVX2 CPUs.
+The activation codes span the full 8 bits wherever that GEMM sums them exactly (VNNI) and 7 bits
+elsewhere, decided by each process that runs the model (`DynamicInt8Linear`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
-from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+from torch.ao.quantization import (
+    default_dynamic_qconfig,
+    get_default_dynamic_quant_module_mappings,
+    per_channel_dynamic_qconfig,
+)
 
 from slimformer.checkpoint import ModuleCodec, register_codec
+from slimformer.kernels import (
+    FULL_ACTIVATION_RANGE,
+    REDUCED_ACTIVATION_RANGE,
+    dynamic_int8_gemm_saturates,
+    dynamic_int8_linear,
+)
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
 from slimformer.passes.sensitivity import most_sensitive
@@ -67,13 +79,47 @@ def scoped_layers(
     }
 
 
-def dynamic_int8_layer(linear: nn.Linear, per_channel: bool) -> DynamicQuantLinear:
+class DynamicInt8Linear(DynamicQuantLinear):
+    """torch's dynamic int8 Linear, but with 8-bit activation codes where they are exact.
+
+    torch's always asks fbgemm for 7-bit activation codes (`reduce_range=True`), which only
+    CPUs without VNNI need (their GEMM sums u8×s8 pairs in 16 bits) and which costs accuracy
+    everywhere else. This one asks `kernels.dynamic_int8_gemm_saturates()` (probed once per
+    process) at each call, so nothing about the range is stored: a model quantized on a VNNI
+    CPU and loaded on an AVX2 one stays exact there, and vice versa. Weights, packing, copying
+    and state dicts are torch's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed_params
+        if packed.dtype == torch.qint8:
+            y = dynamic_int8_linear(x, packed._packed_params, dynamic_int8_gemm_saturates())
+        elif packed.dtype == torch.float16:
+            y = torch.ops.quantized.linear_dynamic_fp16(x, packed._packed_params)
+        else:
+            raise RuntimeError("Unsupported dtype on dynamic quantized linear!")
+        return y.to(x.dtype)
+
+
+# torch's dynamic-quantization mapping, with its dynamic Linear replaced by ours.
+DYNAMIC_INT8_MAPPING = {
+    float_type: DynamicInt8Linear if quantized_type is DynamicQuantLinear else quantized_type
+    for float_type, quantized_type in get_default_dynamic_quant_module_mappings().items()
+}
+
+
+def activation_range() -> str:
+    """How this process's dynamic int8 layers quantize their inputs (for `resolved`)."""
+    return REDUCED_ACTIVATION_RANGE if dynamic_int8_gemm_saturates() else FULL_ACTIVATION_RANGE
+
+
+def dynamic_int8_layer(linear: nn.Linear, per_channel: bool) -> DynamicInt8Linear:
     """One Linear as a dynamic-int8 module (the original is left untouched)."""
     probe = copy.copy(linear)
     probe.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-        return DynamicQuantLinear.from_float(probe)
+        return DynamicInt8Linear.from_float(probe)
 
 
 @register_pass
@@ -104,15 +150,25 @@ class DynamicInt8(Pass):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
             torch.ao.quantization.quantize_dynamic(
-                model.module, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True
+                model.module,
+                {n: qconfig for n in names},
+                dtype=torch.qint8,
+                mapping=DYNAMIC_INT8_MAPPING,
+                inplace=True,
             )
-        resolved: dict[str, Any] = {"quantized_layers": len(names)}
+        # Where it was quantized; each process that runs the model decides again for itself.
+        resolved: dict[str, Any] = {
+            "quantized_layers": len(names),
+            "activation_range": activation_range(),
+        }
         if config.keep_sensitive:
             resolved["kept_sensitive"] = sensitive  # name -> output SQNR (dB) if quantized
         return resolved
 
 
-def _encode_dynamic_linear(module: DynamicQuantLinear) -> tuple[dict[str, torch.Tensor], dict]:
+# The saved form is torch's weights and bias, with nothing about the activation range: files
+# written for torch's own dynamic Linear (before DynamicInt8Linear) load unchanged.
+def _encode_dynamic_linear(module: DynamicInt8Linear) -> tuple[dict[str, torch.Tensor], dict]:
     weight = module.weight()
     bias = module.bias()
     tensors = {"weight_int8": weight.int_repr()}
@@ -131,7 +187,7 @@ def _encode_dynamic_linear(module: DynamicQuantLinear) -> tuple[dict[str, torch.
     return tensors, meta
 
 
-def _decode_dynamic_linear(tensors: dict[str, torch.Tensor], meta: dict) -> DynamicQuantLinear:
+def _decode_dynamic_linear(tensors: dict[str, torch.Tensor], meta: dict) -> DynamicInt8Linear:
     ints = tensors["weight_int8"]
     if meta["qscheme"] == "per_tensor":
         weight = torch._make_per_tensor_quantized_tensor(
@@ -142,14 +198,14 @@ def _decode_dynamic_linear(tensors: dict[str, torch.Tensor], meta: dict) -> Dyna
             ints, tensors["scale"], tensors["zero_point"], meta["axis"]
         )
     bias = tensors.get("bias")
-    module = DynamicQuantLinear(
+    module = DynamicInt8Linear(
         meta["in_features"], meta["out_features"], bias_=bias is not None, dtype=torch.qint8
     )
     module.set_weight_bias(weight, bias)
     return module
 
 
-def _dynamic_linear_parameters(module: DynamicQuantLinear) -> int:
+def _dynamic_linear_parameters(module: DynamicInt8Linear) -> int:
     bias = module.bias()
     return module.weight().numel() + (bias.numel() if bias is not None else 0)
 
@@ -157,7 +213,7 @@ def _dynamic_linear_parameters(module: DynamicQuantLinear) -> int:
 register_codec(
     ModuleCodec(
         kind="dynamic_int8_linear",
-        module_type=DynamicQuantLinear,
+        module_type=DynamicInt8Linear,
         encode=_encode_dynamic_linear,
         decode=_decode_dynamic_linear,
         num_parameters=_dynamic_linear_parameters,
