@@ -27,7 +27,7 @@ INT8 = Recipe(steps=(Step("quantize.dynamic_int8", {}),))
 
 
 def quantized_names(model: SlimModel) -> set[str]:
-    return {n for n, m in model.module.named_modules() if type(m) is DynamicQuantLinear}
+    return {n for n, m in model.module.named_modules() if isinstance(m, DynamicQuantLinear)}
 
 
 def assert_same_outputs(a: SlimModel, b: SlimModel, calibration: list[dict]) -> None:
@@ -247,7 +247,9 @@ def test_int8_keeps_the_parameter_count_and_shrinks_the_weights_file(
     float_file = save_model(model, tmp_path / "fp32") / "model.safetensors"
     int8_file = save_model(quantized, tmp_path / "int8") / "slimformer.safetensors"
     saved_linear_bytes = sum(
-        3 * m.weight().numel() for m in quantized.module.modules() if type(m) is DynamicQuantLinear
+        3 * m.weight().numel()
+        for m in quantized.module.modules()
+        if isinstance(m, DynamicQuantLinear)
     )  # each int8 weight saves 3 of its 4 fp32 bytes
     assert float_file.stat().st_size - int8_file.stat().st_size > 0.9 * saved_linear_bytes
 

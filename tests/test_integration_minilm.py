@@ -63,8 +63,10 @@ def hidden(model, batch) -> torch.Tensor:
     ("steps", "least_fidelity"),
     [
         ([("quantize.dynamic_int8", {"scope": "attention"})], 0.99),
-        ([("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True})], 0.97),
-        ([("quantize.dynamic_int8", {"scope": "all"})], 0.90),
+        # Bounds hold at 7-bit activations (AVX2 CPUs): 0.9856 and 0.933 there, 0.9956 and
+        # 0.958 at full range (VNNI).
+        ([("quantize.dynamic_int8", {"scope": "all_but_ffn_out", "per_channel": True})], 0.98),
+        ([("quantize.dynamic_int8", {"scope": "all"})], 0.92),
         ([("quantize.static_int8", {"observer": "mse"})], FIDELITY_STATIC),
         (
             [("quantize.smooth", {"alpha": 0.5}), ("quantize.static_int8", {"observer": "mse"})],
