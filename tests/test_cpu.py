@@ -53,6 +53,7 @@ def test_fingerprint_follows_forced_caps_in_the_environment(monkeypatch):
         "ATEN_CPU_CAPABILITY": "avx2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "OV_CPU_MAX_ISA": "AVX2",
     }
     for name, value in caps.items():
         monkeypatch.setenv(name, value)
