@@ -9,15 +9,12 @@ VNNI for fbgemm, but only in a process started with it, so that case runs in a s
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from dispatch import findings_at
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
@@ -34,8 +31,6 @@ from slimformer.recipe import Recipe, Step, apply_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DISPATCH_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
-TESTS = str(Path(__file__).resolve().parent)
 STEP = 2.0**-5  # activation scale of the test inputs: a power of two, so codes are exact
 
 
@@ -127,17 +122,8 @@ def saved_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def fbgemm_at_avx2(saved_model) -> dict:
     """FBGEMM_AVX2_FINDINGS from an interpreter whose fbgemm is capped at AVX2 (no VNNI)."""
-    env = {k: v for k, v in os.environ.items() if k not in DISPATCH_CAPS}
-    env |= {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
-    result = subprocess.run(
-        [sys.executable, "-c", FBGEMM_AVX2_FINDINGS, str(saved_model)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    caps = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    return findings_at(caps, FBGEMM_AVX2_FINDINGS, str(saved_model))
 
 
 # --- in this process, whichever mode it runs in ----------------------------------------------

@@ -7,16 +7,13 @@ in-process tests hold in whichever mode the suite runs.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from dispatch import FORCED_AVX2, findings_at
 from torch import nn
 
 from slimformer import cpu
@@ -30,9 +27,6 @@ from slimformer.recipe import Recipe, Step, apply_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-DISPATCH_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-FORCED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-TESTS = str(Path(__file__).resolve().parent)
 
 # Everything the forced-AVX2 tests check, found in one interpreter (each start costs seconds);
 # argv[1] is a model saved with 8-bit weight codes.
@@ -106,18 +100,8 @@ def saved_8_bit_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def forced_avx2(saved_8_bit_model) -> dict:
-    """FORCED_AVX2_FINDINGS from an interpreter started with oneDNN and aten capped at AVX2."""
-    env = {k: v for k, v in os.environ.items() if k not in DISPATCH_CAPS}
-    env |= FORCED_AVX2 | {"OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
-    result = subprocess.run(
-        [sys.executable, "-c", FORCED_AVX2_FINDINGS, str(saved_8_bit_model)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    """FORCED_AVX2_FINDINGS from an interpreter started with every dispatch capped at AVX2."""
+    return findings_at(FORCED_AVX2, FORCED_AVX2_FINDINGS, str(saved_8_bit_model))
 
 
 def test_saturation_probe_agrees_with_the_cpus_vnni_flag():

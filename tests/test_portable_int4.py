@@ -7,13 +7,11 @@ avx2` makes a process on an AVX-512 machine pack (and compute) as an AVX2-only C
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import tiny
 import torch
+from dispatch import FORCED_AVX2, findings_at
 from safetensors.torch import load_file, save_file
 
 from slimformer.checkpoint import SLIM_META, SLIM_WEIGHTS, load_model, save_model
@@ -23,15 +21,15 @@ from slimformer.recipe import Recipe, Step, apply_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-FORCED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-# Run in a fresh process at another dispatch level: load the model saved in `folder`, record
-# the int4 codes each layer reads back and the outputs for the saved batches, and save it again.
+# Run in a fresh process at another dispatch level: load the model saved in argv[1]'s
+# `saved_here`, record the int4 codes each layer reads back and the outputs for the saved
+# batches (safetensors, no pickle), and save the model again.
 OTHER_PROCESS = """
-import sys
+import json, sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.passes.weight_only import Int4WeightLinear
@@ -39,13 +37,18 @@ from slimformer.passes.weight_only import Int4WeightLinear
 torch.set_num_threads(1)
 folder = Path(sys.argv[1])
 model = load_model(folder / "saved_here")
+found = {}
 with torch.inference_mode():
-    outputs = {k: model(**batch).logits for k, batch in torch.load(folder / "batches.pt").items()}
-layers = model.module.named_modules()
-codes = {n: m.codes() for n, m in layers if isinstance(m, Int4WeightLinear)}
-capability = torch.backends.cpu.get_cpu_capability()
-torch.save({"capability": capability, "codes": codes, "outputs": outputs}, folder / "there.pt")
+    for key, tensor in load_file(folder / "batches.safetensors").items():
+        batch_name, input_name = key.split("/")
+        found.setdefault(batch_name, {})[input_name] = tensor
+    found = {f"outputs/{k}": model(**batch).logits for k, batch in found.items()}
+for name, module in model.module.named_modules():
+    if isinstance(module, Int4WeightLinear):
+        found[f"codes/{name}"] = module.codes()
+save_file({k: v.contiguous() for k, v in found.items()}, folder / "there.safetensors")
 save_model(model, folder / "saved_there")
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability()}))
 """
 
 
@@ -67,29 +70,28 @@ def test_a_model_saved_under_one_dispatch_level_computes_the_same_under_the_othe
     loaded here."""
     here = torch.backends.cpu.get_cpu_capability()
     # The other level: forced AVX2 when this process runs AVX-512, else the native one.
-    env = {k: v for k, v in os.environ.items() if k not in FORCED_AVX2}
-    env |= FORCED_AVX2 if here == "AVX512" else {}
+    caps = FORCED_AVX2 if here == "AVX512" else {}
     model = int4_model()
     prompt = tiny.calibration(model)[0]  # many rows: the unpacked-weight path
     batches = {"prompt": prompt, "one_row": {k: v[:1, :1] for k, v in prompt.items()}}
     outputs = {k: tiny.output(model, batch) for k, batch in batches.items()}
     save_model(model, tmp_path / "saved_here")
-    torch.save(batches, tmp_path / "batches.pt")
-    subprocess.run(
-        [sys.executable, "-c", OTHER_PROCESS, str(tmp_path)], env=env, check=True, timeout=120
-    )
-    there = torch.load(tmp_path / "there.pt")
+    flat = {f"{b}/{k}": v.clone() for b, batch in batches.items() for k, v in batch.items()}
+    save_file(flat, tmp_path / "batches.safetensors")
+    found = findings_at(caps, OTHER_PROCESS, str(tmp_path))
+    there = load_file(tmp_path / "there.safetensors")
+    there_codes = {k.removeprefix("codes/"): v for k, v in there.items() if k.startswith("codes/")}
     if here == "AVX512":  # the forced level took effect, so the layouts really differed
-        assert there["capability"] == "AVX2"
+        assert found["capability"] == "AVX2"
     codes = int4_codes(model)
-    assert codes and there["codes"].keys() == codes.keys()
-    assert all(torch.equal(there["codes"][n], c) for n, c in codes.items())
+    assert codes and there_codes.keys() == codes.keys()
+    assert all(torch.equal(there_codes[n], c) for n, c in codes.items())
     reloaded = load_model(tmp_path / "saved_there")
     assert all(torch.equal(c, codes[n]) for n, c in int4_codes(reloaded).items())
     # Kernels and GEMMs round differently across dispatch levels (and a reloaded model's
     # one-row GEMMs by ~1e-7 even on one level), nothing more.
     for name, batch in batches.items():
-        torch.testing.assert_close(there["outputs"][name], outputs[name], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(there[f"outputs/{name}"], outputs[name], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(tiny.output(reloaded, batch), outputs[name])
 
 
