@@ -275,7 +275,7 @@ class StudyResult:
 
     @property
     def baseline(self) -> TrialRecord | None:
-        return next((t for t in self.trials if t.is_baseline and t.state == "complete"), None)
+        return next((t for t in self.trials if t.is_baseline and t.comparable), None)
 
 
 class Reporter(Protocol):
