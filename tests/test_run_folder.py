@@ -15,7 +15,7 @@ import pytest
 import tiny
 
 from slimformer.checkpoint import save_model
-from slimformer.confirm import confirm_ratios
+from slimformer.confirm import confirm_ratios, unsteady
 from slimformer.runlock import PID_FILE, RunLock
 
 CLI = [sys.executable, "-m", "slimformer.cli"]
@@ -191,9 +191,20 @@ def test_confirmation_alternates_the_order_and_takes_the_median_of_round_ratios(
         Path("baseline"), Path("chosen"), None, Path("state"), None, Path("w"), rounds=3
     )
     assert calls == ["baseline", "chosen", "chosen", "baseline", "baseline", "chosen"]
+    assert result["medians"]["baseline"]["latency_ms_median"] == 10.0
     assert result["ratios"]["latency"] == {
         "median": 3.0,
         "min": 2.0,
         "max": 5.0,
         "per_round": [2.0, 3.0, 5.0],
     }
+
+
+def test_rounds_that_disagree_are_flagged_and_steady_ones_are_not():
+    def ratios(low: float, high: float) -> dict:
+        spread = {"median": low, "min": low, "max": high, "per_round": [low, high]}
+        return {"ratios": {"latency": spread, "memory": dict(spread, min=1.0, max=1.1)}}
+
+    assert unsteady(ratios(2.0, 2.2)) is None
+    warning = unsteady(ratios(8.0, 15.0))
+    assert "latency 8.00–15.00×" in warning and "memory" not in warning

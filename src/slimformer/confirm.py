@@ -22,6 +22,25 @@ CONFIRMED_FIGURES = {
     "throughput": ("throughput_per_s", False),
     "memory": ("peak_memory_mb", True),
 }
+FIGURES = tuple(CONFIRMED_FIGURES.values())
+# Rounds whose ratios differ more than this (max/min) mean the machine's load changed while
+# they ran: the figures are then reported with a warning.
+UNSTEADY_SPREAD = 1.5
+
+
+def unsteady(confirmed: dict[str, Any]) -> str | None:
+    """A one-line warning when the rounds disagree so much that the machine was busy."""
+    wide = [
+        f"{figure} {r['min']:.2f}–{r['max']:.2f}×"
+        for figure, r in confirmed["ratios"].items()
+        if r["min"] > 0 and r["max"] / r["min"] > UNSTEADY_SPREAD
+    ]
+    if not wide:
+        return None
+    return (
+        f"the confirmation rounds disagree ({', '.join(wide)}): other work on this machine "
+        "was competing for its cores; measure again on an idle machine before relying on them"
+    )
 
 
 def improvement(baseline: float | None, chosen: float | None, lower_is_better: bool) -> float:
@@ -73,10 +92,15 @@ def confirm_ratios(
             "max": round(max(per_round), 3),
             "per_round": [round(r, 3) for r in per_round],
         }
+    medians = {
+        side: {key: statistics.median(m[key] for m in measured[side]) for key, _ in FIGURES}
+        for side in sides
+    }
     return {
         "rounds": rounds,
         "order": "alternating, fresh process per measurement",
         "ratios": ratios,
+        "medians": medians,
         "baseline": measured["baseline"],
         "chosen": measured["chosen"],
         "cpu": cpu,

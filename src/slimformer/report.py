@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -16,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from slimformer.confirm import CONFIRMED_FIGURES, improvement
+from slimformer.confirm import CONFIRMED_FIGURES, improvement, unsteady
 from slimformer.cpu import CpuFingerprint
 from slimformer.study import OBJECTIVES, StudyResult, StudySettings, TrialRecord
 from slimformer.tasks import make_task
@@ -210,6 +211,9 @@ def print_study(result: StudyResult, console: Console) -> None:
             f"{spread['min']:.2f}–{spread['max']:.2f}×"
         )
     budget = format_drop(settings.max_drop, bounded).lstrip("+")
+    warning = unsteady(result.confirmed) if result.confirmed else None
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {escape(note)}")
     if result.met_budget:
@@ -270,8 +274,11 @@ def model_card(
     confirmed_by_key = {key: figure for figure, (key, _) in CONFIRMED_FIGURES.items()}
     for label, key, lower_is_better in fields:
         a, b = baseline.measurement[key], chosen.measurement.get(key)
-        ratio_text = f"{improvement(a, b, lower_is_better):.2f}×"
+        ratio = improvement(a, b, lower_is_better)
+        ratio_text = f"{ratio:.2f}×" if math.isfinite(ratio) else "—"
         if confirmed and key in confirmed_by_key:
+            # The confirmation's medians and ratio, so the row's three numbers agree.
+            a, b = confirmed["medians"]["baseline"][key], confirmed["medians"]["chosen"][key]
             spread = confirmed["ratios"][confirmed_by_key[key]]
             ratio_text = f"{spread['median']:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}) ✓"
         rows.append((label, _number(a), _number(b), ratio_text))
@@ -297,8 +304,9 @@ def model_card(
     confirmation = (
         "The ratios above are the search's single measurement of each model."
         if not confirmed
-        else "Ratios marked ✓ are confirmed (below); the figures beside them are the search's "
-        "single measurement.\n\n" + _confirmed_section(confirmed)
+        else "Rows marked ✓ are confirmed (below): medians of the confirmation rounds and the "
+        "median of their per-round ratios; the other rows are the search's single "
+        "measurement.\n\n" + _confirmed_section(confirmed)
     )
     return f"""# slimformer model
 
@@ -335,6 +343,8 @@ def _confirmed_section(confirmed: dict[str, Any]) -> str:
         + " |"
         for figure, r in confirmed["ratios"].items()
     )
+    warning = unsteady(confirmed)
+    warning = f"\n\n**Warning:** {warning}." if warning else ""
     return f"""### Confirmed ratios
 
 Baseline and this model timed again after the search, {confirmed["rounds"]} rounds, the order
@@ -343,7 +353,7 @@ measurements (higher is better for this model).
 
 | figure | median ratio | range | per round |
 |---|---|---|---|
-{rows}"""
+{rows}{warning}"""
 
 
 def _versions(cpu: CpuFingerprint) -> str:
