@@ -140,3 +140,10 @@ def test_a_malformed_pass_setting_request_is_refused(entry, message):
 
     with pytest.raises(SlimformerError, match=message):
         split_pass_names([entry])
+
+
+def test_static_int8_is_searched_by_default_only_with_vnni():
+    everything = StudySettings(model="m", task=TaskSpec(name="embedding"))
+    withheld, _ = everything.withheld(cpu(("avx2",)))
+    assert ("", "") in withheld["quantize.static_int8"]
+    assert "quantize.static_int8" not in everything.withheld(cpu(ZEN4))[0]
