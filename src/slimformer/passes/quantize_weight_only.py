@@ -130,6 +130,10 @@ class WeightOnly(Pass):
     needs_calibration = True  # GPTQ's Hessians; round-to-nearest ignores it
 
     @classmethod
+    def calibration_required(cls, config: WeightOnlyConfig) -> bool:
+        return config.method == "gptq" or config.keep_sensitive > 0
+
+    @classmethod
     def normalize(cls, config: WeightOnlyConfig) -> WeightOnlyConfig:
         changes: dict[str, Any] = {}
         if config.bits == 8:  # one scale per output channel: no groups
