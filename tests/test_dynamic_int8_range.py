@@ -38,6 +38,13 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 DISPATCH_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
 TESTS = str(Path(__file__).resolve().parent)
+
+
+def python_path() -> str:
+    """tests/ for `import tiny`, then whatever made this process import its slimformer."""
+    return os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
+
+
 STEP = 2.0**-5  # activation scale of the test inputs: a power of two, so codes are exact
 
 
@@ -130,7 +137,11 @@ def saved_model(tmp_path_factory) -> Path:
 def fbgemm_at_avx2(saved_model) -> dict:
     """FBGEMM_AVX2_FINDINGS from an interpreter whose fbgemm is capped at AVX2 (no VNNI)."""
     env = {k: v for k, v in os.environ.items() if k not in DISPATCH_CAPS}
-    env |= {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    env |= {
+        "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": python_path(),
+    }
     result = subprocess.run(
         [sys.executable, "-c", FBGEMM_AVX2_FINDINGS, str(saved_model)],
         env=env,

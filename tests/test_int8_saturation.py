@@ -36,6 +36,12 @@ DISPATCH_CAPS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 FORCED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 TESTS = str(Path(__file__).resolve().parent)
 
+
+def python_path() -> str:
+    """tests/ for `import tiny`, then whatever made this process import its slimformer."""
+    return os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
+
+
 # Everything the forced-AVX2 tests check, found in one interpreter (each start costs seconds);
 # argv[1] is a model saved with 8-bit weight codes.
 FORCED_AVX2_FINDINGS = """
@@ -112,7 +118,7 @@ def saved_8_bit_model(tmp_path_factory) -> Path:
 def forced_avx2(saved_8_bit_model) -> dict:
     """FORCED_AVX2_FINDINGS from an interpreter started with oneDNN and aten capped at AVX2."""
     env = {k: v for k, v in os.environ.items() if k not in DISPATCH_CAPS}
-    env |= FORCED_AVX2 | {"OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    env |= FORCED_AVX2 | {"OMP_NUM_THREADS": "1", "PYTHONPATH": python_path()}
     result = subprocess.run(
         [sys.executable, "-c", FORCED_AVX2_FINDINGS, str(saved_8_bit_model)],
         env=env,
