@@ -16,11 +16,11 @@ import torch
 from common import machine, write_result
 from torch import nn
 
+from slimformer.layers.dynamic_int8 import dynamic_int8_layer
+from slimformer.layers.weight_only import Int4WeightLinear, Int8WeightLinear
 from slimformer.passes.gptq import quantize_rtn
 from slimformer.passes.observers import InputStats
-from slimformer.passes.quantize import dynamic_int8_layer
-from slimformer.passes.static_int8 import static_int8_layer
-from slimformer.passes.weight_only import Int4WeightLinear, Int8WeightLinear
+from slimformer.passes.quantize_static_int8 import static_int8_layer
 
 SHAPES = ((576, 1536), (1536, 576))
 ROWS = (1, 256)

@@ -31,7 +31,9 @@ TESTS = str(Path(__file__).resolve().parent)
 def run_at(caps: dict[str, str], script: str, *args: str, timeout: float = 300) -> str:
     """Run `script` (python -c) with exactly these caps and one thread; return its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in DISPATCH_CAPS}
-    env |= caps | {"OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    # tests/ for `import tiny`, then whatever made this process import its slimformer.
+    python_path = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
+    env |= caps | {"OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     result = subprocess.run(
         [sys.executable, "-c", script, *args],
         env=env,

@@ -14,7 +14,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
 from slimformer.errors import SlimformerError
 from slimformer.passes import get_pass, registered_passes
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,10 +7,11 @@ import tiny
 import torch
 
 from slimformer.checkpoint import load_model, save_model
+from slimformer.engines.unpadded import UnpaddedEncoder
 from slimformer.errors import SlimformerError
 from slimformer.measure import MeasureSettings, time_throughput
-from slimformer.recipe import Recipe, Step, apply_recipe
-from slimformer.runtimes.batching import UnpaddedEncoder
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 from slimformer.tasks.base import collate
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,8 +9,9 @@ import torch
 
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
-from slimformer.passes.weight_only import Int8WeightLinear
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.layers import Int8WeightLinear
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 from slimformer.study import StudySettings
 from slimformer.tasks import TaskSpec
 

@@ -13,9 +13,11 @@ import transformers
 from safetensors import safe_open
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
-from slimformer.checkpoint import count_parameters, load_model, save_model
+from slimformer.checkpoint import load_model, save_model
+from slimformer.layers import count_parameters
 from slimformer.model import SlimModel
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -263,3 +265,17 @@ def test_count_parameters_of_a_float_model_counts_each_parameter_once(family: st
 def test_count_parameters_counts_tied_embeddings_once() -> None:
     module = tiny.tiny_llama(tie_word_embeddings=True).module
     assert count_parameters(module) == sum(p.numel() for p in module.parameters())
+
+
+def test_saved_layer_kinds_and_runtime_names_stay_the_released_ones() -> None:
+    # slimformer.json names these: renaming one would orphan every model saved with it.
+    from slimformer.engines.base import registered_served
+    from slimformer.layers import registered_codecs
+
+    assert {codec.kind for codec in registered_codecs()} == {
+        "dynamic_int8_linear",
+        "static_int8_linear",
+        "int4_weight_linear",
+        "int8_weight_linear",
+    }
+    assert set(registered_served()) == {"compiled", "onnxruntime", "openvino", "unpadded"}

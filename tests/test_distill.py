@@ -6,7 +6,8 @@ import pytest
 import tiny
 import torch
 
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

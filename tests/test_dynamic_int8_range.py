@@ -19,15 +19,17 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
 from slimformer import cpu
-from slimformer.checkpoint import codec_for, load_model, save_model
+from slimformer.checkpoint import load_model, save_model
 from slimformer.kernels import (
     FULL_ACTIVATION_RANGE,
     REDUCED_ACTIVATION_RANGE,
     dynamic_int8_gemm_saturates,
     dynamic_int8_linear,
 )
-from slimformer.passes.quantize import DynamicInt8Linear, dynamic_int8_layer
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.layers import codec_for
+from slimformer.layers.dynamic_int8 import DynamicInt8Linear, dynamic_int8_layer
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -47,7 +49,7 @@ import torch
 from test_dynamic_int8_range import exact_error, grid_input, large_code_layer, recipe
 from slimformer import kernels
 from slimformer.checkpoint import load_model
-from slimformer.recipe import apply_recipe
+from slimformer.pipeline import apply_recipe
 
 layer = large_code_layer(per_channel=False)
 x7, x8 = grid_input(127), grid_input(255)

@@ -17,13 +17,15 @@ from dispatch import FORCED_AVX2, findings_at
 from torch import nn
 
 from slimformer import cpu
-from slimformer.checkpoint import codec_for, load_model, save_model
+from slimformer.checkpoint import load_model, save_model
 from slimformer.kernels import exact_weight_bits, int8_gemm_saturates
+from slimformer.layers import StaticInt8Linear, codec_for
 from slimformer.model import SlimModel
-from slimformer.passes import static_int8
+from slimformer.passes import quantize_static_int8 as static_int8
 from slimformer.passes.observers import InputStats
-from slimformer.passes.static_int8 import StaticInt8Linear, static_int8_layer
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.passes.quantize_static_int8 import static_int8_layer
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -38,8 +40,10 @@ from test_int8_saturation import cosine, skewed_layer_input, stats_of
 from test_static_int8 import exact_product
 from slimformer import cpu, kernels
 from slimformer.checkpoint import load_model
-from slimformer.passes.static_int8 import StaticInt8Linear, static_int8_layer
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.layers import StaticInt8Linear
+from slimformer.passes.quantize_static_int8 import static_int8_layer
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 class Collect(logging.Handler):
     messages = []

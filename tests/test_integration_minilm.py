@@ -16,7 +16,8 @@ import torch
 
 import slimformer
 from slimformer.checkpoint import load_model, save_model
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec, make_task
 from slimformer.tasks.embedding import embed, normalize
 
@@ -30,7 +31,7 @@ FIDELITY_SMOOTHED = 0.90
 
 @pytest.fixture(scope="module")
 def minilm():
-    return load_model("default")
+    return slimformer.load("default")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_bench_reports_sane_figures_for_minilm():
     assert 0.5 < m["latency_ms_median"] <= m["latency_ms_p90"] < 500
     assert 20 < m["throughput_per_s"] < 5000
     assert 80 < m["size_mb"] < 100  # 22.7M fp32 parameters
-    assert m["parameters"] == sum(p.numel() for p in load_model("default").module.parameters())
+    assert m["parameters"] == sum(p.numel() for p in slimformer.load("default").module.parameters())
     assert 50 < m["peak_memory_mb"] < 2000
     assert 0.1 < m["gflops_per_input"] < 5
     assert m["threads"] == (os.cpu_count() or 1)

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
+import tiny
 import torch
 from tiny import tiny_bert, tiny_llama
 
-from slimformer.measure import DECODE_TOKENS, MeasureSettings, measure_loaded, time_decode
+from slimformer.layers import codec_for
+from slimformer.layers.weight_only import UNPACK_ROWS
+from slimformer.measure import (
+    DECODE_TOKENS,
+    MeasureSettings,
+    count_flops,
+    measure_loaded,
+    time_decode,
+)
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 FAST = MeasureSettings(batch_size=4, latency_requests=4, throughput_inputs=8, min_seconds=0.05)
 EXAMPLES = [[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 102], [101] + [2000] * 20]
@@ -45,3 +57,25 @@ def test_decode_timing_feeds_one_token_at_a_time_through_the_kv_cache() -> None:
     steps = [n for i, n in enumerate(lengths) if i not in prompts]
     assert steps == [1] * (DECODE_TOKENS * len(prompts))
     assert all(c for i, c in enumerate(cached) if i not in prompts)
+
+
+# --- FLOPs: each codec layer counted once, by its codec ------------------------------------
+QUANTIZERS = {
+    "weight_only int8": ("quantize.weight_only", {"bits": 8, "method": "rtn"}),
+    "weight_only int4": ("quantize.weight_only", {"bits": 4, "method": "rtn"}),
+    "dynamic int8": ("quantize.dynamic_int8", {}),
+    "static int8": ("quantize.static_int8", {}),
+}
+
+
+@pytest.mark.parametrize("quantizer", list(QUANTIZERS))
+@pytest.mark.parametrize("tokens", [4, 3 * UNPACK_ROWS])  # weight-only: packed kernel / unpacked
+def test_quantized_layers_count_the_flops_of_the_float_layers_they_replace(quantizer, tokens):
+    """A quantized GEMM counts like the float one (2·m·n·k), once: weight-only layers at
+    UNPACK_ROWS rows or more run a float GEMM that torch's counter sees too."""
+    model = tiny_llama()
+    name, config = QUANTIZERS[quantizer]
+    quantized = apply_recipe(model, Recipe(steps=(Step(name, config),)), tiny.calibration(model))
+    assert any(codec_for(m) for m in quantized.module.modules())
+    example = EXAMPLES[2][:1] + [2000 + i for i in range(tokens - 1)]
+    assert count_flops(quantized, example) == count_flops(model, example)

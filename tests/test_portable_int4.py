@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from slimformer.checkpoint import SLIM_META, SLIM_WEIGHTS, load_model, save_model
 from slimformer.errors import SlimformerError
-from slimformer.passes.weight_only import INT4_LAYOUT, Int4WeightLinear
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.layers.weight_only import INT4_LAYOUT, Int4WeightLinear
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slimformer.checkpoint import load_model, save_model
-from slimformer.passes.weight_only import Int4WeightLinear
+from slimformer.layers.weight_only import Int4WeightLinear
 
 torch.set_num_threads(1)
 folder = Path(sys.argv[1])

@@ -8,11 +8,12 @@ import tiny
 import torch
 
 from slimformer.checkpoint import load_model, save_model
+from slimformer.engines.compiled import CompiledModule
+from slimformer.engines.onnxruntime import OnnxRuntimeModule
+from slimformer.engines.openvino import OpenVinoModule
 from slimformer.errors import SlimformerError
-from slimformer.recipe import Recipe, Step, apply_recipe
-from slimformer.runtimes.compiled import CompiledModule
-from slimformer.runtimes.onnxruntime import OnnxRuntimeModule
-from slimformer.runtimes.openvino import OpenVinoModule
+from slimformer.pipeline import apply_recipe, recipe_from_dict
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -146,7 +147,7 @@ def test_compiled_model_matches_eager_and_reloads_compiled(tmp_path):
 
 def test_recipe_with_two_runtimes_is_refused():
     with pytest.raises(SlimformerError, match="one runtime pass"):
-        Recipe.from_dict(
+        recipe_from_dict(
             {
                 "format": "slimformer-recipe/1",
                 "steps": [{"pass": "runtime.onnxruntime"}, {"pass": "runtime.openvino"}],
@@ -182,7 +183,7 @@ def test_recipe_exporting_a_torch_quantized_model_is_refused_before_any_pass_run
     with pytest.raises(
         SlimformerError, match="runtime.openvino cannot follow quantize.weight_only"
     ):
-        Recipe.from_dict(
+        recipe_from_dict(
             {
                 "format": "slimformer-recipe/1",
                 "steps": [

@@ -11,8 +11,9 @@ from onnx import numpy_helper
 
 from slimformer import cpu
 from slimformer.checkpoint import load_model, save_model
-from slimformer.recipe import Recipe, Step, apply_recipe
-from slimformer.runtimes.openvino import OpenVinoModule
+from slimformer.engines.openvino import OpenVinoModule
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,9 +7,10 @@ import tiny
 import torch
 from torch import nn
 
-from slimformer.passes.quantize import dynamic_int8_layer
+from slimformer.layers.dynamic_int8 import dynamic_int8_layer
 from slimformer.passes.sensitivity import rank_layers
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

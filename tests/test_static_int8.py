@@ -11,15 +11,16 @@ from torch import nn
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
 from slimformer.kernels import exact_weight_bits
+from slimformer.layers import SmoothedLinear, StaticInt8Linear
 from slimformer.passes.observers import (
     InputStats,
     activation_range,
     fake_quantize,
     uint8_params,
 )
-from slimformer.passes.smooth import SmoothedLinear
-from slimformer.passes.static_int8 import StaticInt8Linear, static_int8_layer
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.passes.quantize_static_int8 import static_int8_layer
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,7 +10,8 @@ import transformers
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
 from slimformer.passes.importance import CRITERIA, choose_kept
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,16 +7,12 @@ import tiny
 import torch
 
 from slimformer.checkpoint import load_model, save_model
+from slimformer.layers.int4_codes import unpack_int4_codes
+from slimformer.layers.weight_only import UNPACK_ROWS, Int4WeightLinear, Int8WeightLinear
 from slimformer.passes.gptq import quantize_gptq, quantize_rtn
-from slimformer.passes.weight_only import (
-    UNPACK_ROWS,
-    Int4WeightLinear,
-    Int8WeightLinear,
-    collect_hessians,
-    fitting_group,
-    unpack_int4_codes,
-)
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.passes.quantize_weight_only import collect_hessians, fitting_group
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,18 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from slimformer import assets
-from slimformer.checkpoint import (
-    load_model,
-    natural_head,
-    resolve_path,
-    save_model,
-    source_of,
-)
+from slimformer.assets import resolve_path
+from slimformer.checkpoint import load_model, natural_head, save_model, source_of
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
-from slimformer.recipe import Recipe, apply_recipe
+from slimformer.pipeline import apply_recipe, load_recipe, needs_training
+from slimformer.recipe import Recipe
 from slimformer.study import (
     Reporter,
     StudyResult,
@@ -36,7 +32,7 @@ ModelRef = str | os.PathLike[str] | SlimModel
 
 def load(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> SlimModel:
     """Load a model slimformer saved (or any supported Hugging Face checkpoint folder)."""
-    return load_model(path, trust_remote_code=trust_remote_code)
+    return load_model(resolve_path(path), trust_remote_code=trust_remote_code)
 
 
 def task_spec(
@@ -53,7 +49,7 @@ def task_spec(
 
 
 def _as_model(model: ModelRef, head: str | None = None) -> SlimModel:
-    return model if isinstance(model, SlimModel) else load_model(model, head=head)
+    return model if isinstance(model, SlimModel) else load_model(resolve_path(model), head=head)
 
 
 def apply(
@@ -63,14 +59,14 @@ def apply(
     out: str | os.PathLike[str] | None = None,
 ) -> SlimModel:
     """Replay a recipe on a model (deterministic: same calibration data, same seed)."""
-    recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     loaded = _as_model(model)
     spec = recipe.task or task_spec(None, loaded)
     task = make_task(spec)
     calibration, training = (), ()
     if any(_needs_calibration(s.pass_name) for s in recipe.steps):
         calibration = task.calibration_batches(loaded)
-    if any(s.pass_name == "recover.distill" for s in recipe.steps):
+    if needs_training(recipe):
         training = task.training_batches(loaded)
     result = apply_recipe(loaded, recipe, calibration, training=training)
     if out is not None:
@@ -210,7 +206,7 @@ def optimize(
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
         confirm_rounds=confirm_rounds,
         starts=tuple(
-            (r if isinstance(r, Recipe) else Recipe.load(r)).to_dict() for r in starts or ()
+            (r if isinstance(r, Recipe) else load_recipe(r)).to_dict() for r in starts or ()
         ),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name

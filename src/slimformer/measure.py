@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from slimformer.checkpoint import codec_for, count_parameters, weights_size_bytes
+from slimformer.checkpoint import weights_size_bytes
+from slimformer.engines import ServedModule
 from slimformer.errors import SlimformerError
+from slimformer.layers import codec_for, count_parameters
 from slimformer.model import SlimModel
-from slimformer.runtimes.base import ServedModule
 from slimformer.tasks.base import batches_by_length, collate
 
 MIN_REQUESTS = 20  # batch-1 requests timed at least
@@ -189,27 +190,36 @@ def time_decode(
 
 @torch.inference_mode()
 def count_flops(model: SlimModel, example: Sequence[int]) -> int:
-    """FLOPs of one forward on one input; int8 GEMMs are counted like float ones (2·m·n·k)."""
-    extra = 0
+    """FLOPs of one forward on one input: torch's FlopCounterMode for standard modules, and the
+    codec's own count (`LayerCodec.flops`: int8 GEMMs like float ones, 2·m·n·k) for each codec
+    layer, in place of whatever the counter saw inside it (its kernels are invisible to the
+    counter, or visible only when a layer unpacks its weight for a float GEMM)."""
+    counter = FlopCounterMode(display=False)
+    seen_inside = 0  # counted by FlopCounterMode within codec layers: replaced below
+    own = 0  # the codec layers' own counts
+    started: list[int] = []
 
-    def int8_linear(module: Any, args: tuple, output: torch.Tensor) -> None:
-        nonlocal extra
+    def before(module: Any, args: tuple) -> None:
+        started.append(counter.get_total_flops())
+
+    def after(module: Any, args: tuple, output: torch.Tensor) -> None:
+        nonlocal seen_inside, own
+        seen_inside += counter.get_total_flops() - started.pop()
         rows = args[0].numel() // args[0].shape[-1]
-        extra += 2 * rows * module.in_features * module.out_features
+        own += codec_for(module).flops(module, rows)
 
-    hooks = [
-        m.register_forward_hook(int8_linear)
-        for m in model.module.modules()
-        if codec_for(m) is not None
-    ]
+    hooks = []
+    for module in model.module.modules():
+        if codec_for(module) is not None:
+            hooks.append(module.register_forward_pre_hook(before))
+            hooks.append(module.register_forward_hook(after))
     try:
-        counter = FlopCounterMode(display=False)
         with counter:
             model(**collate(model, [example]))
     finally:
         for hook in hooks:
             hook.remove()
-    return counter.get_total_flops() + extra
+    return counter.get_total_flops() - seen_inside + own
 
 
 def measure_loaded(
@@ -248,7 +258,7 @@ def measure_loaded(
         mean_tokens=round(mean_tokens, 1),
         prefill_tokens_per_s=round(prompt_tokens / median * 1000, 1) if generative else None,
         decode_tokens_per_s=round(time_decode(model, examples, settings), 2) if decodes else None,
-        runtime=served.runtime if served and served.runtime != "unpadded" else "eager",
+        runtime=served.reported_engine() if served else "eager",
         batching=model.batching,
     )
 

@@ -44,7 +44,7 @@ class SlimModel:
     tokenizer: Any = None
     source: str = ""
     recipe: Recipe = field(default_factory=Recipe)
-    # How batches of variable-length inputs are formed (see runtimes/batching.py).
+    # How batches of variable-length inputs are formed (see passes/runtime_batching.py).
     batching: str = "bucketed"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from slimformer.checkpoint import load_model, replace_dir, resolve_path, save_model
+from slimformer.assets import resolve_path
+from slimformer.checkpoint import load_model, replace_dir, save_model
 from slimformer.confirm import confirm_ratios
 from slimformer.cpu import CpuFingerprint, fingerprint
 from slimformer.errors import SlimformerError
@@ -43,7 +44,8 @@ from slimformer.files import write_atomic
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass, registered_passes
-from slimformer.recipe import Recipe, Step, apply_recipe
+from slimformer.pipeline import apply_recipe
+from slimformer.recipe import Recipe, Step
 from slimformer.runlock import RunLock, clear_folder
 from slimformer.tasks import TaskSpec, make_task, quality_drop, reference_state
 
@@ -411,7 +413,7 @@ class Study:
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
         self.reporter.message(f"loading {self.settings.model}")
-        self.base: SlimModel = load_model(self.settings.model, head=self.task.head)
+        self.base: SlimModel = load_model(resolve_path(self.settings.model), head=self.task.head)
         self.task.check_model(self.base)
         self.reporter.message(f"preparing the {self.task.name} task on the original model")
         # The reference arrays come from the shared cache; the run keeps its own copy so it
@@ -426,7 +428,7 @@ class Study:
             for c in self.settings.pass_classes()
             if c.applies_to(self.base) and ("", "") not in self.withheld.get(c.name, ())
         ]
-        trains = any(cls.name == "recover.distill" for cls in self.pass_classes)
+        trains = any(cls.needs_training for cls in self.pass_classes)
         self.training = self.task.training_batches(self.base) if trains else []
         self.facts = self.base.adapter.facts()
 

@@ -68,6 +68,9 @@ class ModelAdapter:
     # (transformers has renamed these between releases).
     block_paths: ClassVar[tuple[str, ...]]
     layout: ClassVar[BlockLayout]
+    # The `model_type` ONNX Runtime's transformer optimizer knows this family's attention and
+    # normalization patterns by; None where it has none (the export then runs unfused).
+    onnx_optimizer_type: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -10,6 +10,7 @@ from slimformer.adapters.registry import register_adapter
 class BertAdapter(ModelAdapter):
     family = "bert"
     model_types = frozenset({"bert", "roberta", "xlm-roberta", "electra", "camembert"})
+    onnx_optimizer_type = "bert"
     block_paths = ("encoder.layer", "encoder.layers")
     layout = BlockLayout(
         query="attention.self.query",

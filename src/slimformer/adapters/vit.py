@@ -9,6 +9,7 @@ class ViTAdapter(ModelAdapter):
     family = "vit"
     model_types = frozenset({"vit"})
     # transformers 5 keeps ViT blocks at `layers`; 4.x had `encoder.layer`.
+    onnx_optimizer_type = "vit"
     block_paths = ("layers", "encoder.layer")
     layout = BlockLayout(
         query="attention.q_proj",

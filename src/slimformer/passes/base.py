@@ -3,11 +3,17 @@
 A pass is one technique with a frozen config dataclass. Each config field may carry a search
 space in its metadata (`searchable(...)`), so the config *is* the search space: the study
 samples it, `slimformer passes` prints it, and a recipe stores one point of it.
+
+A pass declares where it runs in a recipe (its `Phase`, and its `order` inside the phase) and
+what the runner must give or guarantee it (`needs_calibration`, `needs_training`, `terminal`);
+`slimformer.pipeline` checks those before any pass runs. Passes register with `@register_pass`
+when their module is imported; `slimformer.passes` imports every built-in one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -93,16 +99,35 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
 
 
+class Phase(enum.IntEnum):
+    """Where a pass runs in a recipe, in this order (a recipe keeps its passes sorted by it)."""
+
+    STRUCTURE = 1  # remove blocks, neurons, heads
+    RECOVERY = 2  # train the smaller model back towards the original
+    QUANTIZATION = 3  # integer weights and activations
+    PRECISION = 4  # float width of what is left
+    BATCHING = 5  # how batches of variable-length inputs are formed and run
+    RUNTIME = 6  # the engine that serves the model
+
+
 class Pass(ABC):
     """One technique. Subclasses set the class attributes and implement `apply`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     config_class: ClassVar[type]
-    # Order of passes inside a recipe: structure changes first, then recovery, then
-    # quantization, then the runtime. A recipe keeps passes sorted by stage.
-    stage: ClassVar[int]
+    phase: ClassVar[Phase]
+    # Position among the passes of the same phase (e.g. layers are dropped before FFN neurons
+    # are scored); passes with equal phase and order keep the recipe's order.
+    order: ClassVar[int] = 0
+    # The sort key of passes in a recipe, (phase, order): set for every subclass.
+    stage: ClassVar[tuple[Phase, int]]
+    # Uses calibration batches: the runner prepares them (see also `calibration_required`).
     needs_calibration: ClassVar[bool] = False
+    # Trains the model on unlabeled task inputs: the runner prepares training batches.
+    needs_training: ClassVar[bool] = False
+    # Hands the model to another engine: nothing can follow it in a recipe.
+    terminal: ClassVar[bool] = False
     # False for passes that only pay off on other hardware: searched only when named.
     searched_by_default: ClassVar[bool] = True
     # Passes that must be in the same recipe for this one to make sense.
@@ -118,6 +143,23 @@ class Pass(ABC):
     # capability (`cpu.CAPABILITIES`: "native_bf16", "vnni"). Elsewhere the study does not
     # offer them unless the user names them; `slimformer passes` shows which this CPU offers.
     pays_off_only_with: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "phase" in cls.__dict__ or "order" in cls.__dict__:
+            cls.stage = (cls.phase, cls.order)
+
+    @classmethod
+    def calibration_required(cls, config: Any) -> bool:
+        """Whether this config cannot run without calibration batches (checked by the runner
+        before any pass runs); passes that only sometimes use them narrow this."""
+        return cls.needs_calibration
+
+    @classmethod
+    def normalize(cls, config: Any) -> Any:
+        """The canonical config among those that build the same model (settings the others
+        make irrelevant set to their defaults), so one model is never measured twice."""
+        return config
 
     @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
@@ -169,9 +211,10 @@ class Pass(ABC):
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise SlimformerError(f"{cls.name}: {key} must be true or false, got {value!r}")
         try:
-            return cls.config_class(**values)
+            config = cls.config_class(**values)
         except (TypeError, ValueError) as error:
             raise SlimformerError(f"{cls.name}: invalid settings: {error}") from None
+        return cls.normalize(config)
 
     @classmethod
     def search_space(cls) -> dict[str, Space]:
@@ -194,24 +237,26 @@ class Pass(ABC):
         }
 
 
+def setting_default(config: Any, setting: str) -> Any:
+    """The declared default of one setting of a config."""
+    return next(f.default for f in dataclasses.fields(config) if f.name == setting)
+
+
+# Filled as pass modules are imported; `slimformer.passes` imports every built-in one, so the
+# registry is complete wherever `get_pass` is reachable from outside this package.
 _REGISTRY: dict[str, type[Pass]] = {}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if cls.name in _REGISTRY:
         raise ValueError(f"pass {cls.name} registered twice")
+    if not isinstance(getattr(cls, "phase", None), Phase):
+        raise ValueError(f"pass {cls.name} declares no Phase")
     _REGISTRY[cls.name] = cls
     return cls
 
 
-def _load_builtins() -> None:
-    from slimformer.passes import load_builtin_passes
-
-    load_builtin_passes()
-
-
 def get_pass(name: str) -> type[Pass]:
-    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -221,5 +266,4 @@ def get_pass(name: str) -> type[Pass]:
 
 
 def registered_passes() -> list[type[Pass]]:
-    _load_builtins()
     return sorted(_REGISTRY.values(), key=lambda cls: (cls.stage, cls.name))

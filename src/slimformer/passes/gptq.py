@@ -5,7 +5,7 @@ what is evaluated is exactly what is served. Written here rather than taken from
 torchao's GPTQ targets CUDA tensor-core layouts and AutoGPTQ/GPTQModel need CUDA builds; the
 algorithm is ~60 lines on top of torch.linalg.
 
-Formats (the kernels decide them):
+Formats (the kernels decide them; `slimformer.layers.QuantizedWeight` holds the result):
 - int4: asymmetric, per group of `group_size` input columns: w ≈ q·scale + low, q ∈ [0, 15]
   (`torch.ops.aten._weight_int4pack_mm_for_cpu` takes scale and zero = low + 8·scale).
 - int8: symmetric per output channel: w ≈ q·scale, q ∈ [-127, 127]
@@ -14,27 +14,11 @@ Formats (the kernels decide them):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from slimformer.layers.weight_only import QuantizedWeight
+
 BLOCK_COLUMNS = 128  # GPTQ's lazy batch: columns updated together before the trailing update
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    codes: torch.Tensor  # int32 [out, in]: 0..15 (int4) or -127..127 (int8)
-    scales: torch.Tensor  # float32 [out, groups] (int4) or [out] (int8)
-    lows: torch.Tensor | None  # float32 [out, groups] for int4; None for symmetric int8
-    bits: int
-    group_size: int  # input columns per scale; = in_features for per-channel int8
-
-    def dequantize(self) -> torch.Tensor:
-        if self.bits == 8:
-            return self.codes.float() * self.scales[:, None]
-        scales = self.scales.repeat_interleave(self.group_size, dim=1)
-        lows = self.lows.repeat_interleave(self.group_size, dim=1)
-        return self.codes.float() * scales + lows
 
 
 def group_params(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:

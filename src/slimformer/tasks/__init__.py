@@ -11,7 +11,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from slimformer.tasks.base import Score, State, Task, quality_drop
-from slimformer.tasks.spec import TASK_NAMES, TaskSpec
+from slimformer.taskspec import TASK_NAMES, TaskSpec
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel

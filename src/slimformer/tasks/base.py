@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import SlimformerError
-from slimformer.tasks.spec import TaskSpec
+from slimformer.taskspec import TaskSpec
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel

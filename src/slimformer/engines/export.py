@@ -2,8 +2,9 @@
 
 The TorchScript-based exporter (`dynamo=False`) is used on purpose: on its graph ONNX Runtime's
 transformer optimizer fuses Attention, EmbedLayerNormalization and SkipLayerNormalization; on the
-dynamo exporter's graph it fused no Attention (measured, see DESIGN.md). Attention is switched
-to the eager implementation for the trace, the pattern those fusions match.
+dynamo exporter's graph it fused no Attention (measured when the exporter was chosen; the
+comparison is not kept in bench/results). Attention is switched to the eager implementation for
+the trace, the pattern those fusions match.
 """
 
 from __future__ import annotations
@@ -12,28 +13,19 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from slimformer.checkpoint import codec_for
+from slimformer.engines.base import HEAD_INPUTS, HEAD_OUTPUT, ServedModule
 from slimformer.errors import SlimformerError
-from slimformer.model import SlimModel
-from slimformer.runtimes.base import HEAD_INPUTS, HEAD_OUTPUT
+from slimformer.layers import codec_for
+
+if TYPE_CHECKING:
+    from slimformer.model import SlimModel
 
 OPSET = 17
-_NO_ONNX_FORM = (
-    "cannot export layers quantized by a PyTorch pass (their int8/int4 kernels have no ONNX "
-    "form); quantize inside the runtime instead (its int8 setting)"
-)
-# Passes whose output cannot be exported, for the runtime passes' `conflicts`.
-EXPORT_CONFLICTS = {
-    "quantize.dynamic_int8": _NO_ONNX_FORM,
-    "quantize.static_int8": _NO_ONNX_FORM,
-    "quantize.weight_only": _NO_ONNX_FORM,
-    "runtime.batching:mode=unpadded": "unpadded batching runs in PyTorch only; use "
-    "runtime.batching mode=bucketed with an exported model",
-}
 
 
 class _PositionalCall(nn.Module):
@@ -50,33 +42,31 @@ class _PositionalCall(nn.Module):
         return getattr(self.module(**kwargs, return_dict=True), self.output)
 
 
-def unexportable_layers(model: SlimModel) -> dict[str, str]:
-    """Modules with no ONNX form (torch int8/int4 kernels), by kind: name of the first one."""
-    found: dict[str, str] = {}
+def unexportable_layers(model: SlimModel) -> dict[str, tuple[str, str]]:
+    """Layers whose codec refuses ONNX export, by kind: (name of the first one, why)."""
+    found: dict[str, tuple[str, str]] = {}
     for name, module in model.module.named_modules():
         codec = codec_for(module)
-        if codec is not None and codec.kind not in found:
-            found[codec.kind] = name
+        if codec is not None and codec.onnx_refusal and codec.kind not in found:
+            found[codec.kind] = (name, codec.onnx_refusal)
     return found
 
 
 def check_exportable(model: SlimModel, runtime: str) -> None:
     blocked = unexportable_layers(model)
     if blocked:
-        kinds = ", ".join(f"{kind} (e.g. {name})" for kind, name in blocked.items())
+        kinds = ", ".join(f"{kind} (e.g. {name}: {why})" for kind, (name, why) in blocked.items())
         raise SlimformerError(
-            f"{runtime}: cannot export layers quantized by a PyTorch pass: {kinds} have no ONNX "
-            f"form; quantize inside the runtime instead ({runtime} int8 setting)"
+            f"{runtime}: cannot export layers quantized by a PyTorch pass: {kinds}; quantize "
+            f"inside the runtime instead ({runtime} int8 setting)"
         )
     check_not_served(model, runtime)
 
 
 def check_not_served(model: SlimModel, runtime: str) -> None:
-    served = getattr(model.module, "runtime", None)
-    if served == "unpadded":  # a saved unpadded model, loaded and given to a runtime
-        raise SlimformerError(f"{runtime}: {EXPORT_CONFLICTS['runtime.batching:mode=unpadded']}")
-    if served:
-        raise SlimformerError(f"{runtime}: the model already runs in {served}")
+    """Refuse a model some engine serves already (saved that way, loaded and given again)."""
+    if isinstance(model.module, ServedModule):
+        raise SlimformerError(f"{runtime}: {model.module.export_refusal()}")
 
 
 def export_onnx(model: SlimModel, example: dict[str, torch.Tensor], path: Path) -> None:

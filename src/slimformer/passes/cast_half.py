@@ -16,7 +16,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
+from slimformer.passes.base import Choice, Pass, PassContext, Phase, register_pass, searchable
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,7 +31,7 @@ class Half(Pass):
     name = "cast.half"
     summary = "fp16/bf16 weights and activations (for GPUs; on most CPUs memory-only and slower)"
     config_class = HalfConfig
-    stage = 40
+    phase = Phase.PRECISION
     searched_by_default = False
     # fp16 has no fast CPU path we serve at all; bf16 only with AVX-512 BF16 or AMX.
     pays_off_only_with = {"": "native_bf16"}

@@ -1,4 +1,8 @@
-"""The serializable description of a task: enough to rebuild it in another process."""
+"""The serializable description of a task: enough to rebuild it in another process.
+
+Plain data below recipes (a recipe names the task its calibration data comes from), so it lives
+outside the `tasks` package, which loads models and data; `slimformer.tasks` re-exports it.
+"""
 
 from __future__ import annotations
 

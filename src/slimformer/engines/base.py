@@ -1,8 +1,8 @@
-"""What every served (non-eager) module shares: the call signature, outputs, saving."""
+"""What every served (non-eager) module shares: the call signature, outputs, saving, and the
+registry that rebuilds a saved one by its runtime name."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,7 +43,11 @@ class ServedModule(nn.Module):
     weights (the engine owns them), so memory measured for them is the engine's.
     """
 
+    # The name saved in slimformer.json and looked up in the registry at load.
     runtime: ClassVar[str]
+    # What measurements report as the runtime: the engine that does the math. A module that
+    # only rearranges PyTorch's eager computation (padding-free batching) says "eager".
+    engine: ClassVar[str | None] = None  # None: the runtime's name
     # Generation with a KV cache needs past-key-value inputs the exported graph lacks.
     supports_kv_cache: ClassVar[bool] = False
 
@@ -53,11 +57,19 @@ class ServedModule(nn.Module):
         self.head = head
         self.input_names = HEAD_INPUTS[head]
 
+    @classmethod
+    def reported_engine(cls) -> str:
+        return cls.engine or cls.runtime
+
     @property
     def eager(self) -> nn.Module | None:
         """The PyTorch module holding the weights, for runtimes that run it (torch.compile);
         None where the engine owns the weights (they are saved as its files)."""
         return None
+
+    def export_refusal(self) -> str:
+        """Why this model cannot be handed to another runtime (exported or compiled)."""
+        return f"the model already runs in {self.runtime}"
 
     def forward(self, **inputs: Any) -> Any:
         if inputs.get("use_cache") or inputs.get("past_key_values") is not None:
@@ -96,76 +108,12 @@ _SERVED: dict[str, type[ServedModule]] = {}
 
 
 def register_served(cls: type[ServedModule]) -> type[ServedModule]:
+    if cls.runtime in _SERVED:
+        raise ValueError(f"served module for runtime {cls.runtime} registered twice")
     _SERVED[cls.runtime] = cls
     return cls
 
 
-def served_module_class(runtime: str) -> type[ServedModule]:
-    from slimformer.passes import load_builtin_passes
-
-    load_builtin_passes()  # runtime passes register their served modules
-    try:
-        return _SERVED[runtime]
-    except KeyError:
-        raise SlimformerError(
-            f"runtime '{runtime}' is unknown to this slimformer; known: {', '.join(_SERVED)}"
-        ) from None
-
-
-def load_served(
-    folder: Path, meta: dict[str, Any], config: Any, head: str, module: nn.Module | None = None
-) -> ServedModule:
-    runtime = meta.get("name", "?")
-    missing = [f for f in meta.get("files", ()) if not (folder / f).is_file()]
-    if missing:
-        raise SlimformerError(
-            f"{folder} lacks {', '.join(missing)} (the {runtime} model); the saved model is "
-            "damaged — save it again"
-        )
-    return served_module_class(runtime).load_artifacts(folder, meta, config, head, module)
-
-
-# Float graphs must reproduce eager outputs to this (relative to the output's scale); a larger
-# gap means an export or fusion went wrong, and the candidate is refused.
-FLOAT_TOLERANCE = 1e-3
-
-
-class EagerReference:
-    """Eager outputs on one small real batch, to trace with and to check a served model by."""
-
-    def __init__(self, model: Any, calibration: Any, rows: int = 2):
-        if not calibration:
-            raise SlimformerError(
-                "a runtime pass needs calibration data to trace and check the model"
-            )
-        self.head = model.head
-        self.inputs = {n: calibration[0][n][:rows] for n in HEAD_INPUTS[model.head]}
-        self.output = self.main_output(model)
-
-    def main_output(self, model: Any) -> torch.Tensor:
-        with torch.inference_mode():
-            return getattr(model(**self.inputs), HEAD_OUTPUT[self.head])
-
-    def difference(self, served: Any, runtime: str, exact: bool, hint: str = "") -> float:
-        """Largest absolute difference over real (unpadded) positions; for a float graph
-        (`exact`), refuse one beyond FLOAT_TOLERANCE."""
-        gap = (self.main_output(served).float() - self.output.float()).abs()
-        mask = self.inputs.get("attention_mask")
-        if mask is not None and gap.dim() == 3:
-            gap = gap[mask.bool()]
-        difference = float(gap.max())
-        scale = max(1.0, float(self.output.abs().max()))
-        if exact and not difference <= FLOAT_TOLERANCE * scale:
-            raise SlimformerError(
-                f"{runtime}: outputs differ from PyTorch's by {difference:.3g}; refusing the "
-                f"model{hint}"
-            )
-        return difference
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-
-    def seconds(self) -> float:
-        return round(time.perf_counter() - self.started, 2)
+def registered_served() -> dict[str, type[ServedModule]]:
+    """runtime name -> served module class (complete once `slimformer.engines` is imported)."""
+    return dict(_SERVED)

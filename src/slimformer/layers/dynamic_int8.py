@@ -1,16 +1,14 @@
-"""Quantization passes.
+"""Dynamic int8 Linear: int8 weights, activations quantized per call by fbgemm's int8 GEMM.
 
-`quantize.dynamic_int8`: int8 weights, activations quantized on the fly per batch, run by
-PyTorch's fbgemm/x86 int8 GEMM kernels — a real integer kernel, measured faster on AVX2 CPUs.
 The activation codes span the full 8 bits wherever that GEMM sums them exactly (VNNI) and 7 bits
-elsewhere, decided by each process that runs the model (`DynamicInt8Linear`).
+elsewhere, decided by each process that runs the model (`DynamicInt8Linear`), so nothing about
+the range is saved.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,61 +20,13 @@ from torch.ao.quantization import (
     per_channel_dynamic_qconfig,
 )
 
-from slimformer.checkpoint import ModuleCodec, register_codec
 from slimformer.kernels import (
     FULL_ACTIVATION_RANGE,
     REDUCED_ACTIVATION_RANGE,
     dynamic_int8_gemm_saturates,
     dynamic_int8_linear,
 )
-from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
-from slimformer.passes.sensitivity import most_sensitive
-
-# scope -> the adapter's linear roles it covers
-SCOPES = {
-    "all": ("attention", "ffn_in", "ffn_out"),
-    "all_but_ffn_out": ("attention", "ffn_in"),
-    "attention": ("attention",),
-    "ffn": ("ffn_in", "ffn_out"),
-}
-
-
-@dataclass(frozen=True)
-class DynamicInt8Config:
-    scope: str = searchable(
-        "all",
-        Choice(tuple(SCOPES)),
-        "which Linear layers inside the blocks become int8 (ffn_out, the FFN down projection, "
-        "sees the largest activation outliers)",
-    )
-    per_channel: bool = searchable(
-        False, Choice((False, True)), "one weight scale per output channel instead of per tensor"
-    )
-    keep_sensitive: int = searchable(
-        0,
-        Choice((0, 1, 2, 4)),
-        "the N layers whose quantization alone hurts the output most (lowest output SQNR on "
-        "calibration data) stay fp32",
-    )
-    skip: tuple[str, ...] = fixed((), "module names (or name prefixes) to keep in fp32")
-
-
-def skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in skip)
-
-
-def scoped_layers(
-    model: SlimModel, scope: str, skip: tuple[str, ...], types: tuple[type[nn.Module], ...]
-) -> dict[str, nn.Module]:
-    """name -> module for the blocks' layers in `scope`, not skipped, of exactly these types
-    (a layer another quantizer already converted is left alone)."""
-    modules = dict(model.module.named_modules())
-    return {
-        name: modules[name]
-        for name in model.adapter.block_linear_names(SCOPES[scope])
-        if not skipped(name, skip) and type(modules[name]) in types
-    }
+from slimformer.layers.codec import LayerCodec, Tensors, register_codec
 
 
 class DynamicInt8Linear(DynamicQuantLinear):
@@ -108,6 +58,11 @@ DYNAMIC_INT8_MAPPING = {
 }
 
 
+def dynamic_qconfig(per_channel: bool) -> Any:
+    """torch's qconfig for int8 weights, one scale per output channel or per tensor."""
+    return per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+
+
 def activation_range() -> str:
     """How this process's dynamic int8 layers quantize their inputs (for `resolved`)."""
     return REDUCED_ACTIVATION_RANGE if dynamic_int8_gemm_saturates() else FULL_ACTIVATION_RANGE
@@ -116,59 +71,29 @@ def activation_range() -> str:
 def dynamic_int8_layer(linear: nn.Linear, per_channel: bool) -> DynamicInt8Linear:
     """One Linear as a dynamic-int8 module (the original is left untouched)."""
     probe = copy.copy(linear)
-    probe.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    probe.qconfig = dynamic_qconfig(per_channel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
         return DynamicInt8Linear.from_float(probe)
 
 
-@register_pass
-class DynamicInt8(Pass):
-    name = "quantize.dynamic_int8"
-    summary = "int8 Linear layers with per-batch activation scales (fbgemm/x86 int8 kernels)"
-    config_class = DynamicInt8Config
-    stage = 30
-    needs_calibration = True  # for keep_sensitive
-
-    def apply(
-        self, model: SlimModel, config: DynamicInt8Config, ctx: PassContext
-    ) -> dict[str, Any]:
-        names = [
-            n
-            for n in model.adapter.block_linear_names(SCOPES[config.scope])
-            if not skipped(n, config.skip)
-        ]
-        sensitive = most_sensitive(
-            model,
-            names,
-            config.keep_sensitive,
-            lambda name, linear: dynamic_int8_layer(linear, config.per_channel),
-            ctx.calibration,
+def quantize_dynamic_in_place(module: nn.Module, names: list[str], per_channel: bool) -> None:
+    """Swap the Linear layers at `names` inside `module` for DynamicInt8Linear ones."""
+    qconfig = dynamic_qconfig(per_channel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        torch.ao.quantization.quantize_dynamic(
+            module,
+            {n: qconfig for n in names},
+            dtype=torch.qint8,
+            mapping=DYNAMIC_INT8_MAPPING,
+            inplace=True,
         )
-        names = [n for n in names if n not in sensitive]
-        qconfig = per_channel_dynamic_qconfig if config.per_channel else default_dynamic_qconfig
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
-            torch.ao.quantization.quantize_dynamic(
-                model.module,
-                {n: qconfig for n in names},
-                dtype=torch.qint8,
-                mapping=DYNAMIC_INT8_MAPPING,
-                inplace=True,
-            )
-        # Where it was quantized; each process that runs the model decides again for itself.
-        resolved: dict[str, Any] = {
-            "quantized_layers": len(names),
-            "activation_range": activation_range(),
-        }
-        if config.keep_sensitive:
-            resolved["kept_sensitive"] = sensitive  # name -> output SQNR (dB) if quantized
-        return resolved
 
 
 # The saved form is torch's weights and bias, with nothing about the activation range: files
 # written for torch's own dynamic Linear (before DynamicInt8Linear) load unchanged.
-def _encode_dynamic_linear(module: DynamicInt8Linear) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode(module: DynamicInt8Linear) -> tuple[Tensors, dict[str, Any]]:
     weight = module.weight()
     bias = module.bias()
     tensors = {"weight_int8": weight.int_repr()}
@@ -187,7 +112,7 @@ def _encode_dynamic_linear(module: DynamicInt8Linear) -> tuple[dict[str, torch.T
     return tensors, meta
 
 
-def _decode_dynamic_linear(tensors: dict[str, torch.Tensor], meta: dict) -> DynamicInt8Linear:
+def _decode(tensors: Tensors, meta: dict[str, Any]) -> DynamicInt8Linear:
     ints = tensors["weight_int8"]
     if meta["qscheme"] == "per_tensor":
         weight = torch._make_per_tensor_quantized_tensor(
@@ -205,17 +130,18 @@ def _decode_dynamic_linear(tensors: dict[str, torch.Tensor], meta: dict) -> Dyna
     return module
 
 
-def _dynamic_linear_parameters(module: DynamicInt8Linear) -> int:
+def _parameters(module: DynamicInt8Linear) -> int:
     bias = module.bias()
     return module.weight().numel() + (bias.numel() if bias is not None else 0)
 
 
 register_codec(
-    ModuleCodec(
+    LayerCodec(
         kind="dynamic_int8_linear",
         module_type=DynamicInt8Linear,
-        encode=_encode_dynamic_linear,
-        decode=_decode_dynamic_linear,
-        num_parameters=_dynamic_linear_parameters,
+        encode=_encode,
+        decode=_decode,
+        num_parameters=_parameters,
+        onnx_refusal="fbgemm's dynamic int8 GEMM has no ONNX form",
     )
 )

@@ -1,103 +1,46 @@
 """`runtime.onnxruntime`: export to ONNX, apply ONNX Runtime's transformer fusions, optionally
-quantize to int8 inside ONNX Runtime, and serve the result through an InferenceSession.
+quantize to int8 inside ONNX Runtime, and serve the result (`engines.onnxruntime`).
 
 This is the recipe Optimum runs (`optimum-cli export onnx` + `ORTOptimizer` + `ORTQuantizer`
 dynamic int8), done with onnxruntime directly because Optimum's exporter pins an older
-transformers. The fusions actually applied are counted and recorded in the recipe.
+transformers. The fusions actually applied are counted and recorded in the recipe; which
+families ONNX Runtime's optimizer knows is each adapter's `onnx_optimizer_type`.
 
-int8 and the CPU: ONNX Runtime multiplies uint8 activations by int8 weights. Without VNNI
-(AVX2 CPUs, AVX-512 ones before Cascade Lake) its kernels add each pair of neighbouring
-products with VPMADDUBSW in saturating 16-bit arithmetic (255 × 127 × 2 = 64,770 > 32,767).
-Where the effective instruction sets (`slimformer.cpu`) lack VNNI, weights are quantized to
-7 bits (`reduce_range`, ONNX Runtime's advice: 255 × 64 × 2 fits) and sessions ask for
-`session.x64quantprecision`, so a model quantized to 8 bits on a VNNI CPU runs exact (uint8
-weights, about as slow as fp32) rather than clipped.
+int8 and the CPU: without VNNI, ONNX Runtime's uint8×int8 kernels sum pairs of products in
+saturating 16-bit arithmetic, so where the effective instruction sets (`slimformer.cpu`) lack
+VNNI weights are quantized to 7 bits (`reduce_range`, ONNX Runtime's advice: 255 × 64 × 2 fits);
+the served module takes care of models quantized to 8 bits elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from slimformer import cpu
+from slimformer.engines.export import check_exportable, export_onnx
+from slimformer.engines.onnxruntime import ONNX_FILE, OnnxRuntimeModule
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
-from slimformer.runtimes.base import EagerReference, ServedModule, Stopwatch, register_served
-from slimformer.runtimes.export import EXPORT_CONFLICTS, check_exportable, export_onnx
+from slimformer.passes.base import (
+    Choice,
+    Pass,
+    PassContext,
+    Phase,
+    fixed,
+    register_pass,
+    searchable,
+)
+from slimformer.passes.serving import EXPORT_CONFLICTS, EagerReference, Stopwatch
 
-ONNX_FILE = "model.onnx"
-# ONNX Runtime's optimizer knows these families' attention and normalization patterns.
-OPTIMIZER_MODEL_TYPES = {"bert": "bert", "vit": "vit"}
 INTERESTING_OPS = ("Attention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "QAttention")
-# Makes ONNX Runtime turn int8 weights outside the 7-bit range into uint8 (its exact uint8×uint8
-# kernels) on x86 CPUs whose uint8×int8 kernels saturate; it also acts on VNNI CPUs, where
-# nothing saturates, so it is set only where VNNI is missing.
-EXACT_INT8_ON_SATURATING_CPUS = "session.x64quantprecision"
 REDUCE_RANGE_WHY = (
     "no VNNI on this CPU: ONNX Runtime's uint8×int8 kernels sum pairs of products in "
     "saturating 16-bit arithmetic (VPMADDUBSW); 7-bit weights keep every pair in range"
 )
-
-
-@register_served
-class OnnxRuntimeModule(ServedModule):
-    runtime = "onnxruntime"
-
-    def __init__(
-        self,
-        config: Any,
-        head: str,
-        onnx_path: Path,
-        keep: tempfile.TemporaryDirectory | None = None,
-    ):
-        super().__init__(config, head)
-        self.onnx_path = onnx_path
-        self._keep = keep  # owns the temporary folder of a model not saved yet
-        self._session: Any = None
-
-    def session(self) -> Any:
-        """Created on first use so it takes the thread count set for measurement."""
-        if self._session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if not cpu.has_vnni():
-                options.add_session_config_entry(EXACT_INT8_ON_SATURATING_CPUS, "1")
-            self._session = ort.InferenceSession(
-                str(self.onnx_path), options, providers=["CPUExecutionProvider"]
-            )
-        return self._session
-
-    def run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feed = {n: t.numpy() for n, t in inputs.items()}
-        return torch.from_numpy(self.session().run(["output"], feed)[0])
-
-    def __deepcopy__(self, memo: dict) -> OnnxRuntimeModule:
-        # The file is immutable once written; copies share it (and its temporary owner).
-        return OnnxRuntimeModule(self.config, self.head, self.onnx_path, self._keep)
-
-    def save_artifacts(self, folder: Path) -> dict[str, Any]:
-        shutil.copyfile(self.onnx_path, folder / ONNX_FILE)
-        return {"files": [ONNX_FILE]}
-
-    @classmethod
-    def load_artifacts(
-        cls, folder: Path, meta: dict[str, Any], config: Any, head: str, module: Any = None
-    ) -> OnnxRuntimeModule:
-        return cls(config, head, folder / ONNX_FILE)
-
-    def artifact_files(self) -> tuple[str, ...]:
-        return (ONNX_FILE,)
 
 
 @dataclass(frozen=True)
@@ -142,8 +85,9 @@ class OnnxRuntimePass(Pass):
     name = "runtime.onnxruntime"
     summary = "serve through ONNX Runtime: export, transformer fusions, optional int8 inside ORT"
     config_class = OnnxRuntimeConfig
-    stage = 50
+    phase = Phase.RUNTIME
     group = "runtime"
+    terminal = True
     conflicts = EXPORT_CONFLICTS
     needs_calibration = True  # a real batch to trace and to check outputs against eager
 
@@ -158,7 +102,7 @@ class OnnxRuntimePass(Pass):
         export_onnx(model, reference.inputs, folder / "exported.onnx")
         current = folder / "exported.onnx"
         resolved: dict[str, Any] = {}
-        model_type = OPTIMIZER_MODEL_TYPES.get(model.adapter.family)
+        model_type = model.adapter.onnx_optimizer_type
         if config.optimize and model_type:
             current, resolved["fusions"] = self._optimize(model, model_type, current, folder)
         elif config.optimize:

@@ -7,9 +7,9 @@ x·Wᵀ = (x/s)·(W·diag(s))ᵀ: same function, flatter activations, slightly r
 
 The paper folds 1/s into the preceding LayerNorm; that is only valid when the norm's output
 feeds nothing else, which is false for post-LN encoders (BERT feeds it to the residual too).
-Here 1/s is kept as a per-channel input multiplier, which `quantize.static_int8` folds into
-its activation quantization at no cost — so the pass works for every family and needs the
-static int8 pass after it (a recipe without one is rejected).
+Here 1/s is kept as a per-channel input multiplier (`slimformer.layers.SmoothedLinear`), which
+`quantize.static_int8` folds into its activation quantization at no cost — so the pass works
+for every family and needs the static int8 pass after it (a recipe without one is rejected).
 """
 
 from __future__ import annotations
@@ -18,38 +18,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
+from slimformer.layers.smoothed import SmoothedLinear
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, register_pass, searchable
+from slimformer.passes.base import Choice, Pass, PassContext, Phase, register_pass, searchable
+from slimformer.passes.layer_selection import scope_field, select_layers
 from slimformer.passes.observers import collect_input_stats
-from slimformer.passes.quantize import SCOPES, scoped_layers
-
-
-class SmoothedLinear(nn.Module):
-    """linear(x · inv_scale), where `linear` already carries the scales in its weights."""
-
-    def __init__(self, linear: nn.Linear, inv_scale: torch.Tensor):
-        super().__init__()
-        self.linear = linear
-        self.register_buffer("inv_scale", inv_scale)
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x * self.inv_scale)
-
-    def unwrap(self) -> nn.Linear:
-        """The plain Linear again (scales divided back out of the weights)."""
-        with torch.no_grad():
-            self.linear.weight.mul_(self.inv_scale[None, :])
-        return self.linear
 
 
 def smoothing_scales(
@@ -70,9 +44,7 @@ class SmoothConfig:
         Choice((0.5, 0.65, 0.8)),
         "migration strength α in s = max|x|^α / max|W|^(1-α) (higher moves more into weights)",
     )
-    scope: str = searchable(
-        "all", Choice(tuple(SCOPES)), "which Linear layers inside the blocks are smoothed"
-    )
+    scope: str = scope_field("which Linear layers inside the blocks are smoothed")
 
 
 @register_pass
@@ -80,12 +52,13 @@ class Smooth(Pass):
     name = "quantize.smooth"
     summary = "SmoothQuant: migrate activation outliers into the weights before static int8"
     config_class = SmoothConfig
-    stage = 29
+    phase = Phase.QUANTIZATION
+    order = 0  # before static int8, which folds the smoothing into its activation scales
     needs_calibration = True
     requires: ClassVar[tuple[str, ...]] = ("quantize.static_int8",)
 
     def apply(self, model: SlimModel, config: SmoothConfig, ctx: PassContext) -> dict[str, Any]:
-        layers = scoped_layers(model, config.scope, (), (nn.Linear,))
+        layers = select_layers(model, config.scope).layers
         stats = collect_input_stats(model, layers, list(ctx.calibration))
         largest = 0.0
         for name, linear in layers.items():

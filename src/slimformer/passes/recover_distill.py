@@ -1,4 +1,5 @@
-"""Recovery by knowledge distillation: the original model teaches the pruned one.
+"""`recover.distill`: recovery by knowledge distillation — the original model teaches the
+pruned one.
 
 Trains the student on unlabeled task inputs (never the scored split) to match the teacher's
 outputs: KL divergence of temperature-softened logits for LMs and classifiers, cosine distance
@@ -19,7 +20,15 @@ import torch.nn.functional as F
 
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, fixed, register_pass, searchable
+from slimformer.passes.base import (
+    Choice,
+    Pass,
+    PassContext,
+    Phase,
+    fixed,
+    register_pass,
+    searchable,
+)
 
 HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
 
@@ -90,8 +99,13 @@ class Distill(Pass):
     name = "recover.distill"
     summary = "knowledge distillation from the original model on unlabeled task inputs"
     config_class = DistillConfig
-    stage = 20
-    needs_calibration = True
+    phase = Phase.RECOVERY
+    needs_calibration = True  # its batches stand in when no training batches are given
+    needs_training = True
+
+    @classmethod
+    def calibration_required(cls, config: DistillConfig) -> bool:
+        return False  # training batches do; `apply` says when it has neither
 
     def apply(self, model: SlimModel, config: DistillConfig, ctx: PassContext) -> dict[str, Any]:
         if ctx.teacher is None:

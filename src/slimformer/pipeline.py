@@ -1,0 +1,148 @@
+"""Recipes against the pass registry: validate them and apply them.
+
+`check_recipe` refuses, before any pass runs, a recipe that names an unknown pass or setting,
+lacks a pass another requires, holds two passes of one group or a pass after a terminal one, or
+holds a declared conflict (matched on the settings each step *runs* with, defaults included).
+`apply_recipe` then runs the passes in phase order on a copy of the model, after checking that
+it was given the calibration and training data the passes declare they need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes import PassContext, get_pass
+from slimformer.passes.base import Pass
+from slimformer.recipe import Recipe, Step, plain
+
+Batches = Sequence[dict[str, torch.Tensor]]
+
+
+def step_config(step: Step) -> Any:
+    """The step's config as its pass runs it: validated, defaults filled in, normalized."""
+    return get_pass(step.pass_name).make_config(step.config)
+
+
+def sorted_steps(recipe: Recipe) -> tuple[Step, ...]:
+    """The steps in the order they run: by phase, then order within it (ties keep the
+    recipe's order)."""
+    return tuple(sorted(recipe.steps, key=lambda s: get_pass(s.pass_name).stage))
+
+
+def _matches(step: Step, config: Any, pattern: str) -> bool:
+    """Whether `step` is `pass`, or `pass:setting=value` with that value in the config it runs
+    with (set explicitly or by default)."""
+    name, _, setting = pattern.partition(":")
+    if step.pass_name != name:
+        return False
+    key, _, value = setting.partition("=")
+    return not setting or str(getattr(config, key, None)) == value
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse a recipe that cannot run (see the module docstring); cheap, runs no pass."""
+    configs = [step_config(step) for step in recipe.steps]  # names and settings first
+    names = {step.pass_name for step in recipe.steps}
+    for step in recipe.steps:
+        missing = [r for r in get_pass(step.pass_name).requires if r not in names]
+        if missing:
+            raise SlimformerError(
+                f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
+            )
+    for step in recipe.steps:
+        for other, reason in get_pass(step.pass_name).conflicts.items():
+            if any(
+                _matches(earlier, config, other)
+                for earlier, config in zip(recipe.steps, configs, strict=True)
+            ):
+                raise SlimformerError(f"{step.pass_name} cannot follow {other}: {reason}")
+    by_group: dict[str, list[str]] = {}
+    for step in recipe.steps:
+        group = get_pass(step.pass_name).group
+        if group:
+            by_group.setdefault(group, []).append(step.pass_name)
+    for group, members in by_group.items():
+        if len(members) > 1:
+            raise SlimformerError(
+                f"a recipe takes one {group} pass, this one has {', '.join(members)}; keep one"
+            )
+    ordered = sorted_steps(recipe)
+    for step, after in zip(ordered, ordered[1:], strict=False):
+        if get_pass(step.pass_name).terminal:
+            raise SlimformerError(
+                f"{step.pass_name} hands the model to another engine, so nothing can follow it; "
+                f"{after.pass_name} does"
+            )
+
+
+def recipe_from_dict(data: Any, origin: str = "recipe") -> Recipe:
+    """`Recipe.from_dict`, then `check_recipe`."""
+    recipe = Recipe.from_dict(data, origin)
+    check_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """`Recipe.load` (a recipe.yaml, or a folder holding one), then `check_recipe`."""
+    recipe = Recipe.load(path)
+    check_recipe(recipe)
+    return recipe
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether any pass of `recipe` uses calibration batches (the runner prepares them)."""
+    return any(get_pass(step.pass_name).needs_calibration for step in recipe.steps)
+
+
+def needs_training(recipe: Recipe) -> bool:
+    """Whether any pass of `recipe` trains (the runner prepares training batches)."""
+    return any(get_pass(step.pass_name).needs_training for step in recipe.steps)
+
+
+def _check_data(plan: list[tuple[type[Pass], Any]], calibration: Batches, training: Batches):
+    for pass_class, config in plan:
+        if not calibration and pass_class.calibration_required(config):
+            raise SlimformerError(f"{pass_class.name} needs calibration data; none was given")
+        if pass_class.needs_training and not (training or calibration):
+            raise SlimformerError(f"{pass_class.name} needs task inputs to train on; none given")
+
+
+def apply_recipe(
+    model: SlimModel,
+    recipe: Recipe,
+    calibration: Batches = (),
+    progress: Callable[[str], None] | None = None,
+    training: Batches = (),
+) -> SlimModel:
+    """Replay `recipe` on a copy of `model`; the input model is left untouched."""
+    check_recipe(recipe)
+    steps = sorted_steps(recipe)
+    plan = [(get_pass(step.pass_name), step_config(step)) for step in steps]
+    _check_data(plan, calibration, training)
+    result = model.copy()
+    applied = []
+    for step, (pass_class, config) in zip(steps, plan, strict=True):
+        torch.manual_seed(recipe.seed)
+        ctx = PassContext(
+            calibration=calibration,
+            training=training,
+            teacher=model,
+            seed=recipe.seed,
+            progress=progress or (lambda message: None),
+        )
+        if progress:
+            progress(step.pass_name)
+        resolved = pass_class().apply(result, config, ctx)
+        applied.append(Step(step.pass_name, plain(config), resolved))
+    result.recipe = Recipe(
+        steps=model.recipe.steps + tuple(applied),
+        task=recipe.task or model.recipe.task,
+        seed=recipe.seed,
+    )
+    return result
