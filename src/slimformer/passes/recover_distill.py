@@ -105,7 +105,7 @@ class Distill(Pass):
 
     @classmethod
     def calibration_required(cls, config: DistillConfig) -> bool:
-        return False  # training batches do; `apply` says when it has neither
+        return False  # training batches will do (the runner refuses a run with neither)
 
     def apply(self, model: SlimModel, config: DistillConfig, ctx: PassContext) -> dict[str, Any]:
         if ctx.teacher is None:
