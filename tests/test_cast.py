@@ -11,7 +11,7 @@ from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
 from slimformer.passes.weight_only import Int8WeightLinear
 from slimformer.recipe import Recipe, Step, apply_recipe
-from slimformer.study import StudySettings
+from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
