@@ -95,6 +95,21 @@ def requeue_measured_elsewhere(study: optuna.Study, cpu: CpuFingerprint) -> None
         study.set_user_attr(key, sorted(done))
 
 
+def is_waiting(study: optuna.Study, params: dict) -> bool:
+    """Whether a trial with exactly these parameters is queued."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return any(t.system_attrs.get("fixed_params") == params for t in waiting)
+
+
+def defer(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Put an asked trial back at the end of the queue (it ran nothing): it is closed as
+    failed, without an error, and queued again, once (not again on the next resume)."""
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(trial.params, skip_if_exists=False)
+    requeued = set(study.user_attrs.get("requeued", []))
+    study.set_user_attr("requeued", sorted(requeued | {trial.number}))
+
+
 def machine_key(cpu: CpuFingerprint) -> str:
     """A short stable name for the machine `same_machine` compares."""
     identity = [cpu.model, list(cpu.isa), cpu.cores, cpu.threads, sorted(cpu.versions.items())]

@@ -41,10 +41,15 @@ from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
 from slimformer.search.run_folder import CardWriter, Gaps, RunFolder, write_best_facts
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import StudySettings
-from slimformer.search.space import sample_recipe
+from slimformer.search.space import baseline_params, sample_recipe
 from slimformer.tasks import make_task, quality_drop
 
 MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
+
+
+class _BaselineFirst(Exception):
+    """A queued recipe came up before the baseline's rerun (a resumed study whose baseline
+    was cut off, or measured on another machine): it runs again after the baseline."""
 
 
 class Reporter(Protocol):
@@ -134,10 +139,12 @@ class Study:
         earlier = optuna_study.completed_with(trial.study, description, self.cpu)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             return optuna_study.reuse(trial, earlier, self.settings.max_drop)
-        self.reporter.trial_started(trial.number, description)
         baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
+            if optuna_study.is_waiting(trial.study, baseline_params(self.pass_classes)):
+                raise _BaselineFirst  # queued ahead of the baseline's rerun: after it
             raise SlimformerError("the baseline trial has not finished; rerun with --resume")
+        self.reporter.trial_started(trial.number, description)
         candidate_dir = self.folder.candidate_dir(trial.number)
         try:
             self.reporter.stage("applying passes")
@@ -187,6 +194,9 @@ class Study:
             trial = study.ask()
             try:
                 values = self.objective(trial)
+            except _BaselineFirst:
+                optuna_study.defer(study, trial)
+                continue
             except CandidateFailed:
                 frozen = study.tell(trial, state=TrialState.FAIL)
             except BaseException:
