@@ -170,7 +170,7 @@ def run_study(budget: str, out: Path) -> Path:
 
 
 def study_summary(run_dir: Path) -> dict:
-    from slimformer.study import read_run
+    from slimformer.search.run_folder import read_run
 
     settings, records = read_run(run_dir)
     pareto_file = run_dir / "pareto.json"

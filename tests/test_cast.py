@@ -12,7 +12,7 @@ from slimformer.errors import SlimformerError
 from slimformer.layers import Int8WeightLinear
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
-from slimformer.study import StudySettings
+from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
 
 pytestmark = pytest.mark.usefixtures("single_thread")

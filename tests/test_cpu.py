@@ -14,7 +14,8 @@ from slimformer.cpu import (
     native_instruction_sets,
 )
 from slimformer.passes import get_pass
-from slimformer.study import StudySettings, sample_recipe, split_pass_names
+from slimformer.search.settings import StudySettings, split_pass_names
+from slimformer.search.space import sample_recipe
 from slimformer.tasks import TaskSpec
 
 ZEN4 = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16")

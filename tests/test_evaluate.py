@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tiny import tiny_bert
 
 from slimformer.checkpoint import save_model
-from slimformer.evaluate import CandidateFailed, evaluate_isolated
+from slimformer.evaluate import CandidateFailed, EvaluationResult, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.tasks import TaskSpec, save_state
 
@@ -39,9 +41,22 @@ def spec(function: str) -> TaskSpec:
 def test_evaluation_in_a_child_returns_quality_and_measurement(scored_model, tmp_path):
     model_dir, state = scored_model
     result = evaluate_isolated(model_dir, spec("good"), state, FAST, tmp_path / "run")
-    assert result["quality"] == 0.5
-    assert result["measurement"]["latency_ms_median"] > 0
-    assert result["measurement"]["parameters"] > 0
+    assert isinstance(result, EvaluationResult)
+    assert result.quality == 0.5 and result.direction == "maximize"
+    assert result.measurement["latency_ms_median"] > 0
+    assert result.measurement["parameters"] > 0
+    assert result.cpu and result.cpu["threads"] == FAST.resolved_threads()
+    # The child's answer stays readable JSON, the same fields the parent reads back.
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert EvaluationResult.from_dict(written) == result
+    assert written["quality"] == 0.5 and "latency_ms_median" in written["measurement"]
+
+
+def test_a_timing_only_evaluation_has_no_score(scored_model, tmp_path):
+    model_dir, state = scored_model
+    result = evaluate_isolated(model_dir, spec("good"), state, FAST, tmp_path / "run", score=False)
+    assert not result.scored and result.metric is None and result.details == {}
+    assert result.measurement["latency_ms_median"] > 0
 
 
 def test_a_candidate_that_crashes_natively_fails_with_a_reason(scored_model, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import slimformer
 from slimformer.checkpoint import load_model, save_model
@@ -205,8 +206,13 @@ def test_killed_study_resumes_without_losing_trials(tmp_path):
         assert after[number] == trial  # kept exactly, not redone
     assert len(after) == 3
     assert after[0]["description"] == "baseline"
+    best = run / "best"
     for name in ("recipe.yaml", "metrics.json", "README.md", "slimformer.json"):
-        assert (run / "best" / name).is_file() or name == "slimformer.json"
+        assert (best / name).is_file(), name
+    # best/ is the chosen trial's model: its recipe as the trial recorded it, loadable.
+    chosen = after[json.loads((best / "metrics.json").read_text())["trial"]]
+    assert yaml.safe_load((best / "recipe.yaml").read_text()) == chosen["recipe"]
+    assert json.loads((best / "slimformer.json").read_text())["head"] == "embedding"
     assert json.loads((run / "pareto.json").read_text())["front"]
 
     shown = subprocess.run([*CLI, "show", str(run)], capture_output=True, text=True)

@@ -12,7 +12,7 @@ from slimformer.errors import SlimformerError
 from slimformer.passes import Phase, get_pass, registered_passes
 from slimformer.pipeline import apply_recipe, check_recipe, recipe_from_dict, step_config
 from slimformer.recipe import FORMAT, Recipe, Step
-from slimformer.study import sample_recipe
+from slimformer.search.space import sample_recipe
 from slimformer.tasks import TaskSpec
 
 

@@ -15,8 +15,9 @@ import pytest
 import tiny
 
 from slimformer.checkpoint import save_model
-from slimformer.confirm import confirm_ratios, unsteady
-from slimformer.runlock import PID_FILE, RunLock
+from slimformer.evaluate import EvaluationResult
+from slimformer.search.confirm import confirm_ratios, unsteady
+from slimformer.search.lock import PID_FILE, RunLock
 
 CLI = [sys.executable, "-m", "slimformer.cli"]
 # One torch thread: a tiny model on two spins in OpenMP start-up (conftest.single_thread).
@@ -136,15 +137,13 @@ def test_a_finished_study_saves_confirmed_ratios_with_their_spread(
     from rich.console import Console
 
     import slimformer
-    from slimformer import study as study_module
     from slimformer.recipe import Recipe, Step
     from slimformer.report import print_study
 
     # Which trial a noisy tiny-model timing makes the fastest is chance; the choice is
     # pinned to the pruned one so that the confirmation (real child processes) always runs.
     monkeypatch.setattr(
-        study_module,
-        "choose",
+        "slimformer.search.runner.choose",
         lambda records, *args: (next(r for r in records if not r.is_baseline), True),
     )
     result = slimformer.optimize(
@@ -175,21 +174,18 @@ def test_a_finished_study_saves_confirmed_ratios_with_their_spread(
     assert f"{median:.2f}× better latency" in printed and "2 alternating rounds" in printed
 
 
-def test_confirmation_alternates_the_order_and_takes_the_median_of_round_ratios(monkeypatch):
+def test_confirmation_alternates_the_order_and_takes_the_median_of_round_ratios():
     calls = []
     latencies = {"baseline": iter([10.0, 30.0, 10.0]), "chosen": iter([5.0, 10.0, 2.0])}
 
-    def fake_evaluate(model_dir, *args, score=True, **kwargs):
+    def fake_evaluate(model_dir, workdir, *, score=True, on_stage=None):
         side = Path(model_dir).name
         calls.append(side)
         assert score is False  # confirmation times, it does not score
         m = {"latency_ms_median": next(latencies[side]), "throughput_per_s": 1.0}
-        return {"quality": None, "measurement": m | {"peak_memory_mb": 1.0}, "cpu": {}}
+        return EvaluationResult(measurement=m | {"peak_memory_mb": 1.0}, cpu={})
 
-    monkeypatch.setattr("slimformer.confirm.evaluate_isolated", fake_evaluate)
-    result = confirm_ratios(
-        Path("baseline"), Path("chosen"), None, Path("state"), None, Path("w"), rounds=3
-    )
+    result = confirm_ratios(Path("baseline"), Path("chosen"), fake_evaluate, Path("w"), rounds=3)
     assert calls == ["baseline", "chosen", "chosen", "baseline", "baseline", "chosen"]
     assert result["medians"]["baseline"]["latency_ms_median"] == 10.0
     assert result["ratios"]["latency"] == {

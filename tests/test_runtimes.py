@@ -159,7 +159,7 @@ def test_study_samples_at_most_one_runtime_per_recipe():
     import optuna
 
     from slimformer.passes import get_pass
-    from slimformer.study import sample_recipe
+    from slimformer.search.space import sample_recipe
     from slimformer.tasks import TaskSpec
 
     names = ("runtime.onnxruntime", "runtime.openvino", "prune.ffn", "quantize.dynamic_int8")

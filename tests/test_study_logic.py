@@ -14,16 +14,10 @@ from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
 from slimformer.passes import get_pass, registered_passes
 from slimformer.recipe import Recipe, Step
-from slimformer.study import (
-    TrialRecord,
-    baseline_params,
-    choose,
-    pareto_front,
-    parse_duration,
-    parse_max_drop,
-    recipe_params,
-    sample_recipe,
-)
+from slimformer.search.records import TrialRecord
+from slimformer.search.selection import choose, pareto_front
+from slimformer.search.settings import parse_duration, parse_max_drop
+from slimformer.search.space import baseline_params, recipe_params, sample_recipe
 from slimformer.tasks import TaskSpec, quality_drop
 
 

@@ -17,14 +17,9 @@ from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.pipeline import apply_recipe, load_recipe, needs_training
 from slimformer.recipe import Recipe
-from slimformer.study import (
-    Reporter,
-    StudyResult,
-    StudySettings,
-    parse_duration,
-    parse_max_drop,
-    run_study,
-)
+from slimformer.search.records import StudyResult
+from slimformer.search.runner import Reporter, run_study
+from slimformer.search.settings import StudySettings, parse_duration, parse_max_drop
 from slimformer.tasks import TaskSpec, default_task_for, make_task, reference_state
 
 ModelRef = str | os.PathLike[str] | SlimModel
@@ -150,11 +145,11 @@ def benchmark(
     return BenchResult(
         model=str(model if not isinstance(model, SlimModel) else model.source),
         task=spec.name,
-        metric=result["metric"],
-        quality=result["quality"],
-        details=result["details"],
-        measurement=result["measurement"],
-        cpu=result.get("cpu"),
+        metric=str(result.metric),
+        quality=float(result.quality),  # type: ignore[arg-type]
+        details=result.details,
+        measurement=result.measurement,
+        cpu=result.cpu,
         when_chosen=when_chosen,
     )
 
@@ -210,6 +205,8 @@ def optimize(
         ),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
+    from slimformer.card import write_card  # here: rendering loads rich, only a study needs it
+
     return run_study(
         settings,
         out_dir,
@@ -217,4 +214,5 @@ def optimize(
         overwrite=overwrite,
         reporter=reporter,
         allow_other_cpu=allow_other_cpu,
+        write_card=write_card,
     )

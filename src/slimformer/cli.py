@@ -1,8 +1,7 @@
 """`slimformer` on the command line: a thin typer layer over slimformer.api.
 
-Over 350 lines on purpose: one function per command with its typer options and help text, each
-mostly parsing options and printing what slimformer.api returns; splitting them would scatter
-the CLI's help over several modules for no independent part.
+Over 350 lines because typer declares each option in the command's signature: the lines are
+option declarations and help texts, the logic is in api.py, report.py and figures.py.
 """
 
 from __future__ import annotations
@@ -113,29 +112,13 @@ def bench(
 def _figure_rows(
     metric: str, quality: float, details: dict[str, float], m: dict
 ) -> list[tuple[str, str]]:
-    rows = [
+    from slimformer.figures import all_figures
+
+    return [
         (metric, f"{quality:.4f}"),
         *[(k, f"{v:.4f}") for k, v in details.items()],
-        ("latency, batch 1, median (ms)", f"{m['latency_ms_median']:.2f}"),
-        ("latency, batch 1, p90 (ms)", f"{m['latency_ms_p90']:.2f}"),
-        (f"throughput, batch {m['batch_size']} (inputs/s)", f"{m['throughput_per_s']:.1f}"),
-        ("peak memory (MB)", f"{m['peak_memory_mb']:.0f}"),
-        ("size on disk (MB)", f"{m['size_mb']:.1f}"),
-        ("parameters", f"{m['parameters']:,}"),
-        ("GFLOPs per input", _optional(m["gflops_per_input"], ".3f")),
-        ("mean tokens per input", f"{m['mean_tokens']:.1f}"),
-        ("threads", str(m["threads"])),
-        ("runtime", escape(str(m.get("runtime", "eager")))),
+        *[(f.title(m), escape(f.show(m))) for f in all_figures(m)],
     ]
-    if m.get("prefill_tokens_per_s") is not None:
-        rows[-4:-4] = [
-            ("prefill, batch 1 (prompt tokens/s)", f"{m['prefill_tokens_per_s']:.0f}"),
-            (
-                "decode, batch 1 (new tokens/s)",
-                _optional(m["decode_tokens_per_s"], ".1f", "— (runtime has no KV cache)"),
-            ),
-        ]
-    return rows
 
 
 def _machines_line(today: dict | None, then: dict | None) -> str:
@@ -151,10 +134,6 @@ def _machines_line(today: dict | None, then: dict | None) -> str:
         f"chosen on another machine ({'; '.join(now_cpu.differences(then_cpu))}): the ranking "
         f"of techniques can differ here. Today: {now_cpu.label}"
     )
-
-
-def _optional(value: float | None, spec: str, missing: str = "—") -> str:
-    return missing if value is None else format(value, spec)
 
 
 @app.command()
@@ -279,10 +258,11 @@ def show(
 ) -> None:
     """Print a finished or interrupted run's trials and Pareto front."""
     from slimformer.report import trials_table
-    from slimformer.study import pareto_front, read_run
+    from slimformer.search.run_folder import read_run
+    from slimformer.search.selection import pareto_front
+    from slimformer.tasks import make_task
 
     settings, records = read_run(run)
-    from slimformer.tasks import make_task
 
     direction = make_task(settings.task).direction
     front = pareto_front(records, direction, settings.objective)

@@ -2,7 +2,8 @@
 
 A fresh process per candidate gives a clean peak-memory figure, and a candidate that crashes
 (even in native code) fails its own trial, not the study. The parent calls
-`evaluate_isolated`; the child is `python -m slimformer.evaluate REQUEST.json`.
+`evaluate_isolated`; the child is `python -m slimformer.evaluate REQUEST.json`. The child
+answers in `result.json`: an `EvaluationResult` as JSON, or `{"error": reason}`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,40 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any
 
 from slimformer.errors import SlimformerError
 
 STAGE_PREFIX = "@@slimformer-stage "
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """One model loaded, timed and (unless timing only) scored in a fresh process.
+
+    Crosses the process boundary as JSON (`to_dict`/`from_dict`, the keys as named here)."""
+
+    measurement: dict[str, Any]  # a Measurement as a dict (measure.py)
+    cpu: dict[str, Any] | None = None  # the fingerprint of the process that measured it
+    quality: float | None = None  # None: timed only, not scored
+    metric: str | None = None
+    direction: str | None = None  # maximize | minimize
+    bounded: bool | None = None  # the score is a fraction (budgets in points)
+    details: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scored(self) -> bool:
+        return self.quality is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationResult:
+        own = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in own})
 
 
 class CandidateFailed(Exception):
@@ -35,7 +63,7 @@ def evaluate_isolated(
     on_stage: Callable[[str], None] | None = None,
     timeout_s: float = 1800,
     score: bool = True,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Load, time and (unless `score` is false: timing only) score `model_dir` in a child;
     the result holds quality, details, measurement and the measuring process's CPU."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -74,8 +102,8 @@ def evaluate_isolated(
         stages.join(timeout=5)
     result_file = Path(request["result"])
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if returncode == 0 and "quality" in result:
-        return result
+    if returncode == 0 and "measurement" in result:
+        return EvaluationResult.from_dict(result)
     if "error" in result:
         raise CandidateFailed(result["error"])
     lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
@@ -93,7 +121,7 @@ def _stage(name: str) -> None:
     print(STAGE_PREFIX + name, flush=True)
 
 
-def run_request(request: dict[str, Any]) -> dict[str, Any]:
+def run_request(request: dict[str, Any]) -> EvaluationResult:
     from slimformer.checkpoint import load_model
     from slimformer.cpu import fingerprint
     from slimformer.measure import (
@@ -120,23 +148,23 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
         examples = task.examples(model, "timing")
     _stage("timing")
     measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
-    timed = {
-        "measurement": measurement.to_dict(),
-        "cpu": fingerprint(settings.resolved_threads()).to_dict(),
-    }
+    timed = EvaluationResult(
+        measurement=measurement.to_dict(),
+        cpu=fingerprint(settings.resolved_threads()).to_dict(),
+    )
     if not request.get("score", True):
-        return {"quality": None, **timed}
+        return timed
     _stage("scoring")
     state = load_state(Path(request["state"]))
     score = task.score(model, state)
-    return {
-        "quality": score.value,
-        "metric": score.metric,
-        "direction": score.direction,
-        "bounded": score.bounded,
-        "details": score.details,
-        **timed,
-    }
+    return replace(
+        timed,
+        quality=score.value,
+        metric=score.metric,
+        direction=score.direction,
+        bounded=score.bounded,
+        details=score.details,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -146,7 +174,7 @@ def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[1]).read_text())
     result_path = Path(request["result"])
     try:
-        result = run_request(request)
+        result = run_request(request).to_dict()
         code = 0
     except SlimformerError as error:
         result, code = {"error": str(error)}, 2

@@ -5,6 +5,8 @@ Each round times both models in new child processes, the order alternating betwe
 (baseline first, then chosen first) so that a machine growing busier or quieter during the
 rounds does not favour one side. A round's ratio compares the two measurements of that
 round; the confirmed figure is the median of the per-round ratios, with their min and max.
+The figures confirmed are figures.CONFIRMED_FIGURES; `evaluate` is the study's evaluator
+(fresh child processes, search/candidates.py).
 """
 
 from __future__ import annotations
@@ -12,17 +14,13 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from slimformer.evaluate import evaluate_isolated
+from slimformer.figures import CONFIRMED_FIGURES, improvement
 
-# figure -> (measurement field, whether lower is better)
-CONFIRMED_FIGURES = {
-    "latency": ("latency_ms_median", True),
-    "throughput": ("throughput_per_s", False),
-    "memory": ("peak_memory_mb", True),
-}
-FIGURES = tuple(CONFIRMED_FIGURES.values())
+if TYPE_CHECKING:
+    from slimformer.search.candidates import Evaluator
+
 # Rounds whose ratios differ more than this (max/min) mean the machine's load changed while
 # they ran: the figures are then reported with a warning.
 UNSTEADY_SPREAD = 1.5
@@ -43,19 +41,10 @@ def unsteady(confirmed: dict[str, Any]) -> str | None:
     )
 
 
-def improvement(baseline: float | None, chosen: float | None, lower_is_better: bool) -> float:
-    """How many times better `chosen` is than `baseline` (>1 = better); NaN if unknown."""
-    if not baseline or not chosen:
-        return float("nan")
-    return baseline / chosen if lower_is_better else chosen / baseline
-
-
 def confirm_ratios(
     baseline_dir: Path,
     chosen_dir: Path,
-    task_spec: Any,
-    state_path: Path,
-    measure_settings: Any,
+    evaluate: Evaluator,
     workdir: Path,
     rounds: int,
     on_stage: Callable[[str], None] | None = None,
@@ -70,16 +59,9 @@ def confirm_ratios(
         for side in order:
             if on_stage:
                 on_stage(f"confirming: round {index + 1}/{rounds}, {side}")
-            result = evaluate_isolated(
-                sides[side],
-                task_spec,
-                state_path,
-                measure_settings,
-                workdir / f"round-{index + 1}-{side}",
-                score=False,
-            )
-            measured[side].append(result["measurement"])
-            cpu = result.get("cpu", cpu)
+            result = evaluate(sides[side], workdir / f"round-{index + 1}-{side}", score=False)
+            measured[side].append(result.measurement)
+            cpu = result.cpu or cpu
     ratios = {}
     for figure, (key, lower_is_better) in CONFIRMED_FIGURES.items():
         per_round = [
@@ -93,7 +75,10 @@ def confirm_ratios(
             "per_round": [round(r, 3) for r in per_round],
         }
     medians = {
-        side: {key: statistics.median(m[key] for m in measured[side]) for key, _ in FIGURES}
+        side: {
+            key: statistics.median(m[key] for m in measured[side])
+            for key, _ in CONFIRMED_FIGURES.values()
+        }
         for side in sides
     }
     return {

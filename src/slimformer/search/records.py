@@ -1,0 +1,115 @@
+"""What a study produces, typed: one trial (`TrialRecord`, a line of trials.jsonl), the
+chosen model's facts (`BestModel`, best/metrics.json) and the whole study (`StudyResult`).
+One evaluation, the child process's answer, is `evaluate.EvaluationResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimformer.figures import OBJECTIVES
+
+if TYPE_CHECKING:
+    from slimformer.search.settings import StudySettings
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    number: int
+    state: str  # complete | failed | interrupted | running
+    description: str
+    recipe: dict[str, Any] | None = None
+    quality: float | None = None
+    drop: float | None = None
+    feasible: bool | None = None
+    details: dict[str, float] = field(default_factory=dict)
+    measurement: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    duration_s: float | None = None
+    duplicate_of: int | None = None
+    cpu: dict[str, Any] | None = None  # the fingerprint of the machine that measured it
+    # Measured on another machine than the study's current one: kept as history, but its
+    # timings take no part in the front or the choice (a resumed study measures it again).
+    stale: bool = False
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.description == "baseline"
+
+    @property
+    def counts(self) -> bool:
+        """Whether it used a slot of the trial budget (repeats and interrupted runs don't)."""
+        return (self.state == "complete" and self.duplicate_of is None) or self.state == "failed"
+
+    @property
+    def comparable(self) -> bool:
+        """A finished, first-of-its-recipe measurement from this machine."""
+        return (
+            self.state == "complete"
+            and self.duplicate_of is None
+            and self.quality is not None
+            and not self.stale
+        )
+
+    def cost(self, objective: str) -> float | None:
+        return self.measurement.get(OBJECTIVES[objective][0])
+
+
+def find(records: list[TrialRecord], number: int) -> TrialRecord:
+    return next(r for r in records if r.number == number)
+
+
+@dataclass(frozen=True)
+class BestModel:
+    """The model a study saved in best/, with what it was chosen against."""
+
+    chosen: TrialRecord
+    baseline: TrialRecord
+    settings: StudySettings
+    metric: str
+    met_budget: bool
+    cpu: dict[str, Any]  # the machine the study measured on
+    # Baseline vs chosen timed again in alternating fresh processes (confirm.py).
+    confirmed: dict[str, Any] | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        """best/metrics.json."""
+        chosen, baseline = self.chosen, self.baseline
+        return {
+            "trial": chosen.number,
+            "met_max_drop": self.met_budget,
+            "max_drop": self.settings.max_drop,
+            "objective": self.settings.objective,
+            "metric": self.metric,
+            "quality": chosen.quality,
+            "drop": chosen.drop,
+            "details": chosen.details,
+            "measurement": chosen.measurement,
+            "baseline": {
+                "quality": baseline.quality,
+                "details": baseline.details,
+                "measurement": baseline.measurement,
+            },
+            "cpu": self.cpu,
+            "confirmed": self.confirmed,
+        }
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    out: Path
+    settings: StudySettings
+    trials: list[TrialRecord]
+    pareto: list[int]
+    chosen: TrialRecord | None
+    met_budget: bool
+    best_dir: Path | None
+    # Baseline vs chosen timed again in alternating fresh processes (confirm.py); None when
+    # switched off or when the baseline itself was chosen.
+    confirmed: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def baseline(self) -> TrialRecord | None:
+        return next((t for t in self.trials if t.is_baseline and t.comparable), None)

@@ -1,0 +1,341 @@
+"""The loop: Optuna, multi-objective (quality and one cost), resumable, every trial measured.
+
+Trial 0 is always the untouched baseline. Every other trial samples a recipe from the
+registered passes' config spaces (space.py), builds the candidate and evaluates it (by default
+in a child process: candidates.py). The chosen model is the cheapest trial (by the objective)
+whose quality drop is within `max_drop`; if no optimized candidate meets it we say so and save
+the best-quality one (selection.py). Everything lives in the run folder (run_folder.py), which
+one process at a time holds (lock.py).
+
+Timings are facts about one machine: every trial records the CPU fingerprint it was measured
+on, and only trials measured on this machine take part in the front, the choice and the
+reuse of repeated recipes. The search also follows the CPU: settings that only pay off with
+a capability this CPU lacks (bf16 math, VNNI int8) are not offered unless the user names
+them. When the study ends, the baseline and the chosen model are timed again in alternating
+fresh processes (`confirm.py`), and those ratios are the ones printed and saved.
+
+The Optuna side (the storage, requeues, trials <-> records) is in optuna_study.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from slimformer.cpu import fingerprint
+from slimformer.errors import SlimformerError
+from slimformer.evaluate import CandidateFailed
+from slimformer.recipe import Recipe
+from slimformer.search import optuna_study
+from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
+from slimformer.search.confirm import confirm_ratios
+from slimformer.search.lock import RunLock
+from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
+from slimformer.search.run_folder import CardWriter, Gaps, RunFolder, write_best_facts
+from slimformer.search.selection import choose, pareto_front
+from slimformer.search.settings import StudySettings
+from slimformer.search.space import baseline_params, sample_recipe
+from slimformer.tasks import make_task, quality_drop
+
+MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
+
+
+class _BaselineFirst(Exception):
+    """A queued recipe came up before the baseline's rerun (a resumed study whose baseline
+    was cut off, or measured on another machine): it runs again after the baseline."""
+
+
+class Reporter(Protocol):
+    def study_started(self, settings: StudySettings, total: int | None, done: int) -> None: ...
+    def trial_started(self, number: int, description: str) -> None: ...
+    def stage(self, name: str) -> None: ...
+    def trial_finished(self, record: TrialRecord) -> None: ...
+    def message(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class SilentReporter:
+    def study_started(self, settings: StudySettings, total: int | None, done: int) -> None: ...
+    def trial_started(self, number: int, description: str) -> None: ...
+    def stage(self, name: str) -> None: ...
+    def trial_finished(self, record: TrialRecord) -> None: ...
+    def message(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class Study:
+    def __init__(
+        self,
+        settings: StudySettings,
+        folder: RunFolder,
+        reporter: Reporter,
+        withheld: Gaps | None = None,
+        *,
+        builder: Builder | None = None,
+        evaluator: Evaluator | None = None,
+        write_card: CardWriter | None = None,
+    ):
+        """`withheld`: the search space's CPU-dependent gaps as first decided for this run
+        (a resumed study keeps them: Optuna's spaces cannot change within a study).
+        `builder`, `evaluator`: the models behind the loop (default: the real ones).
+        `write_card`: writes best/README.md beside the chosen model."""
+        self.settings = settings
+        self.folder = folder
+        self.reporter = reporter
+        self.task = make_task(settings.task)
+        self.cpu = fingerprint(settings.measure.resolved_threads())
+        self.notes: list[str] = []
+        if withheld is None:
+            withheld, self.notes = settings.withheld(self.cpu)
+        self.withheld = withheld
+        self.builder = builder or ModelBuilder(settings.model, settings.task)
+        self.evaluate = evaluator or child_evaluator(
+            settings.task, folder.state_path, settings.measure
+        )
+        self.write_card = write_card
+
+    # --- set-up -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        offered = [
+            c for c in self.settings.pass_classes() if ("", "") not in self.withheld.get(c.name, ())
+        ]
+        self.pass_classes = self.builder.prepare(
+            offered, self.folder.state_path, self.reporter.message
+        )
+
+    def open_study(self) -> optuna.Study:
+        return optuna_study.open_study(
+            self.folder.storage_url,
+            self.settings,
+            [self.task.direction, self.settings.cost_direction],
+            self.pass_classes,
+            self.cpu,
+        )
+
+    def records(self, study: optuna.Study) -> list[TrialRecord]:
+        return optuna_study.records(study, self.cpu)
+
+    # --- one trial ----------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        started = time.monotonic()
+        recipe = sample_recipe(
+            trial,
+            self.pass_classes,
+            self.builder.facts,
+            self.settings.task,
+            self.settings.seed,
+            self.withheld,
+        )
+        description = recipe.describe()
+        trial.set_user_attr("description", description)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        earlier = optuna_study.completed_with(trial.study, description, self.cpu)
+        if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
+            return optuna_study.reuse(trial, earlier, self.settings.max_drop)
+        baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
+        if baseline is None and recipe.steps:
+            if optuna_study.is_waiting(trial.study, baseline_params(self.pass_classes)):
+                raise _BaselineFirst  # queued ahead of the baseline's rerun: after it
+            raise SlimformerError("the baseline trial has not finished; rerun with --resume")
+        self.reporter.trial_started(trial.number, description)
+        candidate_dir = self.folder.candidate_dir(trial.number)
+        try:
+            self.reporter.stage("applying passes")
+            applied = self.builder.build(recipe, candidate_dir, self.reporter.stage)
+            result = self.evaluate(
+                candidate_dir,
+                self.folder.logs(f"trial-{trial.number:03d}"),
+                on_stage=self.reporter.stage,
+            )
+            if not result.scored or result.direction is None:
+                raise CandidateFailed("the evaluation returned no score")
+        except (SlimformerError, CandidateFailed, RuntimeError, ValueError) as error:
+            shutil.rmtree(candidate_dir, ignore_errors=True)
+            if not recipe.steps:
+                raise SlimformerError(f"the baseline could not be evaluated: {error}") from None
+            trial.set_user_attr("error", str(error)[:300])
+            trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+            raise CandidateFailed(str(error)) from None
+        trial.set_user_attr("recipe", applied.to_dict())  # with resolved decisions
+        quality = float(result.quality)  # type: ignore[arg-type]
+        reference = quality if baseline is None else baseline.user_attrs["quality"]
+        drop = quality_drop(reference, quality, str(result.direction), bool(result.bounded))
+        cost = result.measurement[self.settings.cost_field]
+        trial.set_user_attr("quality", quality)
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("feasible", drop <= self.settings.max_drop + 1e-12)
+        trial.set_constraint("max_drop", drop - self.settings.max_drop)
+        trial.set_user_attr("details", result.details)
+        trial.set_user_attr("measurement", result.measurement)
+        trial.set_user_attr("cpu", result.cpu or self.cpu.to_dict())
+        trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+        return quality, cost
+
+    def run_trials(self, study: optuna.Study, remaining: int | None) -> None:
+        """Ask, evaluate, tell — until the trial budget or the time budget is spent.
+
+        A proposal that repeats a measured recipe is told the earlier result at no cost and
+        does not count against the budget; a long run of repeats means the space is exhausted.
+        """
+        deadline = (
+            time.monotonic() + self.settings.time_budget_s if self.settings.time_budget_s else None
+        )
+        done = repeats = 0
+        while remaining is None or done < remaining:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            trial = study.ask()
+            try:
+                values = self.objective(trial)
+            except _BaselineFirst:
+                optuna_study.defer(study, trial)
+                continue
+            except CandidateFailed:
+                frozen = study.tell(trial, state=TrialState.FAIL)
+            except BaseException:
+                study.tell(trial, state=TrialState.FAIL)  # interrupted: rerun on --resume
+                raise
+            else:
+                frozen = study.tell(trial, values)
+                if "duplicate_of" in frozen.user_attrs:
+                    repeats += 1
+                    if repeats >= MAX_REPEATS:
+                        self.reporter.message("every recipe in the search space was measured")
+                        break
+                    continue
+            repeats = 0
+            done += 1
+            self.after_trial(study, frozen)
+
+    # --- after each trial ---------------------------------------------------------------
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        records = self.records(study)
+        front = self._write_outputs(records)
+        self.folder.keep_candidates({n for n in front if not find(records, n).is_baseline})
+        self.reporter.trial_finished(find(records, trial.number))
+
+    def _write_outputs(self, records: list[TrialRecord]) -> list[int]:
+        front = pareto_front(records, self.task.direction, self.settings.objective)
+        self.folder.write_trials(records, front, self.settings, self.task.metric, self.cpu)
+        return front
+
+    # --- the end ------------------------------------------------------------------------
+    def finish(self, study: optuna.Study) -> StudyResult:
+        records = self.records(study)
+        front = self._write_outputs(records)
+        chosen, met = choose(records, front, self.task.direction, self.settings.objective)
+        best_dir, confirmed = None, None
+        if chosen is not None:
+            best = BestModel(
+                chosen=chosen,
+                baseline=next(r for r in records if r.is_baseline and r.comparable),
+                settings=self.settings,
+                metric=self.task.metric,
+                met_budget=met,
+                cpu=self.cpu.to_dict(),
+            )
+            best_dir = self.folder.save_best(best, self._rebuild(chosen), self.write_card)
+            if not chosen.is_baseline and self.settings.confirm_rounds:
+                confirmed = self._confirm(best, best_dir)
+        return StudyResult(
+            self.folder.path,
+            self.settings,
+            records,
+            front,
+            chosen,
+            met,
+            best_dir,
+            confirmed,
+            tuple(self.notes),
+        )
+
+    def _rebuild(self, chosen: TrialRecord) -> Callable[[Path], Recipe]:
+        """Replays the chosen recipe into a folder (the baseline has no saved candidate)."""
+        recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
+        return lambda folder: self.builder.build(recipe, folder)
+
+    def _confirm(self, best: BestModel, best_dir: Path) -> dict:
+        """Time baseline and chosen again (alternating fresh processes); the ratios go into
+        best/metrics.json and the model card, rewritten in place."""
+        rounds = self.settings.confirm_rounds
+        self.reporter.message(
+            f"confirming the ratios: {rounds} rounds of baseline and chosen model, alternating"
+        )
+        confirmed = confirm_ratios(
+            self.builder.reference_dir,
+            best_dir,
+            self.evaluate,
+            self.folder.logs("confirm"),
+            rounds,
+            on_stage=self.reporter.message,
+        )
+        best = replace(best, confirmed=confirmed)
+        write_best_facts(best_dir, best, self.write_card)
+        return confirmed
+
+
+# --- entry point ----------------------------------------------------------------------------
+def run_study(
+    settings: StudySettings,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+    allow_other_cpu: bool = False,
+    *,
+    write_card: CardWriter | None = None,
+    builder: Builder | None = None,
+    evaluator: Evaluator | None = None,
+) -> StudyResult:
+    """Run (or resume) a study in `out`, which this process holds alone while it runs.
+
+    `write_card` writes the model card into best/ (api.optimize passes report's);
+    `builder` and `evaluator` replace the real models (tests)."""
+    reporter = reporter or SilentReporter()
+    out = Path(out)
+    created = not out.exists()
+    lock = RunLock(out)
+    lock.acquire()  # before anything is read or removed: a live study's folder stays intact
+    try:
+        folder = RunFolder(out)
+        try:
+            settings, withheld = folder.open(settings, resume, overwrite, allow_other_cpu)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        new_run = not folder.has_run()
+        lock.announce()
+        runner = Study(
+            settings,
+            folder,
+            reporter,
+            withheld,
+            builder=builder,
+            evaluator=evaluator,
+            write_card=write_card,
+        )
+        try:
+            runner.prepare()  # bad data or a wrong model fails here, before any run exists
+        except BaseException:
+            if created or new_run:  # nothing of a run was in it yet (or --overwrite emptied it)
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        folder.write_run(settings, runner.cpu, runner.withheld)
+        for note in runner.notes:
+            reporter.note(note)
+        study = runner.open_study()
+        counted = [r for r in runner.records(study) if r.counts and not r.stale]
+        remaining = None if settings.trials is None else max(0, settings.trials - len(counted))
+        reporter.study_started(settings, settings.trials, len(counted))
+        runner.run_trials(study, remaining)
+        return runner.finish(study)
+    finally:
+        lock.release()

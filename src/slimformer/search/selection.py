@@ -1,0 +1,45 @@
+"""Which trials are worth keeping: the Pareto front of quality and cost, and the choice."""
+
+from __future__ import annotations
+
+from slimformer.figures import OBJECTIVES
+from slimformer.search.records import TrialRecord, find
+
+
+def pareto_front(records: list[TrialRecord], direction: str, objective: str) -> list[int]:
+    """Trial numbers not dominated in (quality, cost); duplicates of earlier trials, and
+    trials measured on another machine, left out."""
+    sign_q = 1 if direction == "maximize" else -1
+    sign_c = 1 if OBJECTIVES[objective][1] == "maximize" else -1
+    points = [
+        (r.number, sign_q * r.quality, sign_c * r.cost(objective)) for r in records if r.comparable
+    ]
+    front = []
+    for number, q, c in points:
+        dominated = any(
+            (q2 >= q and c2 >= c) and (q2 > q or c2 > c) for n2, q2, c2 in points if n2 != number
+        )
+        if not dominated:
+            front.append(number)
+    return sorted(front)
+
+
+def choose(
+    records: list[TrialRecord], front: list[int], direction: str, objective: str
+) -> tuple[TrialRecord | None, bool]:
+    """The cheapest trial within the budget; else the best-quality optimized frontier point.
+    Returns the trial (None without a finished baseline) and whether it met the budget."""
+    sign_c = -1 if OBJECTIVES[objective][1] == "maximize" else 1
+    complete = [r for r in records if r.comparable]
+    baseline = next((r for r in complete if r.is_baseline), None)
+    if baseline is None:
+        return None, False
+    feasible = [r for r in complete if r.feasible]
+    best = min(feasible, key=lambda r: (sign_c * r.cost(objective), r.drop, r.number))
+    if not best.is_baseline:
+        return best, True
+    optimized = [find(records, n) for n in front if not find(records, n).is_baseline]
+    if not optimized:
+        return baseline, False
+    sign_q = -1 if direction == "maximize" else 1
+    return min(optimized, key=lambda r: (sign_q * r.quality, r.number)), False

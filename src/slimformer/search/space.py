@@ -1,0 +1,111 @@
+"""The search space: recipes <-> Optuna parameters.
+
+Each pass's config dataclass declares its searchable settings (passes/base.py); here they
+become Optuna distributions. The space is conditional: passes of one group (the runtimes)
+are one categorical choice, a pass that needs another is offered only once that one was
+chosen, a runtime's conflicting passes are not offered with it, and settings this CPU would
+not profit from (`Withheld`) are left out of their options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import optuna
+
+from slimformer.errors import SlimformerError
+from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass
+from slimformer.recipe import Recipe, Step
+from slimformer.search.settings import Withheld
+from slimformer.tasks import TaskSpec
+
+
+def sample_recipe(
+    trial: optuna.Trial,
+    pass_classes: Sequence[type[Pass]],
+    facts: Any,
+    spec: TaskSpec,
+    seed: int,
+    withheld: Withheld | None = None,
+) -> Recipe:
+    """One recipe from the passes' spaces; `withheld` settings (this CPU would not profit
+    from them) are left out of their options."""
+    withheld = withheld or {}
+    steps = []
+    groups: dict[str, list[str]] = {}
+    for cls in pass_classes:
+        if cls.group:
+            groups.setdefault(cls.group, []).append(cls.name)
+    picked = {trial.suggest_categorical(group, ["none", *names]) for group, names in groups.items()}
+    # Passes that cannot precede the picked runtime (PyTorch int8 before an ONNX export) are
+    # not offered with it.
+    excluded = {
+        name
+        for cls in pass_classes
+        if cls.name in picked
+        for name in cls.conflicts
+        if ":" not in name
+    }
+    # Passes that need another (e.g. smoothing needs static int8) are offered only after it
+    # was chosen, so no trial is spent on a recipe that cannot run.
+    for cls in sorted(pass_classes, key=lambda c: bool(c.requires)):
+        chosen = {step.pass_name for step in steps}
+        if not set(cls.requires) <= chosen or cls.name in excluded:
+            continue
+        if cls.group:
+            if cls.name not in picked:
+                continue
+        elif not trial.suggest_categorical(f"use {cls.name}", [False, True]):
+            continue
+        values: dict[str, Any] = {}
+        for name, space in cls.search_space().items():
+            key = f"{cls.name}.{name}"
+            if isinstance(space, Choice):
+                left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
+                options = [o for o in space.options if str(o) not in left_out] or [space.options[0]]
+                values[name] = trial.suggest_categorical(key, options)
+            elif isinstance(space, IntRange):
+                low, high = space.resolve(facts)
+                values[name] = trial.suggest_int(key, low, high)
+            elif isinstance(space, FloatRange):
+                value = trial.suggest_float(key, space.low, space.high, step=space.step)
+                values[name] = round(value, 6)  # 0.9, not 0.9000000000000001, in recipes
+        full = asdict(cls.make_config(values))
+        steps.append(Step(cls.name, {k: v for k, v in full.items() if k in values}))
+    steps.sort(key=lambda step: get_pass(step.pass_name).stage)
+    return Recipe(steps=tuple(steps), task=spec, seed=seed)
+
+
+def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
+    """Every pass off (passes that need another are not even offered then)."""
+    params: dict[str, Any] = {
+        f"use {cls.name}": False for cls in pass_classes if not cls.requires and not cls.group
+    }
+    return params | {cls.group: "none" for cls in pass_classes if cls.group}
+
+
+def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
+    """The sampler's parameters that make `sample_recipe` propose `recipe`. Settings outside
+    the searched options (e.g. 250 distillation steps) are left for the sampler to pick."""
+    offered = {cls.name: cls for cls in pass_classes}
+    unknown = [s.pass_name for s in recipe.steps if s.pass_name not in offered]
+    if unknown:
+        raise SlimformerError(
+            f"--start recipe uses {', '.join(unknown)}, which the study does not search; add "
+            "them to --passes"
+        )
+    used = {step.pass_name: step for step in recipe.steps}
+    params = baseline_params(pass_classes)
+    for cls in pass_classes:
+        if cls.name not in used:
+            continue
+        params[cls.group or f"use {cls.name}"] = cls.name if cls.group else True
+        config = asdict(cls.make_config(used[cls.name].config))
+        for name, space in cls.search_space().items():
+            value = config[name]
+            if isinstance(space, Choice) and value not in space.options:
+                continue
+            params[f"{cls.name}.{name}"] = value
+    return params

@@ -1,0 +1,440 @@
+"""The study loop on fake models: a whole study of several trials in seconds.
+
+The runner is handed a fake `Builder` (writes a folder with the recipe, applies nothing) and a
+fake `Evaluator` (quality and latency computed from the recipe), so these tests check the loop
+itself: trials.jsonl, pareto.json, the choice and best/, the confirmation, resume after an
+interruption, repeats reusing earlier results, trials measured on another machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from rich.console import Console
+
+from slimformer.adapters import ModelFacts
+from slimformer.card import write_card
+from slimformer.cpu import fingerprint
+from slimformer.errors import SlimformerError
+from slimformer.evaluate import CandidateFailed, EvaluationResult
+from slimformer.figures import BY_NAME
+from slimformer.measure import MeasureSettings
+from slimformer.recipe import Recipe, Step
+from slimformer.report import RichReporter, print_study, trials_table
+from slimformer.search import runner
+from slimformer.search.lock import PID_FILE, RunLock
+from slimformer.search.records import TrialRecord
+from slimformer.search.run_folder import read_run
+from slimformer.search.selection import choose, pareto_front
+from slimformer.search.settings import StudySettings
+from slimformer.tasks import TaskSpec
+
+PASSES = ("prune.layers", "quantize.dynamic_int8")
+SCOPE_EFFECT = {  # scope -> (quality lost, latency factor)
+    "all": (0.012, 0.40),
+    "all_but_ffn_out": (0.006, 0.55),
+    "attention": (0.002, 0.85),
+    "ffn": (0.009, 0.60),
+}
+
+
+def fake_scores(recipe: Recipe) -> tuple[float, float]:
+    """Quality and batch-1 latency a recipe would get: pruning and int8 trade one for the other."""
+    quality, latency = 0.90, 10.0
+    for step in recipe.steps:
+        config = step.config
+        if step.pass_name == "prune.layers":
+            quality -= 0.004 * config["count"] + 0.001 * (config["criterion"] != "block_influence")
+            latency *= 1 - 0.2 * config["count"]
+        elif step.pass_name == "quantize.dynamic_int8":
+            lost, factor = SCOPE_EFFECT[config["scope"]]
+            quality -= lost - 0.001 * config["per_channel"] + 0.0005 * config["keep_sensitive"]
+            latency *= factor + 0.01 * config["keep_sensitive"]
+    return round(quality, 6), round(latency, 6)
+
+
+def measurement(latency: float) -> dict[str, Any]:
+    return {
+        "latency_ms_median": latency,
+        "latency_ms_p90": latency * 1.2,
+        "throughput_per_s": 1000 / latency,
+        "peak_memory_mb": 100.0,
+        "size_mb": 50.0,
+        "parameters": 1000,
+        "gflops_per_input": 0.5,
+        "threads": 1,
+        "batch_size": 8,
+        "mean_tokens": 20.0,
+        "runtime": "eager",
+        "batching": "bucketed",
+    }
+
+
+@dataclass
+class FakeBuilder:
+    root: Path
+    num_layers: int = 4
+    fail: str | None = None  # a recipe description whose build fails
+    built: list[str] = field(default_factory=list)
+    stages: tuple[str, ...] = ("distilling: step 1/2, loss 0.5",)
+
+    def __post_init__(self) -> None:
+        self.facts = ModelFacts(
+            num_layers=self.num_layers,
+            num_heads=4,
+            num_kv_heads=4,
+            hidden_size=32,
+            intermediate_size=64,
+        )
+        self.build(Recipe(), self.reference_dir)
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "original"
+
+    def prepare(self, pass_classes, state_path, say):
+        say("loading the fake model")
+        state_path.write_bytes(b"reference arrays")
+        return list(pass_classes)
+
+    def build(self, recipe: Recipe, folder: Path, on_stage=None) -> Recipe:
+        if recipe.describe() == self.fail:
+            raise RuntimeError("the pass broke")
+        for stage in self.stages if on_stage else ():
+            on_stage(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        (folder / "slimformer.json").write_text(json.dumps({"weights": "hf", "head": "embedding"}))
+        self.built.append(recipe.describe())
+        return recipe
+
+
+@dataclass
+class FakeEvaluator:
+    cpu: dict[str, Any] = field(default_factory=lambda: fingerprint(1).to_dict())
+    interrupt_at: int | None = None  # the call that is interrupted (Ctrl-C), counting from 1
+    fail: str | None = None  # a recipe description whose evaluation fails
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+
+    def __call__(
+        self, model_dir: Path, workdir: Path, *, score: bool = True, on_stage=None
+    ) -> EvaluationResult:
+        recipe = Recipe.load(model_dir)
+        self.calls.append((recipe.describe(), score))
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        if recipe.describe() == self.fail:
+            raise CandidateFailed("the candidate crashed")
+        if on_stage:
+            on_stage("timing")
+        quality, latency = fake_scores(recipe)
+        timed = EvaluationResult(measurement=measurement(latency), cpu=self.cpu)
+        if not score:
+            return timed
+        return EvaluationResult(
+            measurement=timed.measurement,
+            cpu=self.cpu,
+            quality=quality,
+            metric="probe_accuracy",
+            direction="maximize",
+            bounded=True,
+            details={"cosine_fidelity": 1.0},
+        )
+
+
+class RecordingReporter:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def study_started(self, settings, total, done) -> None:
+        self.events.append(("study_started", (total, done)))
+
+    def trial_started(self, number: int, description: str) -> None:
+        self.events.append(("trial_started", description))
+
+    def stage(self, name: str) -> None:
+        self.events.append(("stage", name))
+
+    def trial_finished(self, record: TrialRecord) -> None:
+        self.events.append(("trial_finished", record.number))
+
+    def message(self, text: str) -> None:
+        self.events.append(("message", text))
+
+    def note(self, text: str) -> None:
+        self.events.append(("note", text))
+
+    def of(self, kind: str) -> list[Any]:
+        return [value for event, value in self.events if event == kind]
+
+
+def start(*steps: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    return Recipe(steps=tuple(Step(name, config) for name, config in steps)).to_dict()
+
+
+def int8(scope: str) -> dict[str, Any]:
+    """A start recipe of dynamic int8, every searched setting given (as the sampler has it)."""
+    return start(
+        ("quantize.dynamic_int8", {"scope": scope, "per_channel": False, "keep_sensitive": 0})
+    )
+
+
+# Within the 1-point budget and faster than the baseline: the choice is never the baseline.
+FEASIBLE = int8("all_but_ffn_out")
+
+
+def settings(root: Path, trials: int = 6, **kwargs: Any) -> StudySettings:
+    kwargs.setdefault("starts", (FEASIBLE,))
+    return StudySettings(
+        model=str(root / "original"),
+        task=TaskSpec("embedding"),
+        max_drop=kwargs.pop("max_drop", 0.01),
+        trials=trials,
+        passes=kwargs.pop("passes", PASSES),
+        measure=MeasureSettings(threads=1, batch_size=8),
+        confirm_rounds=kwargs.pop("confirm_rounds", 2),
+        **kwargs,
+    )
+
+
+def study(root: Path, chosen: StudySettings, builder=None, evaluator=None, reporter=None, **kwargs):
+    return runner.run_study(
+        chosen,
+        root / "run",
+        reporter=reporter,
+        builder=builder or FakeBuilder(root),
+        evaluator=evaluator or FakeEvaluator(),
+        write_card=write_card,
+        **kwargs,
+    )
+
+
+def trials_file(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+
+
+# --- a whole study ------------------------------------------------------------------------
+def test_a_whole_study_writes_its_trials_front_and_best_and_confirms_the_choice(tmp_path):
+    builder, evaluator, reporter = FakeBuilder(tmp_path), FakeEvaluator(), RecordingReporter()
+    result = study(tmp_path, settings(tmp_path, 6), builder, evaluator, reporter)
+    run = tmp_path / "run"
+
+    lines = trials_file(run)
+    assert len(lines) == 6 and lines[0]["description"] == "baseline"
+    assert all(line["state"] == "complete" and line["duplicate_of"] is None for line in lines)
+    for line in lines:  # every figure is the fake evaluation of the recipe the trial ran
+        quality, latency = fake_scores(Recipe.from_dict(line["recipe"]))
+        assert line["quality"] == quality
+        assert line["measurement"]["latency_ms_median"] == latency
+        assert line["drop"] == pytest.approx(0.90 - quality)
+        assert line["feasible"] == (line["drop"] <= 0.01 + 1e-12)
+    records = [TrialRecord(**line) for line in lines]
+    front = pareto_front(records, "maximize", "latency")
+    pareto = json.loads((run / "pareto.json").read_text())
+    assert [t["number"] for t in pareto["front"]] == front == result.pareto
+    assert pareto["objective"] == "latency" and pareto["metric"] == "probe_accuracy"
+
+    # The choice: the lowest latency within the budget.
+    feasible = [line for line in lines if line["feasible"]]
+    fastest = min(feasible, key=lambda t: t["measurement"]["latency_ms_median"])
+    assert result.chosen.number == fastest["number"] and result.met_budget
+    assert choose(records, front, "maximize", "latency")[0].number == fastest["number"]
+    best = run / "best"
+    assert Recipe.load(best).describe() == fastest["description"]
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["trial"] == fastest["number"] and metrics["met_max_drop"] is True
+    assert metrics["cpu"] == json.loads((run / "run.json").read_text())["cpu"]
+    # Only the front's optimized trials keep a saved candidate.
+    kept = {int(p.name.split("-")[1]) for p in (run / "candidates").iterdir()}
+    assert kept == {n for n in front if n != 0}
+
+    # Confirmation: timing only, alternating, and its ratios are the fake's exact ratio.
+    confirm_calls = evaluator.calls[6:]
+    assert [score for _, score in confirm_calls] == [False] * 4
+    assert [d for d, _ in confirm_calls][::3] == ["baseline", "baseline"]
+    ratio = round(10.0 / fastest["measurement"]["latency_ms_median"], 3)
+    assert result.confirmed["ratios"]["latency"]["per_round"] == [ratio, ratio]
+    assert metrics["confirmed"] == result.confirmed
+
+    # The model card: the table's labels, the machine, the confirmed ratios.
+    card = (best / "README.md").read_text()
+    assert BY_NAME["latency"].label in card and "Confirmed ratios" in card
+    assert f"{ratio:.2f}× ({ratio:.2f}–{ratio:.2f}) ✓" in card
+    assert fingerprint(1).model in card
+
+    # The reporter heard every trial, and the pass's own progress (not only known stages).
+    assert reporter.of("study_started") == [(6, 0)]
+    assert reporter.of("trial_finished") == [line["number"] for line in lines]
+    assert "distilling: step 1/2, loss 0.5" in reporter.of("stage")
+    assert not (run / PID_FILE).exists()
+
+    console = Console(record=True, width=250)
+    print_study(result, console)
+    printed = console.export_text()
+    assert f"{ratio:.2f}× better latency" in printed and "latency ms" in printed
+    settings_read, records_read = read_run(run)
+    assert settings_read == result.settings and records_read == records
+
+
+def test_start_recipes_run_first_and_a_failing_candidate_fails_alone(tmp_path):
+    broken = start(("prune.layers", {"count": 2, "criterion": "removal_change"}))
+    crashing = int8("ffn")
+    builder = FakeBuilder(tmp_path, fail=Recipe.from_dict(broken).describe())
+    evaluator = FakeEvaluator(fail=Recipe.from_dict(crashing).describe())
+    chosen = settings(tmp_path, 4, starts=(broken, crashing), confirm_rounds=0)
+    result = study(tmp_path, chosen, builder, evaluator)
+    lines = trials_file(tmp_path / "run")
+    assert len(lines) == 4  # failed trials use the budget too
+    assert [line["state"] for line in lines[:3]] == ["complete", "failed", "failed"]
+    assert lines[1]["error"] == "the pass broke"
+    assert lines[2]["error"] == "the candidate crashed"
+    assert lines[1]["description"] == Recipe.from_dict(broken).describe()
+    assert not (tmp_path / "run" / "candidates" / "trial-002").exists()
+    assert result.chosen is not None and result.confirmed is None
+
+
+def test_a_baseline_that_cannot_be_evaluated_stops_the_study(tmp_path):
+    with pytest.raises(SlimformerError, match="baseline could not be evaluated"):
+        study(tmp_path, settings(tmp_path, 3), evaluator=FakeEvaluator(fail="baseline"))
+
+
+def test_a_model_that_fails_to_prepare_leaves_no_run_folder(tmp_path):
+    class Broken(FakeBuilder):
+        def prepare(self, pass_classes, state_path, say):
+            raise SlimformerError("wrong model")
+
+    with pytest.raises(SlimformerError, match="wrong model"):
+        study(tmp_path, settings(tmp_path, 3), builder=Broken(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+# --- resume ---------------------------------------------------------------------------------
+def test_an_interrupted_study_resumes_keeping_its_trials_and_rerunning_the_cut_one(tmp_path):
+    reporter = RecordingReporter()
+    with pytest.raises(KeyboardInterrupt):
+        study(
+            tmp_path,
+            settings(tmp_path, 5),
+            evaluator=FakeEvaluator(interrupt_at=3),
+            reporter=reporter,
+        )
+    run = tmp_path / "run"
+    before = trials_file(run)
+    assert [line["number"] for line in before] == [0, 1]
+    assert not (run / "best").exists() and not (run / PID_FILE).exists()
+    lock = RunLock(run)  # released with the exception
+    lock.acquire()
+    lock.release()
+    cut = reporter.of("trial_started")[2]
+
+    with pytest.raises(SlimformerError, match="already holds a run"):
+        study(tmp_path, settings(tmp_path, 5))
+    evaluator = FakeEvaluator()
+    result = study(tmp_path, settings(tmp_path, 5), evaluator=evaluator, resume=True)
+    after = trials_file(run)
+    assert after[:2] == before  # kept exactly, not redone
+    assert len(after) == 5 and after[2]["description"] == cut  # the cut trial first
+    assert evaluator.calls[0] == (cut, True) and len(evaluator.calls) == 3 + 4  # + confirmation
+    assert result.best_dir is not None and (result.best_dir / "README.md").is_file()
+
+
+def test_a_study_cut_off_in_its_baseline_resumes_baseline_first(tmp_path):
+    # The start recipe is queued ahead of the baseline's rerun; it waits for the baseline.
+    with pytest.raises(KeyboardInterrupt):
+        study(tmp_path, settings(tmp_path, 3), evaluator=FakeEvaluator(interrupt_at=1))
+    assert not (tmp_path / "run" / "trials.jsonl").exists()
+    evaluator = FakeEvaluator()
+    study(tmp_path, settings(tmp_path, 3, confirm_rounds=0), evaluator=evaluator, resume=True)
+    described = [d for d, _ in evaluator.calls]
+    assert described[:2] == ["baseline", Recipe.from_dict(FEASIBLE).describe()]
+    lines = trials_file(tmp_path / "run")
+    assert [line["description"] for line in lines] == described
+    assert all(line["state"] == "complete" for line in lines)
+
+
+def test_resume_needs_a_run_and_the_same_model(tmp_path):
+    with pytest.raises(SlimformerError, match="nothing to resume"):
+        study(tmp_path, settings(tmp_path, 2), resume=True)
+    study(tmp_path, settings(tmp_path, 2, confirm_rounds=0))
+    other = StudySettings(model=str(tmp_path / "elsewhere"), task=TaskSpec("embedding"))
+    with pytest.raises(SlimformerError, match="resume it with the same model"):
+        study(tmp_path, other, resume=True)
+
+
+def test_trials_measured_on_another_machine_are_measured_again_here(tmp_path):
+    other_cpu = fingerprint(1).to_dict() | {"model": "Another CPU"}
+    study(tmp_path, settings(tmp_path, 1), evaluator=FakeEvaluator(cpu=other_cpu))
+    run = tmp_path / "run"
+    run_json = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(run_json | {"cpu": other_cpu}))
+    with pytest.raises(SlimformerError, match="measured on another machine"):
+        study(tmp_path, settings(tmp_path, 3), resume=True)
+
+    result = study(tmp_path, settings(tmp_path, 3), resume=True, allow_other_cpu=True)
+    lines = {line["number"]: line for line in trials_file(run)}
+    assert lines[0]["stale"] and lines[0]["cpu"]["model"] == "Another CPU"
+    here = [line for line in lines.values() if not line["stale"]]
+    assert here[0]["description"] == "baseline" and len(here) == 3  # measured again, first
+    assert 0 not in result.pareto and result.chosen.number != 0
+
+
+# --- repeats --------------------------------------------------------------------------------
+def test_repeated_recipes_reuse_the_earlier_result_and_an_exhausted_space_ends_the_study(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runner, "MAX_REPEATS", 4)
+    # Two layers: prune.layers can only drop one, so the space holds three recipes.
+    starts = tuple(
+        start(("prune.layers", {"count": 1, "criterion": c}))
+        for c in ("block_influence", "removal_change")
+    )
+    builder, evaluator, reporter = (
+        FakeBuilder(tmp_path, num_layers=2),
+        FakeEvaluator(),
+        RecordingReporter(),
+    )
+    chosen = settings(tmp_path, 10, passes=("prune.layers",), starts=starts, confirm_rounds=0)
+    study(tmp_path, chosen, builder, evaluator, reporter)
+    lines = trials_file(tmp_path / "run")
+    assert len(lines) == 3 and len({line["description"] for line in lines}) == 3
+    assert len(evaluator.calls) == 3 and len(builder.built) == 1 + 3  # + the original
+    assert "every recipe in the search space was measured" in reporter.of("message")
+    storage = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    trials = optuna.load_study(study_name="slimformer", storage=storage).trials
+    repeats = [t for t in trials if "duplicate_of" in t.user_attrs]
+    assert len(repeats) == 4
+    for repeat in repeats:
+        earlier = trials[repeat.user_attrs["duplicate_of"]]
+        assert repeat.values == earlier.values
+        assert repeat.user_attrs["description"] == earlier.user_attrs["description"]
+
+
+# --- what a person sees ---------------------------------------------------------------------
+def test_the_progress_shows_a_passes_own_progress_beside_the_trial():
+    console = Console(file=io.StringIO(), width=200)
+    with RichReporter(console) as reporter:
+        reporter.trial_started(3, "recover.distill(steps=300)")
+        task = reporter.progress.tasks[-1]
+        reporter.stage("applying passes")
+        assert task.completed == 0
+        reporter.stage("distilling: step 40/300, loss 0.1234")
+        assert task.description.endswith("distilling: step 40/300, loss 0.1234")
+        assert task.description.startswith("trial 3: recover.distill(steps=300)")
+        reporter.stage("timing")
+        assert task.completed == 3 and task.description.endswith("timing")
+
+
+def test_the_trials_table_has_a_column_per_table_figure(tmp_path):
+    result = study(tmp_path, settings(tmp_path, 3, confirm_rounds=0))
+    console = Console(record=True, width=250)
+    console.print(trials_table(result.trials, result.settings, result.pareto, "trials"))
+    text = console.export_text()
+    for column in ("latency ms", "p90 ms", "inputs/s", "memory MB", "size MB", "speed-up"):
+        assert column in text
+    assert "1.00×" in text and "★" in text
