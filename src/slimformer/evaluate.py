@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from slimformer.errors import SlimformerError
+from slimformer.files import write_atomic
 
 STAGE_PREFIX = "@@slimformer-stage "
 
@@ -178,9 +179,7 @@ def main(argv: list[str]) -> int:
         code = 0
     except SlimformerError as error:
         result, code = {"error": str(error)}, 2
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, result_path)
+    write_atomic(result_path, json.dumps(result, indent=2))
     return code
 
 

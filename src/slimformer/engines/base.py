@@ -90,7 +90,8 @@ class ServedModule(nn.Module):
         raise NotImplementedError
 
     def save_artifacts(self, folder: Path) -> dict[str, Any]:
-        """Write the engine's files into `folder`; return what `load_artifacts` needs."""
+        """Write the engine's files into `folder`; return what `load_artifacts` needs, with
+        the written files' names under "files" (the folder's size on disk counts them)."""
         raise NotImplementedError
 
     @classmethod
@@ -99,9 +100,6 @@ class ServedModule(nn.Module):
     ) -> Any:
         """Rebuild from `folder`; `module` is the loaded torch module where `eager` is one."""
         raise NotImplementedError
-
-    def artifact_files(self) -> tuple[str, ...]:
-        return ()
 
 
 _SERVED: dict[str, type[ServedModule]] = {}

@@ -76,6 +76,3 @@ class OnnxRuntimeModule(ServedModule):
         cls, folder: Path, meta: dict[str, Any], config: Any, head: str, module: Any = None
     ) -> OnnxRuntimeModule:
         return cls(config, head, folder / ONNX_FILE)
-
-    def artifact_files(self) -> tuple[str, ...]:
-        return (ONNX_FILE,)
