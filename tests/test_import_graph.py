@@ -29,6 +29,7 @@ ROOT = "slimformer"
 RANKS = {
     "errors": 0,
     "files": 1,
+    "quiet": 1,  # silencing transformers around loads and conversions
     "kernels": 1,
     "cpu": 1,
     "taskspec": 1,

@@ -1,9 +1,15 @@
-"""Writing files so that a crash leaves the old content or the new, never a half."""
+"""Writing files and folders so that a crash leaves the old content or the new, never a half.
+
+Every write a reader may see half-done goes through here: a file's text (`write_atomic`), a
+folder swapped in for another (`replace_dir`), a folder published once into a shared cache
+(`publish_dir`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,3 +28,27 @@ def write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Swap `tmp` into `out` so readers see the old folder or the new one, never half."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder `tmp` to `target` unless another process published one first
+    (theirs is as good as ours: cache entries are built the same way everywhere)."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

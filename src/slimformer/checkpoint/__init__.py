@@ -24,7 +24,6 @@ from slimformer.checkpoint.folder import (
     natural_head,
     read_config,
     read_meta,
-    replace_dir,
     source_of,
     weights_size_bytes,
 )
@@ -40,7 +39,6 @@ __all__ = [
     "natural_head",
     "read_config",
     "read_meta",
-    "replace_dir",
     "save_model",
     "source_of",
     "weights_size_bytes",

@@ -1,13 +1,11 @@
-"""A checkpoint folder: its file names, `slimformer.json`, the config, and atomic replacement."""
+"""A checkpoint folder: its file names, `slimformer.json` and the config."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,33 +112,6 @@ def weights_size_bytes(path: Path) -> int:
         for f in path.iterdir()
         if f.suffix == ".safetensors" or f.name in runtime_files
     )
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Swap `tmp` into `out` so readers see the old folder or the new one, never half."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def copy_sentence_transformers_files(source: Path, tmp: Path) -> None:

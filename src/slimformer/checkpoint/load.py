@@ -17,7 +17,6 @@ from slimformer.checkpoint.folder import (
     SLIM_META,
     SLIM_WEIGHTS,
     checked_folder,
-    quiet_transformers,
     read_config,
     read_meta,
 )
@@ -25,6 +24,7 @@ from slimformer.engines import load_served
 from slimformer.errors import SlimformerError
 from slimformer.layers import codec_of_kind
 from slimformer.model import HEADS, SlimModel, head_from_architectures
+from slimformer.quiet import quiet_transformers
 from slimformer.recipe import Recipe
 
 

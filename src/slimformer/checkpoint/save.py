@@ -19,12 +19,12 @@ from slimformer.checkpoint.folder import (
     SLIM_META,
     SLIM_WEIGHTS,
     copy_sentence_transformers_files,
-    quiet_transformers,
-    replace_dir,
 )
 from slimformer.engines import ServedModule
+from slimformer.files import replace_dir
 from slimformer.layers import codec_for
 from slimformer.model import HEADS, SlimModel
+from slimformer.quiet import quiet_transformers
 
 
 def save_model(

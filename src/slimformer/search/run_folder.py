@@ -20,10 +20,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from slimformer.checkpoint import replace_dir
 from slimformer.cpu import CpuFingerprint, fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.files import write_atomic
+from slimformer.files import replace_dir, write_atomic
 from slimformer.search.lock import clear_folder
 from slimformer.search.records import BestModel, TrialRecord, find
 from slimformer.search.settings import StudySettings
