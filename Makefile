@@ -69,6 +69,7 @@ bench-pruning: assets
 
 bench-quantization: assets
 	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/int8_fidelity.py
 	$(BIN)/python bench/quantization.py smollm2
 	$(BIN)/python bench/quantization.py minilm
 
