@@ -10,7 +10,13 @@ from typing import Any
 
 from slimformer import assets
 from slimformer.assets import resolve_path
-from slimformer.checkpoint import load_model, natural_head, save_model, source_of
+from slimformer.checkpoint import (
+    check_out_folder,
+    load_model,
+    natural_head,
+    save_model,
+    source_of,
+)
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
@@ -54,8 +60,12 @@ def apply(
     out: str | os.PathLike[str] | None = None,
 ) -> SlimModel:
     """Replay a recipe on a model (deterministic: same calibration data, same seed)."""
+    if out is not None:
+        check_out_folder(Path(out))  # before the work, which `save_model` would waste
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    loaded = _as_model(model)
+    # Loaded with the head of the recipe's task, as the study that wrote the recipe loaded it
+    # (a task the model does not fit is refused there).
+    loaded = _as_model(model, head=make_task(recipe.task).head if recipe.task else None)
     spec = recipe.task or task_spec(None, loaded)
     task = make_task(spec)
     calibration, training = (), ()
