@@ -21,7 +21,7 @@ from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
-from slimformer.pipeline import apply_recipe, load_recipe, needs_training
+from slimformer.pipeline import apply_recipe, check_recipe, load_recipe, needs_training
 from slimformer.recipe import Recipe
 from slimformer.search.records import StudyResult
 from slimformer.search.runner import Reporter, run_study
@@ -210,9 +210,7 @@ def optimize(
         seed=seed,
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
         confirm_rounds=confirm_rounds,
-        starts=tuple(
-            (r if isinstance(r, Recipe) else load_recipe(r)).to_dict() for r in starts or ()
-        ),
+        starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     from slimformer.card import write_card  # here: rendering loads rich, only a study needs it
@@ -226,3 +224,12 @@ def optimize(
         allow_other_cpu=allow_other_cpu,
         write_card=write_card,
     )
+
+
+def _checked_start(start: str | os.PathLike[str] | Recipe) -> Recipe:
+    """A start recipe, refused before the study begins if it cannot run (a file is checked
+    as it is read)."""
+    if isinstance(start, Recipe):
+        check_recipe(start)
+        return start
+    return load_recipe(start)

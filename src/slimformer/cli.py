@@ -380,8 +380,11 @@ def _task_spec(
 
 
 def _fail(message: str, code: int) -> None:
-    # One line, even where the message quotes user text that holds line breaks.
-    message = " ".join(message.split("\n"))
+    # One line, even where the message quotes user text that holds line breaks or other
+    # control characters: those are shown escaped (\n, \x1e).
+    message = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in message
+    )
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
@@ -399,6 +402,8 @@ def main() -> None:
         # the exceptions that carry a formatted message and an exit code.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
             raise
+        if not error.format_message():  # a command given without arguments: its help was shown
+            sys.exit(0)
         _fail(f"{error.format_message()} (see --help)", error.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -74,13 +74,13 @@ def load_model(
 
             # Parameters start on the meta device so the float layers that int8 ones replace
             # are never allocated (peak memory would otherwise count them).
-            with init_empty_weights():
-                module = auto.from_config(config, dtype=torch.float32)
             try:
+                with init_empty_weights():
+                    module = auto.from_config(config, dtype=torch.float32)
                 _load_slim_weights(module, weight_files[0], meta)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
-                # The module names, shapes or codec settings in slimformer.json do not fit the
-                # model or its tensors: the file was changed after slimformer wrote it.
+                # The head, module names, shapes or codec settings in slimformer.json do not fit
+                # the config or the tensors: the file was changed after slimformer wrote it.
                 raise SlimformerError(
                     f"{path}/{SLIM_META} does not fit the saved weights ({type(e).__name__}: "
                     f"{str(e).strip()[:80]}); the saved model is damaged"
@@ -121,7 +121,7 @@ def _served(
     """The module a runtime serves, from the files and settings slimformer.json names."""
     try:
         return load_served(path, runtime, config, head, module)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise SlimformerError(
             f"{path}/{SLIM_META}: its runtime entry does not fit the saved files "
             f"({type(error).__name__}: {str(error)[:80]}); the saved model is damaged"
