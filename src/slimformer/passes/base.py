@@ -2,7 +2,9 @@
 
 A pass is one technique with a frozen config dataclass. Each config field may carry a search
 space in its metadata (`searchable(...)`), so the config *is* the search space: the study
-samples it, `slimformer passes` prints it, and a recipe stores one point of it.
+samples it, `slimformer passes` prints it, and a recipe stores one point of it. The space is
+also what a recipe may set (`make_config` refuses anything else), unless a field declares a
+wider valid range (`valid=Interval(...)`) for values users legitimately choose beyond it.
 
 A pass declares where it runs in a recipe (its `Phase`, and its `order` inside the phase) and
 what the runner must give or guarantee it (`needs_calibration`, `needs_training`, `terminal`);
@@ -34,7 +36,8 @@ Bound = int | Callable[[ModelFacts], int]
 
 @dataclass(frozen=True)
 class Choice:
-    """Options the study samples. `only=False` (numbers): a user may also set other values."""
+    """Options the study samples. `only=False` (numbers): a user may also set any other
+    positive value."""
 
     options: tuple[Any, ...]
     only: bool = True
