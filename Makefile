@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa lint assets clean
+	bench-peers bench-isa bench-fuzz lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,7 +55,7 @@ test-avx2: assets
 # other work on the same cores skews the timings). Each part alone: make bench-default,
 # bench-pruning, bench-quantization, bench-peers. Results: bench/results/*.json
 # (bench/tables.py prints them).
-bench: bench-default bench-pruning bench-quantization bench-peers bench-isa
+bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-fuzz
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -80,6 +80,11 @@ bench-peers: assets
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets
 	$(BIN)/python bench/isa.py
+
+# The property-based tests (tests/test_fuzz.py) with 50 times the suite's examples, random
+# ones each run instead of the suite's fixed set.
+bench-fuzz: assets
+	SLIMFORMER_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

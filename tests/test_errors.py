@@ -477,14 +477,16 @@ def test_optimize_with_bad_classification_data_leaves_no_run_folder(
             id="choice_outside_options",
         ),
         pytest.param(
-            "count_out_of_range", ("count must be between 1 and 5",), id="count_out_of_range"
+            "count_out_of_range",
+            ("count must be an integer in [1, 5] for this model",),
+            id="count_out_of_range",
         ),
         pytest.param(
             "count_not_a_number", ("count must be an integer", "'abc'"), id="count_not_a_number"
         ),
         pytest.param(
             "steps_not_positive",
-            ("steps must be a positive number", "-3"),
+            ("steps must be a positive integer", "-3"),
             id="steps_not_positive",
         ),
         pytest.param(

@@ -117,7 +117,7 @@ def test_the_study_proposes_one_recipe_for_weight_only_configs_that_build_one_mo
     descriptions = set()
     for values in proposals:
         values |= {"scope": "all", "keep_sensitive": 0}
-        params = {"use quantize.weight_only": True}
+        params = {"quantizer": "quantize.weight_only"}
         params |= {f"quantize.weight_only.{k}": v for k, v in values.items()}
         study.enqueue_trial(params)
         trial = study.ask()

@@ -300,7 +300,8 @@ def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:
     study = make_study()
     params = baseline_params(passes)
     plain = {f"use {p.name}": False for p in passes if not p.requires and not p.group}
-    assert params == plain | {"runtime": "none"}  # one choice among the runtime passes
+    # One choice among the runtime passes, one among the quantizers.
+    assert params == plain | {"runtime": "none", "quantizer": "none"}
     study.enqueue_trial(params)
     trial = study.ask()
     recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)

@@ -10,12 +10,18 @@ from typing import Any
 
 from slimformer import assets
 from slimformer.assets import resolve_path
-from slimformer.checkpoint import load_model, natural_head, save_model, source_of
+from slimformer.checkpoint import (
+    check_out_folder,
+    load_model,
+    natural_head,
+    save_model,
+    source_of,
+)
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import CandidateFailed, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
-from slimformer.pipeline import apply_recipe, load_recipe, needs_training
+from slimformer.pipeline import apply_recipe, check_recipe, load_recipe, needs_training
 from slimformer.recipe import Recipe
 from slimformer.search.records import StudyResult
 from slimformer.search.runner import Reporter, run_study
@@ -54,8 +60,12 @@ def apply(
     out: str | os.PathLike[str] | None = None,
 ) -> SlimModel:
     """Replay a recipe on a model (deterministic: same calibration data, same seed)."""
+    if out is not None:
+        check_out_folder(Path(out))  # before the work, which `save_model` would waste
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    loaded = _as_model(model)
+    # Loaded with the head of the recipe's task, as the study that wrote the recipe loaded it
+    # (a task the model does not fit is refused there).
+    loaded = _as_model(model, head=make_task(recipe.task).head if recipe.task else None)
     spec = recipe.task or task_spec(None, loaded)
     task = make_task(spec)
     calibration, training = (), ()
@@ -200,9 +210,7 @@ def optimize(
         seed=seed,
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
         confirm_rounds=confirm_rounds,
-        starts=tuple(
-            (r if isinstance(r, Recipe) else load_recipe(r)).to_dict() for r in starts or ()
-        ),
+        starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     from slimformer.card import write_card  # here: rendering loads rich, only a study needs it
@@ -216,3 +224,12 @@ def optimize(
         allow_other_cpu=allow_other_cpu,
         write_card=write_card,
     )
+
+
+def _checked_start(start: str | os.PathLike[str] | Recipe) -> Recipe:
+    """A start recipe, refused before the study begins if it cannot run (a file is checked
+    as it is read)."""
+    if isinstance(start, Recipe):
+        check_recipe(start)
+        return start
+    return load_recipe(start)

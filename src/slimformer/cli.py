@@ -203,6 +203,8 @@ def optimize(
 
     if trials is None and time_budget is None:
         trials = 12
+    if passes is not None and not passes.strip():
+        raise SlimformerError("--passes names no pass; leave it out to search every pass")
     run_dir = out_dir or Path("runs") / Path(model).name
     spec = _task_spec(task, data, text_column, label_column, function, direction, seed)
     try:
@@ -217,7 +219,7 @@ def optimize(
                 out=run_dir,
                 resume=resume,
                 overwrite=overwrite,
-                passes=passes.split(",") if passes else None,
+                passes=[name.strip() for name in passes.split(",")] if passes else None,
                 batch_size=batch_size,
                 seq_len=seq_len,
                 threads=threads,
@@ -258,12 +260,12 @@ def show(
 ) -> None:
     """Print a finished or interrupted run's trials and Pareto front."""
     from slimformer.report import trials_table
-    from slimformer.search.run_folder import read_run
+    from slimformer.search.run_folder import read_best, read_run
     from slimformer.search.selection import pareto_front
     from slimformer.tasks import make_task
 
     settings, records = read_run(run)
-
+    best = read_best(run)
     direction = make_task(settings.task).direction
     front = pareto_front(records, direction, settings.objective)
     out.print(
@@ -271,15 +273,16 @@ def show(
             records,
             settings,
             front,
-            f"{run}: {len(records)} trials "
-            f"({settings.model}, {settings.task.name}, {settings.objective})",
+            escape(
+                f"{run}: {len(records)} trials "
+                f"({settings.model}, {settings.task.name}, {settings.objective})"
+            ),
         )
     )
-    best = run / "best" / "metrics.json"
-    if best.is_file():
-        metrics = json.loads(best.read_text())
-        met = "meets" if metrics["met_max_drop"] else "does NOT meet"
-        out.print(f"best: trial {metrics['trial']} ({met} the budget) in {run / 'best'}")
+    if best is not None:
+        trial, met = best
+        meets = "meets" if met else "does NOT meet"
+        out.print(escape(f"best: trial {trial} ({meets} the budget) in {run / 'best'}"))
     else:
         out.print("no best/ yet: the run was interrupted; continue it with --resume")
 
@@ -377,6 +380,11 @@ def _task_spec(
 
 
 def _fail(message: str, code: int) -> None:
+    # One line, even where the message quotes user text that holds line breaks or other
+    # control characters: those are shown escaped (\n, \x1e).
+    message = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in message
+    )
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
@@ -394,6 +402,8 @@ def main() -> None:
         # the exceptions that carry a formatted message and an exit code.
         if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
             raise
+        if not error.format_message():  # a command given without arguments: its help was shown
+            sys.exit(0)
         _fail(f"{error.format_message()} (see --help)", error.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -40,6 +40,16 @@ class Figure:
     def text(self, value: Any) -> str:
         return self.missing if value is None else format(value, self.spec)
 
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` is one this figure can show (a damaged file may hold anything)."""
+        if value is None:
+            return True
+        if self.spec == "s":
+            return isinstance(value, str)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.spec != "d" or isinstance(value, int)
+
     def show(self, measurement: Mapping[str, Any]) -> str:
         return self.text(measurement.get(self.field))
 

@@ -1,4 +1,5 @@
-"""Writing files and folders so that a crash leaves the old content or the new, never a half.
+"""Writing files and folders so that a crash leaves the old content or the new, never a half,
+and reading files a user or a crash may have damaged, with the reason when they cannot be read.
 
 Every write a reader may see half-done goes through here: a file's text (`write_atomic`), a
 folder swapped in for another (`replace_dir`), a folder published once into a shared cache
@@ -8,10 +9,14 @@ folder swapped in for another (`replace_dir`), a folder published once into a sh
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -52,3 +57,42 @@ def publish_dir(tmp: Path, target: Path) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_text(path: Path) -> str:
+    """The text of `path`; ValueError with a reason that reads after the path ("... is not
+    UTF-8 text") when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    except OSError as error:
+        raise ValueError(f"cannot be read ({error.strerror or type(error).__name__})") from None
+
+
+def parse_json(text: str) -> Any:
+    """JSON; ValueError with a reason (as `read_text`'s) for text that is not JSON or is
+    nested too deeply to parse (which would otherwise raise RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except ValueError:
+        raise ValueError("is not valid JSON") from None
+
+
+def read_json(path: Path) -> Any:
+    return parse_json(read_text(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML (safe tags only); ValueError with a reason, as `read_text`'s."""
+    text = read_text(path)
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise ValueError("is nested too deeply") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ValueError(f"is not valid YAML{where}") from None

@@ -1,10 +1,12 @@
 """Recipes against the pass registry: validate them and apply them.
 
 `check_recipe` refuses, before any pass runs, a recipe that names an unknown pass or setting,
-lacks a pass another requires, holds two passes of one group or a pass after a terminal one, or
-holds a declared conflict (matched on the settings each step *runs* with, defaults included).
-`apply_recipe` then runs the passes in phase order on a copy of the model, after checking that
-it was given the calibration and training data the passes declare they need.
+sets a value outside its setting's valid range, lacks a pass another requires, holds two passes
+of one group (two runtimes, two quantizers) or a pass after a terminal one, or holds a declared
+conflict (matched on the settings each step *runs* with, defaults included). `apply_recipe` then
+runs the passes in phase order on a copy of the model, after checking that it was given the
+calibration and training data the passes declare they need and that settings whose range
+depends on the model fit this one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes import PassContext, get_pass
-from slimformer.passes.base import Pass
+from slimformer.passes.base import GROUPS, Pass
 from slimformer.recipe import Recipe, Step, plain
 
 Batches = Sequence[dict[str, torch.Tensor]]
@@ -70,7 +72,8 @@ def check_recipe(recipe: Recipe) -> None:
     for group, members in by_group.items():
         if len(members) > 1:
             raise SlimformerError(
-                f"a recipe takes one {group} pass, this one has {', '.join(members)}; keep one"
+                f"a recipe takes one {group} pass ({GROUPS[group]}), this one has "
+                f"{', '.join(members)}; keep one"
             )
     ordered = sorted_steps(recipe)
     for step, after in zip(ordered, ordered[1:], strict=False):
@@ -113,6 +116,15 @@ def _check_data(plan: list[tuple[type[Pass], Any]], calibration: Batches, traini
             raise SlimformerError(f"{pass_class.name} needs task inputs to train on; none given")
 
 
+def _check_for_model(plan: list[tuple[type[Pass], Any]], model: SlimModel) -> None:
+    """Settings whose valid range depends on the model (e.g. how many blocks it has)."""
+    dependent = [(cls, config) for cls, config in plan if cls.depends_on_model()]
+    if dependent:
+        facts = model.adapter.facts()
+        for pass_class, config in dependent:
+            pass_class.check_for_model(config, facts)
+
+
 def apply_recipe(
     model: SlimModel,
     recipe: Recipe,
@@ -125,6 +137,7 @@ def apply_recipe(
     steps = sorted_steps(recipe)
     plan = [(get_pass(step.pass_name), step_config(step)) for step in steps]
     _check_data(plan, calibration, training)
+    _check_for_model(plan, model)
     result = model.copy()
     applied = []
     for step, (pass_class, config) in zip(steps, plan, strict=True):

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from slimformer.errors import SlimformerError
-from slimformer.taskspec import TaskSpec
+from slimformer.files import read_yaml
+from slimformer.taskspec import TaskSpec, check_seed
 
 FORMAT = "slimformer-recipe/1"
 
@@ -79,13 +80,14 @@ class Recipe:
             if not isinstance(item, dict) or "pass" not in item:
                 raise SlimformerError(f"{origin}: step {index + 1} needs a 'pass' name")
             config = item.get("config") or {}
-            if not isinstance(config, dict):
-                raise SlimformerError(f"{origin}: step {index + 1} 'config' must be a mapping")
-            steps.append(Step(str(item["pass"]), config, item.get("resolved") or {}))
+            resolved = item.get("resolved") or {}
+            for part, value in (("config", config), ("resolved", resolved)):
+                if not isinstance(value, dict):
+                    raise SlimformerError(f"{origin}: step {index + 1} '{part}' must be a mapping")
+            steps.append(Step(str(item["pass"]), config, resolved))
         task = data.get("task")
         seed = data.get("seed", 0)
-        if not isinstance(seed, int):
-            raise SlimformerError(f"{origin}: 'seed' must be an integer")
+        check_seed(seed, f"{origin}: 'seed'")
         return cls(
             steps=tuple(steps),
             task=TaskSpec.from_dict(task, origin) if task else None,
@@ -101,11 +103,9 @@ class Recipe:
         if not path.is_file():
             raise SlimformerError(f"recipe not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise SlimformerError(f"recipe {path} is not valid YAML{where}") from None
+            data = read_yaml(path)
+        except ValueError as error:
+            raise SlimformerError(f"recipe {path} {error}") from None
         return cls.from_dict(data, origin=str(path))
 
 

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from slimformer.errors import SlimformerError
 from slimformer.figures import BY_NAME, improvement, table_columns
 from slimformer.search.confirm import unsteady
 from slimformer.search.records import StudyResult, TrialRecord
@@ -70,7 +71,10 @@ class RichReporter:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, SlimformerError):
+            # Refused input: its one error line is all that is left on screen.
+            self.progress.live.transient = True
         self.progress.stop()
 
     def study_started(self, settings: StudySettings, total: int | None, done: int) -> None:

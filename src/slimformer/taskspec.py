@@ -13,6 +13,28 @@ from typing import Any
 from slimformer.errors import SlimformerError
 
 TASK_NAMES = ("embedding", "classification", "perplexity", "custom")
+# Seeds reach numpy's generators (Optuna's sampler), which take 0 .. 2**32-1.
+SEED_LIMIT = 2**32
+# The type of each TaskSpec field (None: may be left unset), checked when a spec is built from
+# a recipe or run.json, whose values can be anything.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "data": (str, type(None)),
+    "text_column": (str,),
+    "label_column": (str,),
+    "function": (str, type(None)),
+    "direction": (str, type(None)),
+    "seq_len": (int, type(None)),
+    "seed": (int,),
+}
+
+
+def check_seed(seed: Any, what: str = "seed") -> None:
+    """Refuse a seed that is not an integer from 0 to 2**32-1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise SlimformerError(
+            f"{what} must be an integer from 0 to {SEED_LIMIT - 1}, got {str(seed)[:40]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -27,6 +49,12 @@ class TaskSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name, types in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, types):
+                kind = "an integer" if int in types else "a text"
+                raise SlimformerError(f"task: {name} must be {kind}, got {str(value)[:40]!r}")
+        check_seed(self.seed)
         if self.name not in TASK_NAMES:
             raise SlimformerError(
                 f"unknown task '{self.name}'; choose one of: {', '.join(TASK_NAMES)}"
@@ -59,7 +87,7 @@ class TaskSpec:
         if not isinstance(data, dict) or "name" not in data:
             raise SlimformerError(f"{origin}: 'task' must be a mapping with a 'name'")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
             raise SlimformerError(f"{origin}: unknown task setting(s): {', '.join(unknown)}")
         return cls(**data)

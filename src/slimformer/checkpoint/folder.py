@@ -11,6 +11,7 @@ from typing import Any
 
 from slimformer.adapters import adapter_class_for
 from slimformer.errors import SlimformerError
+from slimformer.files import read_json
 from slimformer.model import head_from_architectures
 
 SLIM_WEIGHTS = "slimformer.safetensors"
@@ -45,6 +46,26 @@ def checked_folder(path: str | os.PathLike[str], aliases: Sequence[str] = ()) ->
     return folder
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an `out` a model cannot be saved to without losing something: a file, a folder
+    that holds other things than a saved model (saving replaces the whole folder), or a
+    place whose nearest existing parent is not a writable folder."""
+    if out.exists():
+        if not out.is_dir():
+            raise SlimformerError(f"{out} is a file; give a folder to save the model in")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise SlimformerError(
+                f"{out} holds other files and saving would replace them; give a new folder or "
+                "one holding a saved model"
+            )
+        return
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimformerError(f"cannot create {out}: {parent} is not a writable folder")
+
+
 def read_config(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
@@ -60,7 +81,7 @@ def read_config(path: Path, trust_remote_code: bool = False) -> Any:
         raise SlimformerError(
             f"unsupported architecture '{model_type}' in {path}: transformers does not know it"
         ) from None
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, RecursionError):
         raise SlimformerError(f"{path}/config.json is not valid JSON; re-save the model") from None
     adapter_class_for(config.model_type)  # raises a clear error for families we lack
     return config
@@ -68,26 +89,75 @@ def read_config(path: Path, trust_remote_code: bool = False) -> Any:
 
 def _raw_model_type(path: Path) -> str:
     try:
-        return str(json.loads((path / "config.json").read_text()).get("model_type", "?"))
-    except (OSError, ValueError):
+        return str(read_json(path / "config.json").get("model_type", "?"))[:40]
+    except (ValueError, AttributeError):
         return "?"
 
 
+# The type of each slimformer.json entry the loader reads (absent ones take their defaults).
+_META_TYPES: dict[str, tuple[type, ...]] = {
+    "weights": (str,),
+    "head": (str,),
+    "source": (str,),
+    "modules": (dict,),
+    "shapes": (dict,),
+    "dtype": (str,),
+    "runtime": (dict, type(None)),
+    "batching": (str,),
+}
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """`slimformer.json` of a saved folder ({} for a plain Hugging Face checkpoint)."""
+    """`slimformer.json` of a saved folder ({} for a plain Hugging Face checkpoint), its
+    entries checked for the types the loader reads them as."""
     file = path / SLIM_META
     if not file.is_file():
         return {}
     try:
-        meta = json.loads(file.read_text())
-    except ValueError:
-        raise SlimformerError(f"{file} is not valid JSON; the saved model is damaged") from None
+        meta = read_json(file)
+    except ValueError as error:
+        raise SlimformerError(f"{file} {error}; the saved model is damaged") from None
+    if not isinstance(meta, dict):
+        raise SlimformerError(f"{file} is not a JSON object; the saved model is damaged")
     if meta.get("format_version") != FORMAT_VERSION:
         raise SlimformerError(
-            f"{file} has format {meta.get('format_version')}; this slimformer reads "
+            f"{file} has format {str(meta.get('format_version'))[:20]}; this slimformer reads "
             f"{FORMAT_VERSION} — upgrade slimformer"
         )
+    wrong = [k for k, types in _META_TYPES.items() if k in meta and not isinstance(meta[k], types)]
+    if not wrong and not _well_formed_parts(meta):
+        wrong = ["modules, shapes or runtime"]
+    if wrong:
+        raise SlimformerError(
+            f"{file} has a malformed {', '.join(wrong)} entry; the saved model is damaged"
+        )
     return meta
+
+
+def _well_formed_parts(meta: dict[str, Any]) -> bool:
+    """The nested entries: codec modules {name: {kind, meta}}, resized Linear shapes
+    {name: [out, in, bias]}, and the runtime {name, files}."""
+    modules = meta.get("modules", {})
+    shapes = meta.get("shapes", {})
+    runtime = meta.get("runtime") or {}
+    return (
+        all(
+            isinstance(info, dict)
+            and isinstance(info.get("kind"), str)
+            and isinstance(info.get("meta", {}), dict)
+            for info in modules.values()
+        )
+        and all(
+            isinstance(shape, list)
+            and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape[:2])
+            and isinstance(shape[2], bool)
+            for shape in shapes.values()
+        )
+        and isinstance(runtime.get("name", ""), str)
+        and isinstance(runtime.get("files", []), list)
+        and all(isinstance(f, str) for f in runtime.get("files", []))
+    )
 
 
 def natural_head(path: Path) -> str:

@@ -34,19 +34,31 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> SlimModel:
     """Load a Hugging Face checkpoint folder or a folder slimformer saved (a path: aliases
-    such as `default` are resolved by `assets.resolve_path`)."""
+    such as `default` are resolved by `assets.resolve_path`).
+
+    `head` (a task's) may differ from the checkpoint's own only where nothing new is made:
+    any model's backbone gives embeddings, but a causal-LM or classification head the
+    checkpoint lacks would be randomly initialised, and a task would score noise."""
     import transformers
 
     path = checked_folder(path)
     config = read_config(path, trust_remote_code)
     meta = read_meta(path)
-    head = head or meta.get("head") or head_from_architectures(config.architectures)
+    natural = meta.get("head") or head_from_architectures(config.architectures)
+    head = head or natural
     if head not in HEADS:
         raise SlimformerError(f"unknown model head '{head}'; choose one of {', '.join(HEADS)}")
+    if head not in (natural, "embedding"):
+        architecture = (config.architectures or [config.model_type])[0]
+        raise SlimformerError(
+            f"{path} is a{'n' if natural[0] in 'aeiou' else ''} {natural} model "
+            f"({architecture}) without a {head} head; a task that needs one would score a "
+            "randomly initialised head — choose a --task that fits the model"
+        )
     runtime = meta.get("runtime")
     if meta.get("weights") == "runtime":
         return SlimModel(
-            module=load_served(path, runtime or {}, config, head),
+            module=_served(path, runtime or {}, config, head),
             head=head,
             tokenizer=_load_tokenizer(path),
             source=meta.get("source") or str(path),
@@ -62,9 +74,17 @@ def load_model(
 
             # Parameters start on the meta device so the float layers that int8 ones replace
             # are never allocated (peak memory would otherwise count them).
-            with init_empty_weights():
-                module = auto.from_config(config, dtype=torch.float32)
-            _load_slim_weights(module, weight_files[0], meta)
+            try:
+                with init_empty_weights():
+                    module = auto.from_config(config, dtype=torch.float32)
+                _load_slim_weights(module, weight_files[0], meta)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+                # The head, module names, shapes or codec settings in slimformer.json do not fit
+                # the config or the tensors: the file was changed after slimformer wrote it.
+                raise SlimformerError(
+                    f"{path}/{SLIM_META} does not fit the saved weights ({type(e).__name__}: "
+                    f"{str(e).strip()[:80]}); the saved model is damaged"
+                ) from None
         else:
             try:
                 module = auto.from_pretrained(
@@ -84,7 +104,7 @@ def load_model(
         module.to(getattr(torch, dtype))
     module.eval()
     if runtime:  # a runtime that serves the torch weights above (torch.compile)
-        module = load_served(path, runtime, config, head, module)
+        module = _served(path, runtime, config, head, module)
     return SlimModel(
         module=module,
         head=head,
@@ -93,6 +113,19 @@ def load_model(
         recipe=_saved_recipe(path),
         batching=meta.get("batching", "bucketed"),
     )
+
+
+def _served(
+    path: Path, runtime: dict[str, Any], config: Any, head: str, module: nn.Module | None = None
+) -> nn.Module:
+    """The module a runtime serves, from the files and settings slimformer.json names."""
+    try:
+        return load_served(path, runtime, config, head, module)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise SlimformerError(
+            f"{path}/{SLIM_META}: its runtime entry does not fit the saved files "
+            f"({type(error).__name__}: {str(error)[:80]}); the saved model is damaged"
+        ) from None
 
 
 def _saved_recipe(path: Path) -> Recipe:

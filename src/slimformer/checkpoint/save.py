@@ -18,9 +18,11 @@ from slimformer.checkpoint.folder import (
     FORMAT_VERSION,
     SLIM_META,
     SLIM_WEIGHTS,
+    check_out_folder,
     copy_sentence_transformers_files,
 )
 from slimformer.engines import ServedModule
+from slimformer.errors import SlimformerError
 from slimformer.files import replace_dir
 from slimformer.layers import codec_for
 from slimformer.model import HEADS, SlimModel
@@ -34,8 +36,12 @@ def save_model(
 ) -> Path:
     """Write the model, tokenizer, recipe and extra text files to `out`, atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    check_out_folder(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as error:
+        raise SlimformerError(f"cannot create {out}: {error.strerror or error}") from None
     try:
         served = model.module if isinstance(model.module, ServedModule) else None
         runtime = {"name": served.runtime} | served.save_artifacts(tmp) if served else None

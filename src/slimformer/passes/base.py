@@ -2,7 +2,9 @@
 
 A pass is one technique with a frozen config dataclass. Each config field may carry a search
 space in its metadata (`searchable(...)`), so the config *is* the search space: the study
-samples it, `slimformer passes` prints it, and a recipe stores one point of it.
+samples it, `slimformer passes` prints it, and a recipe stores one point of it. The space is
+also what a recipe may set (`make_config` refuses anything else), unless a field declares a
+wider valid range (`valid=Interval(...)`) for values users legitimately choose beyond it.
 
 A pass declares where it runs in a recipe (its `Phase`, and its `order` inside the phase) and
 what the runner must give or guarantee it (`needs_calibration`, `needs_training`, `terminal`);
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +36,8 @@ Bound = int | Callable[[ModelFacts], int]
 
 @dataclass(frozen=True)
 class Choice:
-    """Options the study samples. `only=False` (numbers): a user may also set other values."""
+    """Options the study samples. `only=False` (numbers): a user may also set any other
+    positive value."""
 
     options: tuple[Any, ...]
     only: bool = True
@@ -58,6 +62,10 @@ class IntRange:
     def describe(self) -> str:
         return self.label or f"{self.low}..{self.high}"
 
+    def as_interval(self) -> Interval:
+        low, _, high = self.describe().partition("..")
+        return Interval(self.low, self.high, label=f"[{low}, {high}]")
+
 
 @dataclass(frozen=True)
 class FloatRange:
@@ -71,20 +79,143 @@ class FloatRange:
 
 
 Space = Choice | IntRange | FloatRange
+ModelBound = float | Callable[[ModelFacts], float] | None
 
 
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+@dataclass(frozen=True)
+class Interval:
+    """Numbers from `low` to `high` (None: unbounded), `low` itself excluded when `open_low`.
+
+    A setting's valid values: declared with `valid=` where users legitimately go beyond the
+    searched range (any fraction of FFN neurons in (0, 1], not only the searched 0.3..0.95).
+    A bound may depend on the model, like IntRange's; `label` says how the interval reads then.
+    """
+
+    low: ModelBound = None
+    high: ModelBound = None
+    open_low: bool = False
+    label: str = ""
+
+    def depends_on_model(self) -> bool:
+        return callable(self.low) or callable(self.high)
+
+    def resolve(self, facts: ModelFacts | None) -> tuple[float | None, float | None]:
+        """The bounds for `facts`; without facts a model-dependent bound is left open (None)."""
+
+        def bound(value: ModelBound) -> float | None:
+            if callable(value):
+                return value(facts) if facts is not None else None
+            return value
+
+        return bound(self.low), bound(self.high)
+
+    def contains(self, value: float, facts: ModelFacts | None = None) -> bool:
+        low, high = self.resolve(facts)
+        if low is not None and (value <= low if self.open_low else value < low):
+            return False
+        return high is None or value <= high
+
+    def positive_only(self) -> bool:
+        return self.low == 0 and self.open_low and self.high is None
+
+    def describe(self, facts: ModelFacts | None = None) -> str:
+        if self.label and (facts is None or not self.depends_on_model()):
+            return self.label
+        low, high = self.resolve(facts)
+        left = "(" if self.open_low or low is None else "["
+        right = "inf)" if high is None else f"{high:g}]"
+        return f"{left}{'-inf' if low is None else f'{low:g}'}, {right}"
 
 
-def searchable(default: Any, space: Space, help: str) -> Any:
-    """A config field the study may vary within `space`."""
-    return field(default=default, metadata={"space": space, "help": help})
+# Numbers whose field declares no range of its own (a fixed setting such as a temperature, or
+# a Choice the user may leave): any positive value.
+POSITIVE = Interval(0, None, open_low=True)
 
 
-def fixed(default: Any, help: str) -> Any:
-    """A config field the user may set but the study leaves alone."""
-    return field(default=default, metadata={"help": help})
+def searchable(default: Any, space: Space, help: str, valid: Interval | None = None) -> Any:
+    """A config field the study may vary within `space`. The space is also what a recipe may
+    set, unless `valid` declares a wider range of accepted numbers."""
+    metadata = {"space": space, "help": help} | ({"valid": valid} if valid else {})
+    return field(default=default, metadata=metadata)
+
+
+def fixed(default: Any, help: str, valid: Interval | None = None) -> Any:
+    """A config field the user may set but the study leaves alone (numbers: `valid`, else any
+    positive value)."""
+    return field(default=default, metadata={"help": help} | ({"valid": valid} if valid else {}))
+
+
+def valid_values(setting: dataclasses.Field) -> Choice | Interval | None:
+    """What a config field accepts: its declared `valid` range, else its search space (the
+    options of a Choice, the bounds of a range), else any positive number (None: any value of
+    the field's type)."""
+    if "valid" in setting.metadata:
+        return setting.metadata["valid"]
+    space = setting.metadata.get("space")
+    if isinstance(space, Choice) and space.only:
+        return space
+    if isinstance(space, IntRange):
+        return space.as_interval()
+    if isinstance(space, FloatRange):
+        return Interval(space.low, space.high)
+    if _kind(setting.default) in (int, float):
+        return POSITIVE
+    return None
+
+
+def _kind(default: Any) -> type | None:
+    """The type a setting's values must have, read from its default."""
+    for kind in (bool, int, float, str, tuple):  # bool before int: True is an int too
+        if isinstance(default, kind):
+            return kind
+    return None
+
+
+def _expected(kind: type | None, valid: Choice | Interval | None, facts: Any = None) -> str:
+    """What a setting accepts, as the end of 'SETTING must be ...'."""
+    if kind is bool:
+        return "true or false"
+    if kind is tuple:
+        return "a list of names"
+    if isinstance(valid, Choice):
+        return f"one of {valid.describe()}"
+    noun = {int: "an integer", float: "a number", str: "a text"}.get(kind, "a value")
+    if isinstance(valid, Interval) and valid.positive_only():
+        return f"a positive {noun.split()[-1]}"
+    if isinstance(valid, Interval):
+        return f"{noun} in {valid.describe(facts)}"
+    return noun
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value as a message quotes it: its repr, cut short (a recipe may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _typed(kind: type | None, value: Any) -> Any:
+    """`value` as a value of `kind`, or raise ValueError when it is not one (no conversion
+    between text and numbers, no bool for a number, no NaN or infinity)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    if kind is tuple:
+        if not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            raise ValueError
+        return value
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError
+    if kind is int and not isinstance(value, int):
+        raise ValueError
+    if kind is float:
+        try:
+            value = float(value)  # an int where a float is expected: 1 reads as 1.0
+        except OverflowError:
+            raise ValueError from None
+        if not math.isfinite(value):
+            raise ValueError
+    if kind in (bool, str) and not isinstance(value, kind):
+        raise ValueError
+    return value
 
 
 @dataclass(frozen=True)
@@ -110,6 +241,16 @@ class Phase(enum.IntEnum):
     RUNTIME = 6  # the engine that serves the model
 
 
+# The groups of mutually exclusive passes, each with the reason a recipe takes only one.
+GROUPS = {
+    "runtime": "one engine serves a model",
+    "quantizer": (
+        "a layer is quantized once; a second quantizer cannot take the first one's int8 or "
+        "int4 layers"
+    ),
+}
+
+
 class Pass(ABC):
     """One technique. Subclasses set the class attributes and implement `apply`."""
 
@@ -132,8 +273,8 @@ class Pass(ABC):
     searched_by_default: ClassVar[bool] = True
     # Passes that must be in the same recipe for this one to make sense.
     requires: ClassVar[tuple[str, ...]] = ()
-    # Passes of one group exclude each other (one runtime serves a model): the study picks at
-    # most one of them per recipe.
+    # Passes of one group (a key of GROUPS) exclude each other: the study picks at most one of
+    # them per recipe, and a recipe with two is refused.
     group: ClassVar[str | None] = None
     # Passes (`name`, or `name:setting=value` for one setting of it) that cannot come before
     # this one in a recipe, with the reason: checked before any pass runs, so a doomed recipe
@@ -173,48 +314,61 @@ class Pass(ABC):
     # --- config helpers -----------------------------------------------------------------
     @classmethod
     def make_config(cls, values: dict[str, Any] | None = None) -> Any:
+        """The config `values` set (the rest at their defaults), normalized. Every value is
+        checked against its field's type and valid values (`valid_values`); bounds that
+        depend on the model are checked by `check_for_model` before the pass runs."""
         values = dict(values or {})
         known = {f.name: f for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(str(key) for key in values if key not in known)
         if unknown:
             raise SlimformerError(
                 f"{cls.name}: unknown setting(s) {', '.join(unknown)}; "
                 f"settings are: {', '.join(known)}"
             )
         for key, value in values.items():
-            space = known[key].metadata.get("space")
-            if isinstance(value, list):
-                values[key] = value = tuple(value)
-            if isinstance(space, Choice) and space.only and value not in space.options:
+            setting = known[key]
+            kind, valid = _kind(setting.default), valid_values(setting)
+            try:
+                values[key] = typed = _typed(kind, value)
+                if isinstance(valid, Interval) and not valid.contains(typed):
+                    raise ValueError
+            except ValueError:
                 raise SlimformerError(
-                    f"{cls.name}: {key}={value!r} is not one of {space.describe()}"
-                )
-            if isinstance(space, Choice) and not space.only and not _positive_number(value):
+                    f"{cls.name}: {key} must be {_expected(kind, valid)}, got {_shown(value)}"
+                ) from None
+            if isinstance(valid, Choice) and typed not in valid.options:
                 raise SlimformerError(
-                    f"{cls.name}: {key} must be a positive number (searched: "
-                    f"{space.describe()}), got {value!r}"
+                    f"{cls.name}: {key}={_shown(typed)} is not one of {valid.describe()}"
                 )
-            # Range bounds may depend on the model, so only the type is checked here.
-            if isinstance(space, IntRange) and (
-                not isinstance(value, int) or isinstance(value, bool)
-            ):
-                raise SlimformerError(f"{cls.name}: {key} must be an integer, got {value!r}")
-            if isinstance(space, FloatRange) and (
-                not isinstance(value, (int, float)) or isinstance(value, bool)
-            ):
-                raise SlimformerError(f"{cls.name}: {key} must be a number, got {value!r}")
-            default = known[key].default
-            if isinstance(default, tuple) and not (
-                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
-            ):
-                raise SlimformerError(f"{cls.name}: {key} must be a list of names, got {value!r}")
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise SlimformerError(f"{cls.name}: {key} must be true or false, got {value!r}")
         try:
             config = cls.config_class(**values)
         except (TypeError, ValueError) as error:
             raise SlimformerError(f"{cls.name}: invalid settings: {error}") from None
         return cls.normalize(config)
+
+    @classmethod
+    def check_for_model(cls, config: Any, facts: ModelFacts) -> None:
+        """Refuse a setting outside a valid range whose bounds depend on the model (e.g. at
+        most layers-1 blocks dropped); `make_config` checked everything else."""
+        for setting in dataclasses.fields(cls.config_class):
+            valid = valid_values(setting)
+            if not (isinstance(valid, Interval) and valid.depends_on_model()):
+                continue
+            value = getattr(config, setting.name)
+            if not valid.contains(value, facts):
+                expected = _expected(_kind(setting.default), valid, facts)
+                raise SlimformerError(
+                    f"{cls.name}: {setting.name} must be {expected} for this model "
+                    f"({valid.describe()}), got {_shown(value)}"
+                )
+
+    @classmethod
+    def depends_on_model(cls) -> bool:
+        """Whether a setting's valid range depends on the model (see `check_for_model`)."""
+        return any(
+            isinstance(valid, Interval) and valid.depends_on_model()
+            for valid in map(valid_values, dataclasses.fields(cls.config_class))
+        )
 
     @classmethod
     def search_space(cls) -> dict[str, Space]:
@@ -252,6 +406,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise ValueError(f"pass {cls.name} registered twice")
     if not isinstance(getattr(cls, "phase", None), Phase):
         raise ValueError(f"pass {cls.name} declares no Phase")
+    if cls.group is not None and cls.group not in GROUPS:
+        raise ValueError(f"pass {cls.name} declares an unknown group {cls.group!r}")
     _REGISTRY[cls.name] = cls
     return cls
 

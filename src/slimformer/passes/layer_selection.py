@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimformer.passes.base import Choice, searchable
+from slimformer.passes.base import Choice, Interval, searchable
 from slimformer.passes.sensitivity import QuantizeLayer, most_sensitive
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ def scope_field(help: str) -> Any:
 
 
 def keep_sensitive_field(help: str) -> Any:
-    return searchable(0, Choice(KEEP_SENSITIVE), help)
+    # Any count is valid (3 layers, or more than the scope holds: then all stay float).
+    return searchable(0, Choice(KEEP_SENSITIVE), help, valid=Interval(0, None))
 
 
 def skipped(name: str, skip: Sequence[str]) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     FloatRange,
+    Interval,
     Pass,
     PassContext,
     Phase,
@@ -27,7 +28,12 @@ from slimformer.passes.unit_pruning import (
 
 @dataclass(frozen=True)
 class FFNPruneConfig:
-    keep: float = searchable(0.75, FloatRange(0.3, 0.95, step=0.05), "fraction of FFN neurons kept")
+    keep: float = searchable(
+        0.75,
+        FloatRange(0.3, 0.95, step=0.05),
+        "fraction of FFN neurons kept",
+        valid=Interval(0, 1, open_low=True),
+    )
     criterion: str = criterion_field("neuron")
     allocation: str = allocation_field()
     multiple: int = fixed(

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from slimformer.model import SlimModel
-from slimformer.passes.base import FloatRange, Pass, PassContext, Phase, register_pass, searchable
+from slimformer.passes.base import (
+    FloatRange,
+    Interval,
+    Pass,
+    PassContext,
+    Phase,
+    register_pass,
+    searchable,
+)
 from slimformer.passes.importance import choose_kept, unit_scores
 from slimformer.passes.unit_pruning import (
     allocation_field,
@@ -26,6 +34,7 @@ class HeadPruneConfig:
         0.75,
         FloatRange(0.25, 0.875, step=0.125),
         "fraction of attention heads kept (for grouped-query attention: of KV groups)",
+        valid=Interval(0, 1, open_low=True),
     )
     criterion: str = criterion_field("head")
     allocation: str = allocation_field()

@@ -21,6 +21,7 @@ from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     Choice,
+    Interval,
     IntRange,
     Pass,
     PassContext,
@@ -36,6 +37,7 @@ class LayerDropConfig:
         1,
         IntRange(1, lambda facts: max(1, facts.num_layers // 2), "1..layers/2"),
         "how many blocks to remove",
+        valid=Interval(1, lambda facts: facts.num_layers - 1, label="[1, layers-1]"),
     )
     criterion: str = searchable(
         "block_influence",
@@ -55,11 +57,6 @@ class LayerDrop(Pass):
 
     def apply(self, model: SlimModel, config: LayerDropConfig, ctx: PassContext) -> dict[str, Any]:
         layers = model.adapter.num_layers
-        if not 1 <= config.count < layers:
-            raise SlimformerError(
-                f"prune.layers: count must be between 1 and {layers - 1} for this "
-                f"{layers}-layer model, got {config.count}"
-            )
         if not ctx.calibration:
             raise SlimformerError("prune.layers needs calibration data; none was given")
         ctx.progress(f"scoring {layers} blocks ({config.criterion})")

@@ -57,6 +57,7 @@ class DynamicInt8(Pass):
     config_class = DynamicInt8Config
     phase = Phase.QUANTIZATION
     order = 1
+    group = "quantizer"
     needs_calibration = True  # for keep_sensitive
 
     @classmethod

@@ -21,7 +21,15 @@ import torch
 
 from slimformer.layers.smoothed import SmoothedLinear
 from slimformer.model import SlimModel
-from slimformer.passes.base import Choice, Pass, PassContext, Phase, register_pass, searchable
+from slimformer.passes.base import (
+    Choice,
+    Interval,
+    Pass,
+    PassContext,
+    Phase,
+    register_pass,
+    searchable,
+)
 from slimformer.passes.layer_selection import scope_field, select_layers
 from slimformer.passes.observers import collect_input_stats
 
@@ -43,6 +51,7 @@ class SmoothConfig:
         0.5,
         Choice((0.5, 0.65, 0.8)),
         "migration strength α in s = max|x|^α / max|W|^(1-α) (higher moves more into weights)",
+        valid=Interval(0, 1),
     )
     scope: str = scope_field("which Linear layers inside the blocks are smoothed")
 

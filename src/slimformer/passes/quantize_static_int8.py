@@ -91,6 +91,7 @@ class StaticInt8(Pass):
     config_class = StaticInt8Config
     phase = Phase.QUANTIZATION
     order = 1
+    group = "quantizer"
     needs_calibration = True
     # Measured (bench/results/isa.json): 1.47x fp32 throughput with VNNI, 0.97x (and 0.70x
     # batch-1) on oneDNN's AVX2 path, where 7-bit weights also cost accuracy.

@@ -127,6 +127,7 @@ class WeightOnly(Pass):
     config_class = WeightOnlyConfig
     phase = Phase.QUANTIZATION
     order = 2
+    group = "quantizer"
     needs_calibration = True  # GPTQ's Hessians; round-to-nearest ignores it
 
     @classmethod

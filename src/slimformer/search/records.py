@@ -4,20 +4,23 @@ One evaluation, the child process's answer, is `evaluate.EvaluationResult`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimformer.figures import OBJECTIVES
+from slimformer.figures import BY_FIELD, OBJECTIVES
 
 if TYPE_CHECKING:
     from slimformer.search.settings import StudySettings
 
 
+STATES = ("complete", "failed", "interrupted", "running")
+
+
 @dataclass(frozen=True)
 class TrialRecord:
     number: int
-    state: str  # complete | failed | interrupted | running
+    state: str  # one of STATES
     description: str
     recipe: dict[str, Any] | None = None
     quality: float | None = None
@@ -54,6 +57,61 @@ class TrialRecord:
 
     def cost(self, objective: str) -> float | None:
         return self.measurement.get(OBJECTIVES[objective][0])
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrialRecord:
+        """A line of trials.jsonl, checked; ValueError saying what is wrong with it."""
+        if not isinstance(data, dict):
+            raise ValueError("not a mapping")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(str(key) for key in data if key not in known)
+        missing = [name for name in ("number", "state", "description") if name not in data]
+        if unknown or missing:
+            raise ValueError(f"unknown {unknown}, missing {missing}")
+        for name, value in data.items():
+            if value is None and known[name].default is None:
+                continue
+            if not _has_type(value, _RECORD_TYPES[name]):
+                raise ValueError(f"'{name}' is not {_RECORD_TYPES[name].__name__}")
+        record = cls(**data)
+        if record.state not in STATES:
+            raise ValueError(f"state {record.state[:20]!r} is not one of {', '.join(STATES)}")
+        if not all(_has_type(v, float) for v in record.details.values()):
+            raise ValueError("'details' holds a value that is not a number")
+        for key, value in record.measurement.items():
+            if key in BY_FIELD and not BY_FIELD[key].accepts(value):
+                raise ValueError(f"measurement '{key}' is {value!r}")
+        if record.comparable:
+            costs = [record.measurement.get(f) for f, _ in OBJECTIVES.values()]
+            if not all(_has_type(v, float) for v in [record.drop, *costs]):
+                raise ValueError("a finished trial lacks its drop or a measured figure")
+        return record
+
+
+# The type of each TrialRecord field in trials.jsonl (float: any number; None is allowed
+# where the field's default is None).
+_RECORD_TYPES: dict[str, type] = {
+    "number": int,
+    "state": str,
+    "description": str,
+    "recipe": dict,
+    "quality": float,
+    "drop": float,
+    "feasible": bool,
+    "details": dict,
+    "measurement": dict,
+    "error": str,
+    "duration_s": float,
+    "duplicate_of": int,
+    "cpu": dict,
+    "stale": bool,
+}
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def find(records: list[TrialRecord], number: int) -> TrialRecord:

@@ -22,7 +22,7 @@ from typing import Any
 
 from slimformer.cpu import CpuFingerprint, fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.files import replace_dir, write_atomic
+from slimformer.files import parse_json, read_json, read_text, replace_dir, write_atomic
 from slimformer.search.lock import clear_folder
 from slimformer.search.records import BestModel, TrialRecord, find
 from slimformer.search.settings import StudySettings
@@ -76,8 +76,8 @@ class RunFolder:
                         f"{out} is a run on {saved.model}, not {settings.model}; "
                         "resume it with the same model or choose another --out"
                     )
-                facts = json.loads(self.run_file.read_text())
-                check_same_machine(facts, saved, out, allow_other_cpu)
+                cpu, withheld = read_facts(self.run_file)
+                check_same_machine(cpu, saved, out, allow_other_cpu)
                 # The budget may grow on resume; what was searched stays as it was.
                 settings = replace(
                     saved,
@@ -85,11 +85,7 @@ class RunFolder:
                     time_budget_s=settings.time_budget_s,
                     confirm_rounds=settings.confirm_rounds,
                 )
-                withheld = {
-                    name: {tuple(pair) for pair in pairs}
-                    for name, pairs in (facts.get("withheld") or {}).items()
-                }
-                return settings, withheld  # type: ignore[return-value]
+                return settings, withheld
             if overwrite:
                 clear_folder(out)
             else:
@@ -165,13 +161,12 @@ def write_best_facts(folder: Path, best: BestModel, write_card: CardWriter | Non
 
 
 def check_same_machine(
-    facts: dict[str, Any], saved: StudySettings, out: Path, allow_other_cpu: bool
+    then: CpuFingerprint | None, saved: StudySettings, out: Path, allow_other_cpu: bool
 ) -> None:
     """Timings from two machines must not meet in one front: refuse, or (when allowed) go on
     with the earlier trials marked stale and measured again here."""
-    if "cpu" not in facts:
+    if then is None:
         return  # a run from before fingerprints: nothing to compare
-    then = CpuFingerprint.from_dict(facts["cpu"])
     now = fingerprint(saved.measure.resolved_threads())
     if now.same_machine(then) or allow_other_cpu:
         return
@@ -182,14 +177,41 @@ def check_same_machine(
     )
 
 
+def _damaged(file: Path, reason: str) -> SlimformerError:
+    return SlimformerError(
+        f"{file} is damaged ({reason}); start over with --overwrite or choose another --out"
+    )
+
+
 def read_settings(run_file: Path) -> StudySettings:
     try:
-        return StudySettings.from_dict(json.loads(run_file.read_text()))
-    except (ValueError, KeyError, TypeError) as error:
-        raise SlimformerError(
-            f"{run_file} is damaged ({type(error).__name__}: {error}); start over with "
-            "--overwrite or choose another --out"
-        ) from None
+        data = read_json(run_file)
+    except ValueError as error:
+        raise _damaged(run_file, str(error)) from None
+    if not isinstance(data, dict):
+        raise _damaged(run_file, "not a JSON object")
+    try:
+        return StudySettings.from_dict(data)
+    except SlimformerError as error:
+        raise _damaged(run_file, str(error)) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _damaged(run_file, f"{type(error).__name__}: {error}") from None
+
+
+def read_facts(run_file: Path) -> tuple[CpuFingerprint | None, Gaps]:
+    """What run.json holds beside the settings: the CPU the run was measured on (None for a
+    run from before fingerprints) and the search space's CPU gaps as first decided."""
+    try:
+        facts = read_json(run_file)
+        cpu = facts.get("cpu")
+        withheld = facts.get("withheld") or {}
+        gaps = {
+            str(name): {(str(setting), str(value)) for setting, value in pairs}
+            for name, pairs in withheld.items()
+        }
+        return (None if cpu is None else CpuFingerprint.from_dict(cpu)), gaps
+    except (ValueError, TypeError, AttributeError) as error:
+        raise _damaged(run_file, f"its cpu or withheld entry: {error}") from None
 
 
 def read_run(out: Path) -> tuple[StudySettings, list[TrialRecord]]:
@@ -201,7 +223,31 @@ def read_run(out: Path) -> tuple[StudySettings, list[TrialRecord]]:
     trials_file = folder.path / "trials.jsonl"
     records = []
     if trials_file.is_file():
-        for line in trials_file.read_text().splitlines():
+        try:
+            lines = read_text(trials_file).splitlines()
+        except ValueError as error:
+            raise _damaged(trials_file, str(error)) from None
+        for number, line in enumerate(lines, 1):
             if line.strip():
-                records.append(TrialRecord(**json.loads(line)))
+                try:
+                    records.append(TrialRecord.from_dict(parse_json(line)))
+                except ValueError as error:
+                    raise _damaged(trials_file, f"line {number}: {error}") from None
     return settings, records
+
+
+def read_best(out: Path) -> tuple[int, bool] | None:
+    """The trial best/ holds and whether it met the budget, from best/metrics.json (None: no
+    best/ yet)."""
+    metrics_file = RunFolder(out).best_dir / "metrics.json"
+    if not metrics_file.is_file():
+        return None
+    try:
+        metrics = read_json(metrics_file)
+    except ValueError as error:
+        raise _damaged(metrics_file, str(error)) from None
+    trial = metrics.get("trial") if isinstance(metrics, dict) else None
+    met = metrics.get("met_max_drop") if isinstance(metrics, dict) else None
+    if isinstance(trial, bool) or not isinstance(trial, int) or not isinstance(met, bool):
+        raise _damaged(metrics_file, "no trial number or met_max_drop")
+    return trial, met

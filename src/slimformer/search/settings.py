@@ -14,6 +14,7 @@ from slimformer.figures import OBJECTIVES
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Choice, Pass, get_pass, registered_passes
 from slimformer.tasks import TaskSpec
+from slimformer.taskspec import check_seed
 
 # (setting, value) pairs of a pass the study does not offer on this CPU, by pass name.
 Withheld = Mapping[str, Collection[tuple[str, str]]]
@@ -47,6 +48,11 @@ def _typed(cls: type[Pass], key: str, text: str) -> Any:
     for option in space.options if isinstance(space, Choice) else ():
         if str(option) == text:
             return option
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
     return text
 
 
@@ -75,9 +81,13 @@ def parse_duration(text: str | None) -> float | None:
         raise SlimformerError(
             f"--time-budget must look like 10m, 90s or 1h, got '{text}'"
         ) from None
-    if seconds <= 0:
-        raise SlimformerError("--time-budget must be positive")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise SlimformerError(f"--time-budget must be a positive, finite duration, got '{text}'")
     return seconds
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,20 @@ class StudySettings:
     confirm_rounds: int = 3
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
+        if not _number(self.max_drop) or not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise SlimformerError(
+                f"--max-drop must be a finite, non-negative amount, got {self.max_drop!r}"
+            )
+        if self.time_budget_s is not None and not (
+            _number(self.time_budget_s)
+            and math.isfinite(self.time_budget_s)
+            and self.time_budget_s > 0
+        ):
+            raise SlimformerError(
+                f"--time-budget must be a positive, finite duration, got {self.time_budget_s!r}"
+            )
+        check_seed(self.seed, "--seed")
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
             raise SlimformerError(
                 f"unknown objective '{self.objective}'; choose one of: {', '.join(OBJECTIVES)}"
             )
@@ -107,6 +130,10 @@ class StudySettings:
             raise SlimformerError("give --trials N or --time-budget (e.g. 10m)")
         if self.confirm_rounds < 0:
             raise SlimformerError("--confirm-rounds must be 0 (off) or more")
+        if not all(isinstance(entry, str) for entry in self.passes):
+            raise SlimformerError("--passes must be pass names")
+        if not all(isinstance(start, dict) for start in self.starts):
+            raise SlimformerError("a start recipe must be a mapping")
         names, _ = split_pass_names(self.passes)
         for name in names:
             missing = [r for r in get_pass(name).requires if r not in names]

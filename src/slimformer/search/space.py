@@ -1,10 +1,10 @@
 """The search space: recipes <-> Optuna parameters.
 
 Each pass's config dataclass declares its searchable settings (passes/base.py); here they
-become Optuna distributions. The space is conditional: passes of one group (the runtimes)
-are one categorical choice, a pass that needs another is offered only once that one was
-chosen, a runtime's conflicting passes are not offered with it, and settings this CPU would
-not profit from (`Withheld`) are left out of their options.
+become Optuna distributions. The space is conditional: passes of one group (the runtimes; the
+quantizers) are one categorical choice each, a pass that needs another is offered only once
+that one was chosen, a runtime's conflicting passes are not offered with it, and settings this
+CPU would not profit from (`Withheld`) are left out of their options.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.files import parse_json
 from slimformer.tasks.base import Score, State, Task, batches_by_length, collate, seeded_shuffle
 
 if TYPE_CHECKING:
@@ -30,9 +30,12 @@ def read_rows(path: Path) -> list[dict]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    raise SlimformerError(f"{path}: line {number} is not valid JSON") from None
+                    row = parse_json(line)
+                except ValueError as error:
+                    raise SlimformerError(f"{path}: line {number} {error}") from None
+                if not isinstance(row, dict):
+                    raise SlimformerError(f"{path}: line {number} is not a JSON object")
+                rows.append(row)
             return rows
         with path.open(newline="") as handle:
             return list(csv.DictReader(handle))
@@ -61,6 +64,10 @@ class ClassificationTask(Task):
                     f"column '{wanted}' not found in {path}; columns are: "
                     f"{', '.join(map(str, columns))} — choose one with {option}"
                 )
+        text, label = self.spec.text_column, self.spec.label_column
+        for number, row in enumerate(rows, 1):
+            if text not in row or label not in row:
+                raise SlimformerError(f"row {number} of {path} lacks '{text}' or '{label}'")
         return [(str(r[self.spec.text_column]), str(r[self.spec.label_column])) for r in rows]
 
     @cached_property
