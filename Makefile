@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa bench-fuzz lint assets clean
+	bench-peers bench-isa bench-fuzz bench-deadline bench-crash lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,9 +53,11 @@ test-avx2: assets
 
 # Every benchmark, one after another (about 4.5 hours on 2 cores; run on an idle machine:
 # other work on the same cores skews the timings). Each part alone: make bench-default,
-# bench-pruning, bench-quantization, bench-peers. Results: bench/results/*.json
-# (bench/tables.py prints them).
-bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-fuzz
+# bench-pruning, bench-quantization, bench-peers, bench-isa. Results: bench/results/*.json
+# (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash are long tests
+# that pass or fail.
+bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-fuzz \
+	bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -85,6 +87,16 @@ bench-isa: assets
 # ones each run instead of the suite's fixed set.
 bench-fuzz: assets
 	SLIMFORMER_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# A 5-minute --time-budget study of MiniLM with distillation ends within 5 minutes plus the
+# confirmation (~7 min; the suite runs a 60 s one on a tiny model).
+bench-deadline: assets
+	$(BIN)/python -m pytest -q -s -m bench tests/test_time_budget.py
+
+# Real studies SIGKILLed at 20 random moments, each resumed to its end with no finished trial
+# lost and best/ whole (~30 min; the suite runs a bounded loop on fake models).
+bench-crash: assets
+	$(BIN)/python -m pytest -q -m bench tests/test_crash_points.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

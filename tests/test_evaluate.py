@@ -47,7 +47,7 @@ def test_evaluation_in_a_child_returns_quality_and_measurement(scored_model, tmp
     assert result.measurement["parameters"] > 0
     assert result.cpu and result.cpu["threads"] == FAST.resolved_threads()
     # The child's answer stays readable JSON, the same fields the parent reads back.
-    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    written = json.loads((tmp_path / "run" / "evaluate-result.json").read_text())
     assert EvaluationResult.from_dict(written) == result
     assert written["quality"] == 0.5 and "latency_ms_median" in written["measurement"]
 

@@ -30,6 +30,7 @@ RANKS = {
     "errors": 0,
     "files": 1,
     "quiet": 1,  # silencing transformers around loads and conversions
+    "child": 2,  # running a child process with a request: errors and files only
     "kernels": 1,
     "cpu": 1,
     "taskspec": 1,
@@ -46,6 +47,7 @@ RANKS = {
     "measure": 8,
     "figures": 8,  # the table of measured figures: no slimformer imports
     "evaluate": 9,
+    "build": 9,  # the build child: applies a recipe; evaluate's peer, neither imports the other
     "search": 10,  # the study: settings, space, records, run folder, runner, confirmation
     "report": 11,  # reads search's records; search never imports it
     "card": 12,

@@ -10,142 +10,30 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
+from fakes import PASSES, FakeBuilder, FakeEvaluator, fake_scores
 from rich.console import Console
 
-from slimformer.adapters import ModelFacts
 from slimformer.card import write_card
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.evaluate import CandidateFailed, EvaluationResult
 from slimformer.figures import BY_NAME
 from slimformer.measure import MeasureSettings
 from slimformer.recipe import Recipe, Step
 from slimformer.report import RichReporter, print_study, trials_table
 from slimformer.search import runner
+from slimformer.search.budget import AFTER_PASSES_S, FINISH_S
 from slimformer.search.lock import PID_FILE, RunLock
 from slimformer.search.records import TrialRecord
 from slimformer.search.run_folder import read_run
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
-
-PASSES = ("prune.layers", "quantize.dynamic_int8")
-SCOPE_EFFECT = {  # scope -> (quality lost, latency factor)
-    "all": (0.012, 0.40),
-    "all_but_ffn_out": (0.006, 0.55),
-    "attention": (0.002, 0.85),
-    "ffn": (0.009, 0.60),
-}
-
-
-def fake_scores(recipe: Recipe) -> tuple[float, float]:
-    """Quality and batch-1 latency a recipe would get: pruning and int8 trade one for the other."""
-    quality, latency = 0.90, 10.0
-    for step in recipe.steps:
-        config = step.config
-        if step.pass_name == "prune.layers":
-            quality -= 0.004 * config["count"] + 0.001 * (config["criterion"] != "block_influence")
-            latency *= 1 - 0.2 * config["count"]
-        elif step.pass_name == "quantize.dynamic_int8":
-            lost, factor = SCOPE_EFFECT[config["scope"]]
-            quality -= lost - 0.001 * config["per_channel"] + 0.0005 * config["keep_sensitive"]
-            latency *= factor + 0.01 * config["keep_sensitive"]
-    return round(quality, 6), round(latency, 6)
-
-
-def measurement(latency: float) -> dict[str, Any]:
-    return {
-        "latency_ms_median": latency,
-        "latency_ms_p90": latency * 1.2,
-        "throughput_per_s": 1000 / latency,
-        "peak_memory_mb": 100.0,
-        "size_mb": 50.0,
-        "parameters": 1000,
-        "gflops_per_input": 0.5,
-        "threads": 1,
-        "batch_size": 8,
-        "mean_tokens": 20.0,
-        "runtime": "eager",
-        "batching": "bucketed",
-    }
-
-
-@dataclass
-class FakeBuilder:
-    root: Path
-    num_layers: int = 4
-    fail: str | None = None  # a recipe description whose build fails
-    built: list[str] = field(default_factory=list)
-    stages: tuple[str, ...] = ("distilling: step 1/2, loss 0.5",)
-
-    def __post_init__(self) -> None:
-        self.facts = ModelFacts(
-            num_layers=self.num_layers,
-            num_heads=4,
-            num_kv_heads=4,
-            hidden_size=32,
-            intermediate_size=64,
-        )
-        self.build(Recipe(), self.reference_dir)
-
-    @property
-    def reference_dir(self) -> Path:
-        return self.root / "original"
-
-    def prepare(self, pass_classes, state_path, say):
-        say("loading the fake model")
-        state_path.write_bytes(b"reference arrays")
-        return list(pass_classes)
-
-    def build(self, recipe: Recipe, folder: Path, on_stage=None) -> Recipe:
-        if recipe.describe() == self.fail:
-            raise RuntimeError("the pass broke")
-        for stage in self.stages if on_stage else ():
-            on_stage(stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "recipe.yaml").write_text(recipe.to_yaml())
-        (folder / "slimformer.json").write_text(json.dumps({"weights": "hf", "head": "embedding"}))
-        self.built.append(recipe.describe())
-        return recipe
-
-
-@dataclass
-class FakeEvaluator:
-    cpu: dict[str, Any] = field(default_factory=lambda: fingerprint(1).to_dict())
-    interrupt_at: int | None = None  # the call that is interrupted (Ctrl-C), counting from 1
-    fail: str | None = None  # a recipe description whose evaluation fails
-    calls: list[tuple[str, bool]] = field(default_factory=list)
-
-    def __call__(
-        self, model_dir: Path, workdir: Path, *, score: bool = True, on_stage=None
-    ) -> EvaluationResult:
-        recipe = Recipe.load(model_dir)
-        self.calls.append((recipe.describe(), score))
-        if len(self.calls) == self.interrupt_at:
-            raise KeyboardInterrupt
-        if recipe.describe() == self.fail:
-            raise CandidateFailed("the candidate crashed")
-        if on_stage:
-            on_stage("timing")
-        quality, latency = fake_scores(recipe)
-        timed = EvaluationResult(measurement=measurement(latency), cpu=self.cpu)
-        if not score:
-            return timed
-        return EvaluationResult(
-            measurement=timed.measurement,
-            cpu=self.cpu,
-            quality=quality,
-            metric="probe_accuracy",
-            direction="maximize",
-            bounded=True,
-            details={"cosine_fidelity": 1.0},
-        )
 
 
 class RecordingReporter:
@@ -250,9 +138,9 @@ def test_a_whole_study_writes_its_trials_front_and_best_and_confirms_the_choice(
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["trial"] == fastest["number"] and metrics["met_max_drop"] is True
     assert metrics["cpu"] == json.loads((run / "run.json").read_text())["cpu"]
-    # Only the front's optimized trials keep a saved candidate.
+    # Only the front's trials keep a saved candidate (the baseline's too, when on it).
     kept = {int(p.name.split("-")[1]) for p in (run / "candidates").iterdir()}
-    assert kept == {n for n in front if n != 0}
+    assert kept == set(front) and 0 in front
 
     # Confirmation: timing only, alternating, and its ratios are the fake's exact ratio.
     confirm_calls = evaluator.calls[6:]
@@ -292,7 +180,11 @@ def test_start_recipes_run_first_and_a_failing_candidate_fails_alone(tmp_path):
     lines = trials_file(tmp_path / "run")
     assert len(lines) == 4  # failed trials use the budget too
     assert [line["state"] for line in lines[:3]] == ["complete", "failed", "failed"]
-    assert lines[1]["error"] == "the pass broke"
+    # Any exception fails the trial alone: its type and message are the reason, and (raised in
+    # the study's own process) its traceback is in the trial's log folder.
+    assert lines[1]["error"] == "AssertionError: the pass broke"
+    traceback = (tmp_path / "run" / "logs" / "trial-001" / "study.log").read_text()
+    assert "Traceback" in traceback and "the pass broke" in traceback
     assert lines[2]["error"] == "the candidate crashed"
     assert lines[1]["description"] == Recipe.from_dict(broken).describe()
     assert not (tmp_path / "run" / "candidates" / "trial-002").exists()
@@ -312,6 +204,48 @@ def test_a_model_that_fails_to_prepare_leaves_no_run_folder(tmp_path):
     with pytest.raises(SlimformerError, match="wrong model"):
         study(tmp_path, settings(tmp_path, 3), builder=Broken(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+# --- the time budget -----------------------------------------------------------------------
+def test_a_trial_that_would_overrun_the_time_budget_is_not_started_and_runs_first_on_resume(
+    tmp_path,
+):
+    one, two = (
+        start(("prune.layers", {"count": n, "criterion": "block_influence"})) for n in (1, 2)
+    )
+    # prune.layers reports 1000 s a run: once seen, no trial with it fits in a minute.
+    builder = FakeBuilder(tmp_path, pass_seconds={"prune.layers": 1000.0})
+    evaluator, reporter = FakeEvaluator(), RecordingReporter()
+    chosen = settings(tmp_path, None, time_budget_s=60, starts=(one, two), confirm_rounds=0)
+    began = time.time()
+    study(tmp_path, chosen, builder, evaluator, reporter)
+
+    lines = trials_file(tmp_path / "run")
+    assert [line["description"] for line in lines] == ["baseline", Recipe.from_dict(one).describe()]
+    assert lines[1]["timings"]["passes"] == {"prune.layers": 1000.0}
+    [note] = [n for n in reporter.of("note") if "time budget" in n]
+    assert f"trial 2 ({Recipe.from_dict(two).describe()}) would take about 1000 s" in note
+    assert "not started" in note and Recipe.from_dict(two).describe() not in builder.built
+    # Every build and evaluation had the deadline; the passes' own comes before it, leaving
+    # time to save and evaluate.
+    for passes_deadline, kill_at in builder.deadlines[1:]:
+        assert began + 60 - FINISH_S <= kill_at <= time.time() + 60 - FINISH_S
+        assert kill_at - AFTER_PASSES_S - 1 < passes_deadline <= kill_at - AFTER_PASSES_S
+    assert evaluator.kill_ats == [kill_at for _, kill_at in builder.deadlines[1:]]
+
+    more_time = settings(tmp_path, 3, time_budget_s=5000, starts=(one, two), confirm_rounds=0)
+    study(tmp_path, more_time, FakeBuilder(tmp_path), resume=True)
+    lines = trials_file(tmp_path / "run")
+    assert lines[2]["description"] == Recipe.from_dict(two).describe()
+
+
+def test_a_study_out_of_time_before_a_trial_stops_saying_so(tmp_path):
+    reporter = RecordingReporter()
+    chosen = settings(tmp_path, None, time_budget_s=1e-3, confirm_rounds=0)
+    result = study(tmp_path, chosen, reporter=reporter)
+    assert reporter.of("note") == ["the time budget is spent"]
+    assert not any(t.state == "complete" for t in result.trials)
+    assert result.chosen is None and result.best_dir is None
 
 
 # --- resume ---------------------------------------------------------------------------------

@@ -2,26 +2,20 @@
 
 A fresh process per candidate gives a clean peak-memory figure, and a candidate that crashes
 (even in native code) fails its own trial, not the study. The parent calls
-`evaluate_isolated`; the child is `python -m slimformer.evaluate REQUEST.json`. The child
-answers in `result.json`: an `EvaluationResult` as JSON, or `{"error": reason}`.
+`evaluate_isolated`; the child is `python -m slimformer.evaluate REQUEST.json` (the plumbing:
+child.py). The child answers with an `EvaluationResult` as JSON.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from slimformer.errors import SlimformerError
-from slimformer.files import write_atomic
-
-STAGE_PREFIX = "@@slimformer-stage "
+from slimformer.child import CandidateFailed as CandidateFailed
+from slimformer.child import child_main, report_stage, run_child
 
 
 @dataclass(frozen=True)
@@ -51,10 +45,6 @@ class EvaluationResult:
         return cls(**{k: v for k, v in data.items() if k in own})
 
 
-class CandidateFailed(Exception):
-    """A candidate could not be evaluated; the message is the reason recorded for its trial."""
-
-
 def evaluate_isolated(
     model_dir: Path,
     task_spec: Any,
@@ -64,62 +54,30 @@ def evaluate_isolated(
     on_stage: Callable[[str], None] | None = None,
     timeout_s: float = 1800,
     score: bool = True,
+    kill_at: float | None = None,
 ) -> EvaluationResult:
     """Load, time and (unless `score` is false: timing only) score `model_dir` in a child;
-    the result holds quality, details, measurement and the measuring process's CPU."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    the result holds quality, details, measurement and the measuring process's CPU. The child
+    is stopped after `timeout_s`, or at `kill_at` (epoch seconds), with `CandidateFailed`."""
     request = {
         "model_dir": str(model_dir),
         "task": task_spec.to_dict(),
         "state": str(state_path),
         "settings": asdict(settings),
-        "result": str(workdir / "result.json"),
         "score": score,
     }
-    request_path = workdir / "request.json"
-    request_path.write_text(json.dumps(request, indent=2))
-    Path(request["result"]).unlink(missing_ok=True)
-    log_path = workdir / "evaluate.log"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "slimformer.evaluate", str(request_path)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-        assert process.stdout is not None
-        stages = threading.Thread(
-            target=_relay_stages, args=(process.stdout, on_stage), daemon=True
-        )
-        stages.start()
-        try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise CandidateFailed(f"evaluation took longer than {timeout_s:.0f} s") from None
-        stages.join(timeout=5)
-    result_file = Path(request["result"])
-    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-    if returncode == 0 and "measurement" in result:
-        return EvaluationResult.from_dict(result)
-    if "error" in result:
-        raise CandidateFailed(result["error"])
-    lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-    reason = lines[-1].strip() if lines else f"evaluation process exited with code {returncode}"
-    raise CandidateFailed(reason[:300])
-
-
-def _relay_stages(stream: IO[str], on_stage: Callable[[str], None] | None) -> None:
-    for line in stream:
-        if line.startswith(STAGE_PREFIX) and on_stage:
-            on_stage(line[len(STAGE_PREFIX) :].strip())
-
-
-def _stage(name: str) -> None:
-    print(STAGE_PREFIX + name, flush=True)
+    answer = run_child(
+        "slimformer.evaluate",
+        request,
+        workdir,
+        "evaluate",
+        on_stage=on_stage,
+        timeout_s=timeout_s,
+        kill_at=kill_at,
+    )
+    if "measurement" not in answer:
+        raise CandidateFailed("the evaluation returned no measurement")
+    return EvaluationResult.from_dict(answer)
 
 
 def run_request(request: dict[str, Any]) -> EvaluationResult:
@@ -137,7 +95,7 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     settings = MeasureSettings(**request["settings"])
     set_threads(settings.resolved_threads())
     task = make_task(TaskSpec.from_dict(request["task"]))
-    _stage("loading")
+    report_stage("loading")
     baseline_rss = reset_peak_memory()
     model_dir = Path(request["model_dir"])
     model = load_model(model_dir, head=task.head)
@@ -147,7 +105,7 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
         )
     else:
         examples = task.examples(model, "timing")
-    _stage("timing")
+    report_stage("timing")
     measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
     timed = EvaluationResult(
         measurement=measurement.to_dict(),
@@ -155,7 +113,7 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     )
     if not request.get("score", True):
         return timed
-    _stage("scoring")
+    report_stage("scoring")
     state = load_state(Path(request["state"]))
     score = task.score(model, state)
     return replace(
@@ -169,18 +127,7 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
 
 
 def main(argv: list[str]) -> int:
-    import warnings
-
-    warnings.simplefilter("ignore")
-    request = json.loads(Path(argv[1]).read_text())
-    result_path = Path(request["result"])
-    try:
-        result = run_request(request).to_dict()
-        code = 0
-    except SlimformerError as error:
-        result, code = {"error": str(error)}, 2
-    write_atomic(result_path, json.dumps(result, indent=2))
-    return code
+    return child_main(argv, lambda request: run_request(request).to_dict())
 
 
 if __name__ == "__main__":

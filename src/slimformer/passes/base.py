@@ -17,10 +17,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
@@ -218,9 +221,30 @@ def _typed(kind: type | None, value: Any) -> Any:
     return value
 
 
+# The deadline of the passes this process runs (epoch seconds), set by the study's build child
+# around `apply_recipe` (`passes_deadline`): every PassContext made meanwhile carries it.
+_DEADLINE: ContextVar[float | None] = ContextVar("passes_deadline", default=None)
+T = TypeVar("T")
+
+
+@contextmanager
+def passes_deadline(at: float | None) -> Iterator[None]:
+    """Passes run inside this block must be done by `at` (epoch seconds; None: no limit)."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+class DeadlineReached(SlimformerError):
+    """A long pass stopped at the study's deadline; its trial fails with this reason."""
+
+
 @dataclass(frozen=True)
 class PassContext:
-    """What a pass may use besides the model: calibration batches, a seed, a progress callback."""
+    """What a pass may use besides the model: calibration batches, a seed, a progress callback,
+    and the deadline long passes stop at."""
 
     calibration: Sequence[dict[str, torch.Tensor]] = ()
     # Unlabeled task inputs for training passes (distillation), disjoint from scored data.
@@ -228,6 +252,23 @@ class PassContext:
     teacher: Any = None  # the model before this recipe ran (a SlimModel)
     seed: int = 0
     progress: Callable[[str], None] = lambda message: None
+    # Epoch seconds by which the pass must be done (the study's time budget); None: no limit.
+    deadline: float | None = field(default_factory=_DEADLINE.get)
+
+    def time_left(self) -> float:
+        """Seconds until the deadline (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.time()
+
+    def check_deadline(self, what: str) -> None:
+        """Raise `DeadlineReached` once the deadline has passed."""
+        if self.time_left() <= 0:
+            raise DeadlineReached(f"{what} stopped at the study's deadline")
+
+    def until_deadline(self, items: Iterable[T], what: str) -> Iterator[T]:
+        """`items`, the deadline checked before each (a long calibration stops at it)."""
+        for item in items:
+            self.check_deadline(what)
+            yield item
 
 
 class Phase(enum.IntEnum):

@@ -11,7 +11,7 @@ The observers turn that into the clipping range of an asymmetric uint8 activatio
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +48,7 @@ class _StopForward(Exception):
 def visit_layer_inputs(
     model: SlimModel,
     layers: dict[str, nn.Module],
-    calibration: list[dict[str, torch.Tensor]],
+    calibration: Iterable[dict[str, torch.Tensor]],
     visit: Callable[[str, torch.Tensor], None],
     stop_after: nn.Module | None = None,
 ) -> None:
@@ -86,7 +86,7 @@ def visit_layer_inputs(
 def collect_input_stats(
     model: SlimModel,
     layers: dict[str, nn.Module],
-    calibration: list[dict[str, torch.Tensor]],
+    calibration: Iterable[dict[str, torch.Tensor]],
 ) -> dict[str, InputStats]:
     stats: dict[str, InputStats] = {}
 

@@ -101,7 +101,9 @@ class StaticInt8(Pass):
         if not ctx.calibration:
             raise SlimformerError("quantize.static_int8 needs calibration data")
         selection = select_layers(model, config.scope, config.skip, (nn.Linear, SmoothedLinear))
-        stats = collect_input_stats(model, selection.layers, list(ctx.calibration))
+        stats = collect_input_stats(
+            model, selection.layers, ctx.until_deadline(ctx.calibration, self.name)
+        )
         bits = exact_weight_bits()
         # Built once: the sensitivity probes and the final model use the same layers. Layers
         # that saw no input (none of the calibration batches reached them) stay as they are.

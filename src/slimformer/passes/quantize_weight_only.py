@@ -166,6 +166,7 @@ class WeightOnly(Pass):
         )
         quantized = 0
         for index in range(model.adapter.num_layers):
+            ctx.check_deadline(self.name)  # GPTQ takes minutes a block on larger models
             layers = selection.in_block(index)
             hessians = (
                 collect_hessians(model, index, layers, list(ctx.calibration))

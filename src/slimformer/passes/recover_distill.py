@@ -4,8 +4,9 @@ pruned one.
 Trains the student on unlabeled task inputs (never the scored split) to match the teacher's
 outputs: KL divergence of temperature-softened logits for LMs and classifiers, cosine distance
 of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
-states. AdamW, a step budget and a time budget, deterministic for a seed. Placed after the
-structural passes and before quantization, so the student trains in float.
+states. AdamW, a step budget and a time budget, deterministic for a seed. At the study's
+deadline it stops early and keeps what it trained (`resolved` records the steps done). Placed
+after the structural passes and before quantization, so the student trains in float.
 """
 
 from __future__ import annotations
@@ -122,10 +123,14 @@ class Distill(Pass):
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
         started = time.monotonic()
         steps = 0
+        at_deadline = False
         # Eval mode: dropout off, so the same seed gives the same student.
         model.module.eval()
         with torch.enable_grad():
             while steps < config.steps and time.monotonic() - started < config.time_budget_s:
+                at_deadline = ctx.time_left() <= 0
+                if at_deadline:  # the study's deadline: keep what was trained so far
+                    break
                 batch = train[order.randrange(len(train))]
                 loss = distillation_loss(model, ctx.teacher, batch, config)
                 optimizer.zero_grad(set_to_none=True)
@@ -136,12 +141,15 @@ class Distill(Pass):
                     ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
         optimizer.zero_grad(set_to_none=True)
         after = self._held_out_loss(model, ctx.teacher, held_out, config)
-        return {
+        resolved: dict[str, Any] = {
             "steps": steps,
             "seconds": round(time.monotonic() - started, 1),
             "held_out_loss_before": round(before, 6),
             "held_out_loss_after": round(after, 6),
         }
+        if at_deadline:
+            resolved["stopped"] = "at the study's deadline"
+        return resolved
 
     @staticmethod
     def _held_out_loss(

@@ -67,7 +67,7 @@ class OpenVinoPass(Pass):
             ov_model = ov.Core().read_model(str(path))
         resolved: dict[str, Any] = {}
         if config.int8 == "nncf":
-            ov_model, resolved["int8_ops"] = self._quantize(ov_model, model.head, ctx.calibration)
+            ov_model, resolved["int8_ops"] = self._quantize(ov_model, ctx)
         served = OpenVinoModule(model.config, model.head, ov_model, config.precision)
         exact = config.int8 == "none" and served.precision == "f32"
         difference = reference.difference(served, self.name, exact)
@@ -77,8 +77,7 @@ class OpenVinoPass(Pass):
         model.module = served
         return resolved | {"max_abs_difference": round(difference, 6), "seconds": watch.seconds()}
 
-    @staticmethod
-    def _quantize(ov_model: Any, head: str, calibration: Any) -> tuple[Any, int]:
+    def _quantize(self, ov_model: Any, ctx: PassContext) -> tuple[Any, int]:
         import logging
 
         import nncf  # imported here: it takes seconds
@@ -86,9 +85,10 @@ class OpenVinoPass(Pass):
         names = [port.get_any_name() for port in ov_model.inputs]
 
         def feed(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+            ctx.check_deadline(f"{self.name} (NNCF calibration)")
             return {n: batch[n].numpy() for n in names}
 
-        batches = list(calibration)
+        batches = list(ctx.calibration)
         nncf.set_log_level(logging.ERROR)
         # NNCF draws progress bars on stdout, which would break the study's live table.
         try:

@@ -4,9 +4,12 @@
     space.py         recipes <-> Optuna parameters (the conditional search space)
     records.py       typed results: EvaluationResult, TrialRecord, BestModel, StudyResult
     selection.py     the Pareto front and the choice
-    candidates.py    building and evaluating candidates (the real models behind the loop)
+    candidates.py    building and evaluating candidates, each in a child process (the real
+                     models behind the loop)
+    budget.py        the time budget as a deadline: estimates, the passes' own deadline
     run_folder.py    the run folder: run.json, trials.jsonl, pareto.json, best/, resume checks
     lock.py          one study per run folder
+    killpoints.py    named moments the crash tests kill the study at
     optuna_study.py  the Optuna storage, requeues on resume, trials <-> records
     runner.py        the loop: ask, build, evaluate, tell; run_study is the entry point
 

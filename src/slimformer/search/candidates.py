@@ -1,8 +1,11 @@
 """Where the search meets models: building a candidate from a recipe, and evaluating one.
 
 The loop (runner.py) never touches a model itself; it is handed a `Builder` and an
-`Evaluator`. The real ones are here: the original model loaded once, each recipe applied to
-a copy and saved, each saved candidate evaluated in a fresh child process (evaluate.py).
+`Evaluator`. The real ones are here: the original model loaded once to prepare the study (its
+facts, the task's reference arrays, the calibration and training batches, saved for the
+children), then each recipe applied and saved in a fresh child process (build.py) and each
+saved candidate evaluated in another (evaluate.py), so that nothing a candidate does — an
+exception, a native crash, running out of memory — reaches the study's process.
 Tests hand the loop fakes instead, so a whole study runs in seconds.
 """
 
@@ -14,11 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from slimformer.assets import resolve_path
-from slimformer.checkpoint import load_model, save_model
+from slimformer.build import Built, build_isolated, save_batches
+from slimformer.checkpoint import load_model
 from slimformer.evaluate import EvaluationResult, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Pass
-from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe
 from slimformer.tasks import TaskSpec, make_task, reference_state
 
@@ -27,10 +30,17 @@ Stage = Callable[[str], None]
 
 class Evaluator(Protocol):
     def __call__(
-        self, model_dir: Path, workdir: Path, *, score: bool = True, on_stage: Stage | None = None
+        self,
+        model_dir: Path,
+        workdir: Path,
+        *,
+        score: bool = True,
+        on_stage: Stage | None = None,
+        kill_at: float | None = None,
     ) -> EvaluationResult:
-        """Load, time and (unless `score` is false: timing only) score a saved model;
-        raise `evaluate.CandidateFailed` with the reason when it cannot be evaluated."""
+        """Load, time and (unless `score` is false: timing only) score a saved model, keeping
+        what the evaluation leaves (its log) in `workdir`; raise `child.CandidateFailed` with
+        the reason when it cannot be evaluated, or is still at it at `kill_at` (epoch s)."""
         ...
 
 
@@ -51,9 +61,21 @@ class Builder(Protocol):
         `state_path` (if missing), and return the passes that apply to this model."""
         ...
 
-    def build(self, recipe: Recipe, folder: Path, on_stage: Stage | None = None) -> Recipe:
-        """Apply `recipe` to the original and save the result in `folder`; return the recipe
-        as applied (with the decisions its passes resolved)."""
+    def build(
+        self,
+        recipe: Recipe,
+        folder: Path,
+        workdir: Path,
+        *,
+        on_stage: Stage | None = None,
+        passes_deadline: float | None = None,
+        kill_at: float | None = None,
+    ) -> Built:
+        """Apply `recipe` to the original and save the result in `folder`, keeping what the
+        build leaves (its log) in `workdir`; return the recipe as applied (with the decisions
+        its passes resolved) and the time its parts took. Long passes stop at
+        `passes_deadline`; at `kill_at` the build is abandoned (epoch seconds). Raise
+        `child.CandidateFailed` with the reason when it fails."""
         ...
 
 
@@ -61,21 +83,38 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
     """The default: each evaluation in a fresh child process (clean memory, crashes contained)."""
 
     def evaluate(
-        model_dir: Path, workdir: Path, *, score: bool = True, on_stage: Stage | None = None
+        model_dir: Path,
+        workdir: Path,
+        *,
+        score: bool = True,
+        on_stage: Stage | None = None,
+        kill_at: float | None = None,
     ) -> EvaluationResult:
         return evaluate_isolated(
-            model_dir, task, state_path, measure, workdir, on_stage=on_stage, score=score
+            model_dir,
+            task,
+            state_path,
+            measure,
+            workdir,
+            on_stage=on_stage,
+            score=score,
+            kill_at=kill_at,
         )
 
     return evaluate
 
 
 class ModelBuilder:
-    """The real original model, loaded once; candidates are copies with passes applied."""
+    """The real original model: loaded here once to prepare the study; each candidate is built
+    from it in a child process (build.py)."""
 
-    def __init__(self, model: str, task: TaskSpec):
+    def __init__(self, model: str, task: TaskSpec, batches_path: Path, threads: int | None = None):
+        """`batches_path`: where the calibration and training batches are kept for the
+        children (in the run folder); `threads`: torch's threads in them (None: its default)."""
         self.model = model
         self.task = make_task(task)
+        self.batches_path = batches_path
+        self.threads = threads
         self.facts: Any = None
 
     @property
@@ -86,24 +125,40 @@ class ModelBuilder:
         self, pass_classes: Sequence[type[Pass]], state_path: Path, say: Stage
     ) -> list[type[Pass]]:
         say(f"loading {self.model}")
-        self.base = load_model(resolve_path(self.model), head=self.task.head)
-        self.task.check_model(self.base)
+        base = load_model(self.reference_dir, head=self.task.head)
+        self.task.check_model(base)
         say(f"preparing the {self.task.name} task on the original model")
         # The reference arrays come from the shared cache; the run keeps its own copy so it
         # stays self-contained (and resumable) if the cache is cleared.
         if not state_path.is_file():
-            cached = reference_state(self.reference_dir, self.task.spec, self.base)
+            cached = reference_state(self.reference_dir, self.task.spec, base)
             shutil.copyfile(cached, state_path)
-        self.calibration = self.task.calibration_batches(self.base)
-        applicable = [c for c in pass_classes if c.applies_to(self.base)]
+        applicable = [c for c in pass_classes if c.applies_to(base)]
         trains = any(cls.needs_training for cls in applicable)
-        self.training = self.task.training_batches(self.base) if trains else []
-        self.facts = self.base.adapter.facts()
+        training = self.task.training_batches(base) if trains else []
+        save_batches(self.batches_path, self.task.calibration_batches(base), training)
+        self.facts = base.adapter.facts()
         return applicable
 
-    def build(self, recipe: Recipe, folder: Path, on_stage: Stage | None = None) -> Recipe:
-        candidate = apply_recipe(self.base, recipe, self.calibration, on_stage, self.training)
-        if on_stage:
-            on_stage("saving")
-        save_model(candidate, folder)
-        return candidate.recipe
+    def build(
+        self,
+        recipe: Recipe,
+        folder: Path,
+        workdir: Path,
+        *,
+        on_stage: Stage | None = None,
+        passes_deadline: float | None = None,
+        kill_at: float | None = None,
+    ) -> Built:
+        return build_isolated(
+            self.reference_dir,
+            self.task.spec,
+            recipe,
+            folder,
+            workdir,
+            batches=self.batches_path,
+            on_stage=on_stage,
+            passes_deadline=passes_deadline,
+            kill_at=kill_at,
+            threads=self.threads,
+        )

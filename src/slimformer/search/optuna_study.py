@@ -1,8 +1,9 @@
 """The Optuna side of a study: its SQLite storage, what reruns on resume, trials as records.
 
 A trial's facts live in its Optuna user attributes (description, recipe, quality, drop,
-feasible, details, measurement, cpu, error, duration_s, duplicate_of); `to_record` reads them
-back as a TrialRecord. Only trials measured on this machine (`measured_here`) are compared.
+feasible, details, measurement, cpu, error, duration_s, timings, duplicate_of); `to_record`
+reads them back as a TrialRecord. Only trials measured on this machine (`measured_here`) are
+compared.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         measurement=attrs.get("measurement", {}),
         error=attrs.get("error"),
         duration_s=attrs.get("duration_s"),
+        timings=attrs.get("timings", {}),
         duplicate_of=attrs.get("duplicate_of"),
         cpu=attrs.get("cpu"),
     )

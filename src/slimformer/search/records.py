@@ -30,6 +30,9 @@ class TrialRecord:
     measurement: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     duration_s: float | None = None
+    # Where its time went: build_s, evaluate_s (wall clock, child start included), load_s,
+    # save_s and seconds by pass (inside the build child); the time budget's estimates use them.
+    timings: dict[str, Any] = field(default_factory=dict)
     duplicate_of: int | None = None
     cpu: dict[str, Any] | None = None  # the fingerprint of the machine that measured it
     # Measured on another machine than the study's current one: kept as history, but its

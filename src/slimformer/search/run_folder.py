@@ -5,15 +5,21 @@ run.json                settings, the CPU it runs on, the search space's CPU gap
 trials.jsonl            one TrialRecord a line, rewritten after every trial
 pareto.json             the current front, rewritten after every trial
 task_state.safetensors  the task's reference arrays (the run stays self-contained)
+batches.safetensors     the calibration and training batches the build children read
 candidates/trial-NNN/   the models on the current front
 best/                   the chosen model, metrics.json and the model card
-logs/                   each evaluation child's request, result and log
+logs/trial-NNN/         the trial's build and evaluation children: request, result and log
+                        (a failed trial's traceback is there)
 study.pid               the process holding the folder (lock.py)
+
+Every file is replaced whole (written beside, then renamed), so a study killed at any moment
+leaves each one old or new; `--resume` goes on from there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -22,7 +28,8 @@ from typing import Any
 
 from slimformer.cpu import CpuFingerprint, fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.files import parse_json, read_json, read_text, replace_dir, write_atomic
+from slimformer.files import parse_json, read_json, read_text, write_atomic
+from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import clear_folder
 from slimformer.search.records import BestModel, TrialRecord, find
 from slimformer.search.settings import StudySettings
@@ -43,6 +50,10 @@ class RunFolder:
     @property
     def state_path(self) -> Path:
         return self.path / "task_state.safetensors"
+
+    @property
+    def batches_path(self) -> Path:
+        return self.path / "batches.safetensors"
 
     @property
     def storage_url(self) -> str:
@@ -68,6 +79,7 @@ class RunFolder:
         """The settings to run with and, for a resumed run, the search space gaps it was
         created with (None: decide them for this CPU)."""
         out = self.path
+        self._restore_best()
         if self.has_run():
             if resume:
                 saved = read_settings(self.run_file)
@@ -120,6 +132,7 @@ class RunFolder:
         """trials.jsonl (the trials that used the budget) and pareto.json."""
         lines = [json.dumps(asdict(r)) for r in records if r.counts]
         write_atomic(self.path / "trials.jsonl", "\n".join(lines) + "\n")
+        kill_point("trials-written")
         pareto = {
             "objective": settings.objective,
             "metric": metric,
@@ -130,10 +143,13 @@ class RunFolder:
         write_atomic(self.path / "pareto.json", json.dumps(pareto, indent=2))
 
     def keep_candidates(self, numbers: set[int]) -> None:
-        """Remove the saved candidates that are not (any longer) among `numbers`."""
+        """Remove the saved candidates that are not (any longer) among `numbers`, and what
+        a build killed while saving left half-written."""
         for path in (self.path / "candidates").glob("trial-*"):
             if int(path.name.split("-")[1]) not in numbers:
                 shutil.rmtree(path, ignore_errors=True)
+        for path in (self.path / "candidates").glob(".trial-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     # --- the chosen model ---------------------------------------------------------------
     def save_best(
@@ -149,8 +165,26 @@ class RunFolder:
         else:
             rebuild(tmp)
         write_best_facts(tmp, best, write_card)
-        replace_dir(tmp, self.best_dir)
+        kill_point("best-copied")
+        self._swap_best(tmp)
         return self.best_dir
+
+    def _swap_best(self, new: Path) -> None:
+        """Put `new` in best/'s place: a reader sees the old model or the new one. A death
+        between the two renames leaves the old one whole in .best.old, which the next study
+        on the folder puts back (`_restore_best`)."""
+        old = self.path / ".best.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.best_dir.exists():
+            os.replace(self.best_dir, old)
+            kill_point("best-aside")
+        os.replace(new, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _restore_best(self) -> None:
+        old = self.path / ".best.old"
+        if old.is_dir() and not self.best_dir.exists():
+            os.replace(old, self.best_dir)
 
 
 def write_best_facts(folder: Path, best: BestModel, write_card: CardWriter | None) -> None:

@@ -2,10 +2,13 @@
 
 Trial 0 is always the untouched baseline. Every other trial samples a recipe from the
 registered passes' config spaces (space.py), builds the candidate and evaluates it (by default
-in a child process: candidates.py). The chosen model is the cheapest trial (by the objective)
-whose quality drop is within `max_drop`; if no optimized candidate meets it we say so and save
-the best-quality one (selection.py). Everything lives in the run folder (run_folder.py), which
-one process at a time holds (lock.py).
+each in a child process: candidates.py). Whatever goes wrong with a candidate fails its trial,
+with the reason in trials.jsonl and the traceback in its log folder, and the study goes on;
+only the baseline failing ends it. A time budget is a deadline for the whole study (budget.py).
+The chosen model is the cheapest trial (by the objective) whose quality drop is within
+`max_drop`; if no optimized candidate meets it we say so and save the best-quality one
+(selection.py). Everything lives in the run folder (run_folder.py), which one process at a
+time holds (lock.py); a study killed at any moment resumes from it.
 
 Timings are facts about one machine: every trial records the CPU fingerprint it was measured
 on, and only trials measured on this machine take part in the front, the choice and the
@@ -21,21 +24,26 @@ from __future__ import annotations
 
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from slimformer.build import Built
+from slimformer.child import CandidateFailed
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.evaluate import CandidateFailed
+from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
 from slimformer.search import optuna_study
+from slimformer.search.budget import TimeBudget, Timings, estimate
 from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
 from slimformer.search.confirm import confirm_ratios
+from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
 from slimformer.search.run_folder import CardWriter, Gaps, RunFolder, write_best_facts
@@ -50,6 +58,10 @@ MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we st
 class _BaselineFirst(Exception):
     """A queued recipe came up before the baseline's rerun (a resumed study whose baseline
     was cut off, or measured on another machine): it runs again after the baseline."""
+
+
+class _DoesNotFit(Exception):
+    """The sampled trial would not finish in the time left: it is not started."""
 
 
 class Reporter(Protocol):
@@ -81,11 +93,13 @@ class Study:
         builder: Builder | None = None,
         evaluator: Evaluator | None = None,
         write_card: CardWriter | None = None,
+        started: float | None = None,
     ):
         """`withheld`: the search space's CPU-dependent gaps as first decided for this run
         (a resumed study keeps them: Optuna's spaces cannot change within a study).
         `builder`, `evaluator`: the models behind the loop (default: the real ones).
-        `write_card`: writes best/README.md beside the chosen model."""
+        `write_card`: writes best/README.md beside the chosen model. `started`: when the
+        study began (epoch seconds, default now), where its time budget starts."""
         self.settings = settings
         self.folder = folder
         self.reporter = reporter
@@ -95,7 +109,10 @@ class Study:
         if withheld is None:
             withheld, self.notes = settings.withheld(self.cpu)
         self.withheld = withheld
-        self.builder = builder or ModelBuilder(settings.model, settings.task)
+        self.budget = TimeBudget(settings.time_budget_s, started)
+        self.builder = builder or ModelBuilder(
+            settings.model, settings.task, folder.batches_path, settings.measure.threads
+        )
         self.evaluate = evaluator or child_evaluator(
             settings.task, folder.state_path, settings.measure
         )
@@ -144,26 +161,31 @@ class Study:
             if optuna_study.is_waiting(trial.study, baseline_params(self.pass_classes)):
                 raise _BaselineFirst  # queued ahead of the baseline's rerun: after it
             raise SlimformerError("the baseline trial has not finished; rerun with --resume")
+        history = self.timings(trial.study)
+        needed = estimate([step.pass_name for step in recipe.steps], history)
+        if needed > self.budget.left():
+            raise _DoesNotFit(
+                f"trial {trial.number} ({description}) would take about {needed:.0f} s, "
+                f"{max(0.0, self.budget.left()):.0f} s are left"
+            )
         self.reporter.trial_started(trial.number, description)
         candidate_dir = self.folder.candidate_dir(trial.number)
+        workdir = self.folder.logs(f"trial-{trial.number:03d}")
+        timings: dict[str, Any] = {}
         try:
-            self.reporter.stage("applying passes")
-            applied = self.builder.build(recipe, candidate_dir, self.reporter.stage)
-            result = self.evaluate(
-                candidate_dir,
-                self.folder.logs(f"trial-{trial.number:03d}"),
-                on_stage=self.reporter.stage,
+            built, result = self._build_and_evaluate(
+                recipe, candidate_dir, workdir, history, timings
             )
-            if not result.scored or result.direction is None:
-                raise CandidateFailed("the evaluation returned no score")
-        except (SlimformerError, CandidateFailed, RuntimeError, ValueError) as error:
+        except Exception as error:  # anything a candidate does wrong fails its trial alone
             shutil.rmtree(candidate_dir, ignore_errors=True)
+            reason = _reason(error, workdir)
             if not recipe.steps:
-                raise SlimformerError(f"the baseline could not be evaluated: {error}") from None
-            trial.set_user_attr("error", str(error)[:300])
+                raise SlimformerError(f"the baseline could not be evaluated: {reason}") from None
+            trial.set_user_attr("error", reason)
+            trial.set_user_attr("timings", timings)
             trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
-            raise CandidateFailed(str(error)) from None
-        trial.set_user_attr("recipe", applied.to_dict())  # with resolved decisions
+            raise CandidateFailed(reason) from None
+        trial.set_user_attr("recipe", built.recipe.to_dict())  # with resolved decisions
         quality = float(result.quality)  # type: ignore[arg-type]
         reference = quality if baseline is None else baseline.user_attrs["quality"]
         drop = quality_drop(reference, quality, str(result.direction), bool(result.bounded))
@@ -175,8 +197,48 @@ class Study:
         trial.set_user_attr("details", result.details)
         trial.set_user_attr("measurement", result.measurement)
         trial.set_user_attr("cpu", result.cpu or self.cpu.to_dict())
+        trial.set_user_attr("timings", timings)
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
+
+    def _build_and_evaluate(
+        self,
+        recipe: Recipe,
+        candidate_dir: Path,
+        workdir: Path,
+        history: list[Timings],
+        timings: dict[str, Any],
+    ) -> tuple[Built, EvaluationResult]:
+        """Build the candidate, then evaluate it, both within the time budget; `timings`
+        collects where the time went (also when one of them fails)."""
+        self.reporter.stage("applying passes")
+        began = time.monotonic()
+        built = self.builder.build(
+            recipe,
+            candidate_dir,
+            workdir,
+            on_stage=self.reporter.stage,
+            passes_deadline=self.budget.passes_deadline(history),
+            kill_at=self.budget.trials_end,
+        )
+        timings.update(
+            build_s=round(time.monotonic() - began, 3),
+            load_s=built.load_s,
+            save_s=built.save_s,
+            passes=built.pass_seconds,
+        )
+        began = time.monotonic()
+        result = self.evaluate(
+            candidate_dir, workdir, on_stage=self.reporter.stage, kill_at=self.budget.trials_end
+        )
+        timings["evaluate_s"] = round(time.monotonic() - began, 3)
+        if not result.scored or result.direction is None:
+            raise CandidateFailed("the evaluation returned no score")
+        return built, result
+
+    def timings(self, study: optuna.Study) -> list[Timings]:
+        """The timings of the trials measured on this machine, for the budget's estimates."""
+        return [r.timings for r in self.records(study) if r.timings and not r.stale]
 
     def run_trials(self, study: optuna.Study, remaining: int | None) -> None:
         """Ask, evaluate, tell — until the trial budget or the time budget is spent.
@@ -184,12 +246,12 @@ class Study:
         A proposal that repeats a measured recipe is told the earlier result at no cost and
         does not count against the budget; a long run of repeats means the space is exhausted.
         """
-        deadline = (
-            time.monotonic() + self.settings.time_budget_s if self.settings.time_budget_s else None
-        )
         done = repeats = 0
         while remaining is None or done < remaining:
-            if deadline is not None and time.monotonic() >= deadline:
+            left, quickest = self.budget.left(), estimate([], self.timings(study))
+            if left <= quickest:
+                detail = f": {left:.0f} s are left, a trial takes about {quickest:.0f} s"
+                self.reporter.note("the time budget is spent" + (detail if left > 0 else ""))
                 break
             trial = study.ask()
             try:
@@ -197,6 +259,10 @@ class Study:
             except _BaselineFirst:
                 optuna_study.defer(study, trial)
                 continue
+            except _DoesNotFit as why:
+                study.tell(trial, state=TrialState.FAIL)  # ran nothing: --resume runs it first
+                self.reporter.note(f"the time budget is spent: {why}; not started")
+                break
             except CandidateFailed:
                 frozen = study.tell(trial, state=TrialState.FAIL)
             except BaseException:
@@ -216,9 +282,12 @@ class Study:
 
     # --- after each trial ---------------------------------------------------------------
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        kill_point("trial-told")
         records = self.records(study)
         front = self._write_outputs(records)
-        self.folder.keep_candidates({n for n in front if not find(records, n).is_baseline})
+        # The front's models stay on disk (the baseline's too): the chosen one is copied to
+        # best/ at the end, not rebuilt after the deadline.
+        self.folder.keep_candidates(set(front))
         self.reporter.trial_finished(find(records, trial.number))
 
     def _write_outputs(self, records: list[TrialRecord]) -> list[int]:
@@ -256,10 +325,11 @@ class Study:
             tuple(self.notes),
         )
 
-    def _rebuild(self, chosen: TrialRecord) -> Callable[[Path], Recipe]:
-        """Replays the chosen recipe into a folder (the baseline has no saved candidate)."""
+    def _rebuild(self, chosen: TrialRecord) -> Callable[[Path], Built]:
+        """Replays the chosen recipe into a folder, in a build child, when its saved candidate
+        is gone (removed by hand, or a run from before the baseline's was kept too)."""
         recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
-        return lambda folder: self.builder.build(recipe, folder)
+        return lambda folder: self.builder.build(recipe, folder, self.folder.logs("best"))
 
     def _confirm(self, best: BestModel, best_dir: Path) -> dict:
         """Time baseline and chosen again (alternating fresh processes); the ratios go into
@@ -281,6 +351,17 @@ class Study:
         return confirmed
 
 
+def _reason(error: Exception, workdir: Path) -> str:
+    """The reason a trial failed, for trials.jsonl and the report. A failure in the study's own
+    process (not a child's, whose log has it already) leaves its traceback in the trial's log
+    folder."""
+    if isinstance(error, (CandidateFailed, SlimformerError)):
+        return str(error)[:300]
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "study.log").write_text("".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}"[:300]
+
+
 # --- entry point ----------------------------------------------------------------------------
 def run_study(
     settings: StudySettings,
@@ -298,6 +379,7 @@ def run_study(
 
     `write_card` writes the model card into best/ (api.optimize passes report's);
     `builder` and `evaluator` replace the real models (tests)."""
+    started = time.time()
     reporter = reporter or SilentReporter()
     out = Path(out)
     created = not out.exists()
@@ -321,6 +403,7 @@ def run_study(
             builder=builder,
             evaluator=evaluator,
             write_card=write_card,
+            started=started,
         )
         try:
             runner.prepare()  # bad data or a wrong model fails here, before any run exists

@@ -1,0 +1,33 @@
+"""A child for the tests of slimformer.child: `python -m child_probe REQUEST.json`.
+
+The request's "do": "answer" (with "answer"), "raise", "sleep" (writing its pid to
+"pid_file" first), or "stage-then-exit" (a stage line, then exit 3 with a last log line).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slimformer.child import child_main, report_stage
+
+
+def handle(request: dict[str, Any]) -> dict[str, Any]:
+    action = request["do"]
+    if action == "raise":
+        raise KeyError("no such thing")
+    if action == "sleep":
+        Path(request["pid_file"]).write_text(str(os.getpid()))
+        time.sleep(600)
+    if action == "stage-then-exit":
+        report_stage("halfway")
+        print("the last words", file=sys.stderr, flush=True)
+        os._exit(3)
+    return request["answer"]
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv, handle))

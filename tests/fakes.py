@@ -1,0 +1,154 @@
+"""Fake models for the study loop: a whole study of several trials in seconds.
+
+`FakeBuilder` writes a folder with the recipe and applies nothing; `FakeEvaluator` computes
+quality and latency from the recipe (`fake_scores`: pruning and int8 trade one for the other).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimformer.adapters import ModelFacts
+from slimformer.build import Built
+from slimformer.child import CandidateFailed
+from slimformer.cpu import fingerprint
+from slimformer.evaluate import EvaluationResult
+from slimformer.recipe import Recipe
+
+PASSES = ("prune.layers", "quantize.dynamic_int8")
+SCOPE_EFFECT = {  # scope -> (quality lost, latency factor)
+    "all": (0.012, 0.40),
+    "all_but_ffn_out": (0.006, 0.55),
+    "attention": (0.002, 0.85),
+    "ffn": (0.009, 0.60),
+}
+
+
+def fake_scores(recipe: Recipe) -> tuple[float, float]:
+    """Quality and batch-1 latency a recipe would get: pruning and int8 trade one for the other."""
+    quality, latency = 0.90, 10.0
+    for step in recipe.steps:
+        config = step.config
+        if step.pass_name == "prune.layers":
+            quality -= 0.004 * config["count"] + 0.001 * (config["criterion"] != "block_influence")
+            latency *= 1 - 0.2 * config["count"]
+        elif step.pass_name == "quantize.dynamic_int8":
+            lost, factor = SCOPE_EFFECT[config["scope"]]
+            quality -= lost - 0.001 * config["per_channel"] + 0.0005 * config["keep_sensitive"]
+            latency *= factor + 0.01 * config["keep_sensitive"]
+    return round(quality, 6), round(latency, 6)
+
+
+def measurement(latency: float) -> dict[str, Any]:
+    return {
+        "latency_ms_median": latency,
+        "latency_ms_p90": latency * 1.2,
+        "throughput_per_s": 1000 / latency,
+        "peak_memory_mb": 100.0,
+        "size_mb": 50.0,
+        "parameters": 1000,
+        "gflops_per_input": 0.5,
+        "threads": 1,
+        "batch_size": 8,
+        "mean_tokens": 20.0,
+        "runtime": "eager",
+        "batching": "bucketed",
+    }
+
+
+@dataclass
+class FakeBuilder:
+    root: Path
+    num_layers: int = 4
+    fail: str | None = None  # a recipe description whose build fails
+    built: list[str] = field(default_factory=list)
+    stages: tuple[str, ...] = ("distilling: step 1/2, loss 0.5",)
+    # The seconds each pass reports it took (default 0.01), as the build child's answer has it.
+    pass_seconds: dict[str, float] = field(default_factory=dict)
+    # The deadlines each build was given: (passes_deadline, kill_at).
+    deadlines: list[tuple[float | None, float | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.facts = ModelFacts(
+            num_layers=self.num_layers,
+            num_heads=4,
+            num_kv_heads=4,
+            hidden_size=32,
+            intermediate_size=64,
+        )
+        self.build(Recipe(), self.reference_dir)
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.root / "original"
+
+    def prepare(self, pass_classes, state_path, say):
+        say("loading the fake model")
+        state_path.write_bytes(b"reference arrays")
+        return list(pass_classes)
+
+    def build(
+        self,
+        recipe: Recipe,
+        folder: Path,
+        workdir: Path | None = None,
+        *,
+        on_stage=None,
+        passes_deadline: float | None = None,
+        kill_at: float | None = None,
+    ) -> Built:
+        if recipe.describe() == self.fail:  # as a pass's own assert would, in this process
+            raise AssertionError("the pass broke")
+        for stage in self.stages if on_stage else ():
+            on_stage(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "recipe.yaml").write_text(recipe.to_yaml())
+        (folder / "slimformer.json").write_text(json.dumps({"weights": "hf", "head": "embedding"}))
+        self.built.append(recipe.describe())
+        self.deadlines.append((passes_deadline, kill_at))
+        seconds = {s.pass_name: self.pass_seconds.get(s.pass_name, 0.01) for s in recipe.steps}
+        return Built(recipe, seconds, load_s=0.01, save_s=0.01)
+
+
+@dataclass
+class FakeEvaluator:
+    cpu: dict[str, Any] = field(default_factory=lambda: fingerprint(1).to_dict())
+    interrupt_at: int | None = None  # the call that is interrupted (Ctrl-C), counting from 1
+    fail: str | None = None  # a recipe description whose evaluation fails
+    calls: list[tuple[str, bool]] = field(default_factory=list)
+    kill_ats: list[float | None] = field(default_factory=list)  # the deadline of each call
+
+    def __call__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        *,
+        score: bool = True,
+        on_stage=None,
+        kill_at: float | None = None,
+    ) -> EvaluationResult:
+        recipe = Recipe.load(model_dir)
+        self.calls.append((recipe.describe(), score))
+        self.kill_ats.append(kill_at)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        if recipe.describe() == self.fail:
+            raise CandidateFailed("the candidate crashed")
+        if on_stage:
+            on_stage("timing")
+        quality, latency = fake_scores(recipe)
+        timed = EvaluationResult(measurement=measurement(latency), cpu=self.cpu)
+        if not score:
+            return timed
+        return EvaluationResult(
+            measurement=timed.measurement,
+            cpu=self.cpu,
+            quality=quality,
+            metric="probe_accuracy",
+            direction="maximize",
+            bounded=True,
+            details={"cosine_fidelity": 1.0},
+        )
