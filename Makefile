@@ -84,7 +84,7 @@ bench-isa: assets
 	$(BIN)/python bench/isa.py
 
 # The property-based tests (tests/test_fuzz.py) with 50 times the suite's examples, random
-# ones each run instead of the suite's fixed set.
+# ones each run instead of the suite's fixed set (about 10 minutes on 2 cores).
 bench-fuzz: assets
 	SLIMFORMER_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz.py
 

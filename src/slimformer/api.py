@@ -60,9 +60,9 @@ def apply(
     out: str | os.PathLike[str] | None = None,
 ) -> SlimModel:
     """Replay a recipe on a model (deterministic: same calibration data, same seed)."""
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if out is not None:
         check_out_folder(Path(out))  # before the work, which `save_model` would waste
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     # Loaded with the head of the recipe's task, as the study that wrote the recipe loaded it
     # (a task the model does not fit is refused there).
     loaded = _as_model(model, head=make_task(recipe.task).head if recipe.task else None)
