@@ -349,3 +349,13 @@ def test_a_start_recipe_with_a_pass_not_searched_is_refused() -> None:
     start = Recipe(steps=(Step("quantize.static_int8", {}),))
     with pytest.raises(SlimformerError, match="does not search"):
         recipe_params(start, [get_pass("prune.ffn")])
+
+
+def test_every_trial_record_field_has_a_declared_type_for_trials_jsonl() -> None:
+    from dataclasses import fields
+
+    from slimformer.search.records import _RECORD_TYPES, TrialRecord
+
+    assert {f.name for f in fields(TrialRecord)} == set(_RECORD_TYPES)
+    record = TrialRecord(number=3, state="failed", description="x", timings={"build_s": 1.5})
+    assert TrialRecord.from_dict(record.__dict__) == record

@@ -105,6 +105,7 @@ _RECORD_TYPES: dict[str, type] = {
     "measurement": dict,
     "error": str,
     "duration_s": float,
+    "timings": dict,
     "duplicate_of": int,
     "cpu": dict,
     "stale": bool,
