@@ -51,6 +51,7 @@ from slimformer.passes.lowrank_svd import (
     factorize,
     fisher_weightings,
     input_weightings,
+    one_thread,
     served_rows,
     spectrum,
 )
@@ -144,7 +145,9 @@ class FactorizeLowRank(Pass):
         weightings = _weightings(model, layers, calibration, config.method)
         timer = _timer(model, layers, calibration) if config.speed_check else None
         ctx.progress("factorize.lowrank: choosing ranks")
-        plan = _Plan(layers, weightings, config, timer)
+        with one_thread():
+            energies = {n: spectrum(layer.weight, weightings[n]) for n, layer in layers.items()}
+        plan = _Plan(layers, energies, config, timer)
         ranks = plan.allocate()
         kept_dense.update(plan.dense_reasons)
 
@@ -154,7 +157,8 @@ class FactorizeLowRank(Pass):
             if rank == DENSE:
                 continue
             linear = layers[name]
-            up, down = factorize(linear.weight, weightings[name], rank)
+            with one_thread():
+                up, down = factorize(linear.weight, weightings[name], rank)
             bias = None if linear.bias is None else linear.bias.detach().float().clone()
             model.module.set_submodule(name, LowRankLinear.from_factors(up, down, bias))
             factorized[name] = {"rank": rank, "spectrum_lost": round(plan.tail(name, rank), 5)}
@@ -236,7 +240,7 @@ class _Plan:
     def __init__(
         self,
         layers: dict[str, nn.Linear],
-        weightings: dict[str, Weighting],
+        energies: dict[str, torch.Tensor],
         config: LowRankConfig,
         timer: GemmTimer | None,
     ):
@@ -246,10 +250,11 @@ class _Plan:
         self.timings_used: dict[str, dict[str, list[float]]] = {}
         self.matrices = []
         for name, linear in layers.items():
-            energies = spectrum(linear.weight, weightings[name])
             allowed = self._allowed(name, linear.out_features, linear.in_features)
             self.matrices.append(
-                Matrix(name, linear.out_features, linear.in_features, energies, tuple(allowed))
+                Matrix(
+                    name, linear.out_features, linear.in_features, energies[name], tuple(allowed)
+                )
             )
         self._by_name = {m.name: m for m in self.matrices}
 
