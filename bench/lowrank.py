@@ -6,12 +6,13 @@ whether the study does better with it.
     python bench/lowrank.py --quick         # smoke run -> bench/results/lowrank_quick.json
 
 - minilm: the embedding task, each method (svd, asvd, whiten, fisher) at 10/20/30/40% of the
-  attention and FFN weights removed, without and with 100 distillation steps: probe accuracy,
-  batch-1 latency, throughput. These rows switch the speed check off, so each removes exactly
-  its budget and shows what that fraction costs and gains; `whiten + speed check` rows show
-  what the pass does by default (matrices whose pair is not faster here stay dense).
-- smollm2: held-out Wikipedia perplexity at 10/20% removed per method (SVD-LLM reports
-  whitening far ahead of plain SVD on LLaMA).
+  attention and FFN weights removed (uniform allocation, the default), without and with 100
+  distillation steps: probe accuracy, batch-1 latency, throughput; whitening with the global
+  allocation too. These rows switch the speed check off, so each removes its budget and shows
+  what that fraction costs and gains; `whiten + speed check` rows show what the pass does by
+  default (matrices whose pair is not faster here stay dense).
+- smollm2: held-out Wikipedia perplexity at 10/20% removed per method and allocation (SVD-LLM
+  reports whitening far ahead of plain SVD on LLaMA).
 - study: `optimize default --max-drop 1%` over pruning, distillation, int8 and the runtimes,
   once without and once with `factorize.lowrank`, the same time budget each; the chosen
   models side by side.
@@ -83,6 +84,10 @@ def minilm_rows(quick: bool) -> dict[str, tuple[Step, ...]]:
                 rows[f"{method} {budget:.0%} + distill 100"] = steps + (
                     Step("recover.distill", DISTILL),
                 )
+        if not quick:
+            rows[f"whiten {budget:.0%} global"] = (
+                lowrank("whiten", budget, allocation="global", speed_check=False),
+            )
         rows[f"whiten {budget:.0%} + speed check"] = (lowrank("whiten", budget),)
     return rows
 
@@ -90,11 +95,13 @@ def minilm_rows(quick: bool) -> dict[str, tuple[Step, ...]]:
 def smollm2_rows(quick: bool) -> dict[str, tuple[Step, ...]]:
     methods = ("svd", "whiten") if quick else METHODS
     budgets = (0.2,) if quick else (0.1, 0.2)
-    return {
-        f"{method} {budget:.0%}": (lowrank(method, budget, speed_check=False),)
-        for budget in budgets
-        for method in methods
-    }
+    rows = {}
+    for budget in budgets:
+        for method in methods:
+            for allocation in ("uniform",) if quick else ("uniform", "global"):
+                steps = (lowrank(method, budget, allocation=allocation, speed_check=False),)
+                rows[f"{method} {budget:.0%} {allocation}"] = steps
+    return rows
 
 
 def measure_rows(

@@ -75,8 +75,11 @@ class LowRankConfig:
         Choice(BUDGETS, only=False),
         "fraction of the selected matrices' weights (and FLOPs) removed",
     )
+    # Uniform by default: measured better for whitening on MiniLM (30% removed: 77.65% probe
+    # accuracy vs 75.55% global), worse on SmolLM2 (20% removed: perplexity 182 vs 92); the
+    # study searches both.
     allocation: str = searchable(
-        "global",
+        "uniform",
         Choice(ALLOCATIONS),
         "global: spread over the matrices by their truncation errors; uniform: the same "
         "fraction of each",

@@ -9,11 +9,11 @@ relative, so matrices of different scale compete fairly. A linear layer's FLOPs 
 
 - `uniform`: every matrix keeps the same fraction of its weights, rounded to the step
   (`uniform_rank`; dense where that rank is not allowed);
-- `global`: greedily, the cheapest step first — the one that loses the least spectrum per
-  weight removed — so matrices whose spectrum decays fast give up more. A dense matrix's only
-  step is the jump to its largest allowed rank (the ranks between save nothing or run slower),
-  which is why a price per weight (a Lagrangian relaxation) would miss the budget: it leaps
-  from "dense" to "deeply cut" for many matrices at once.
+- `global`: greedily, the cheapest move first — the one that loses the least spectrum per
+  weight removed — so matrices whose spectrum decays fast give up more. A dense matrix's first
+  move can go to any allowed rank (the step from dense to the largest one may save almost
+  nothing), so moves follow each matrix's lower convex hull; and the move that finishes the
+  budget is the cheapest one that does, so the budget is met without a needless deep cut.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("uniform", "global")
 DENSE = 0  # the rank that means "kept dense"
 
 
@@ -74,30 +74,46 @@ def allocate_fixed(matrices: Sequence[Matrix]) -> dict[str, int]:
 
 
 def allocate_global(matrices: Sequence[Matrix], budget: float) -> dict[str, int]:
-    """Greedy: from all dense, take the step that loses the least spectrum per weight removed
-    (a dense matrix's first step is to its largest allowed rank, then one rank step down at a
-    time) until `budget` of the weights is gone, or no step is left."""
-    by_name = {m.name: m for m in matrices}
-    ranks = dict.fromkeys(by_name, DENSE)
-    target = budget * sum(m.weights for m in matrices)
-    steps: list[tuple[float, str, int, int]] = []  # (loss per weight, name, new rank, weights)
+    """Greedy on each matrix's lower convex hull of (weights, spectrum lost): from all dense,
+    take the move that loses the least spectrum per weight removed — from a matrix's current
+    rank to whichever lower one is cheapest per weight — until `budget` of the weights is
+    gone. The move that would finish is replaced by the cheapest move that finishes, so a
+    large last step does not overshoot the budget at the price of a deep cut."""
+    tails = {m.name: {r: m.tail(r) for r in (DENSE, *m.allowed)} for m in matrices}
+    ranks = {m.name: DENSE for m in matrices}
+    need = budget * sum(m.weights for m in matrices)
+
+    def moves(matrix: Matrix) -> list[tuple[float, int, int]]:
+        """(spectrum lost, weights removed, new rank) of every move down from here."""
+        rank = ranks[matrix.name]
+        kept = matrix.weights_at(rank)
+        return [
+            (tails[matrix.name][r] - tails[matrix.name][rank], kept - matrix.weights_at(r), r)
+            for r in matrix.allowed
+            if rank == DENSE or r < rank
+        ]
+
+    steps: list[tuple[float, str, int, int]] = []  # (loss per weight, name, new rank, gained)
 
     def push(matrix: Matrix) -> None:
-        rank = ranks[matrix.name]
-        lower = [r for r in matrix.allowed if rank == DENSE or r < rank]
-        if lower:
-            new = lower[-1]
-            gained = matrix.weights_at(rank) - matrix.weights_at(new)
-            loss = matrix.tail(new) - matrix.tail(rank)
-            heapq.heappush(steps, (loss / gained, matrix.name, new, gained))
+        options = moves(matrix)
+        if options:
+            loss, gained, rank = min(options, key=lambda o: (o[0] / o[1], -o[2]))
+            heapq.heappush(steps, (loss / gained, matrix.name, rank, gained))
 
     for matrix in matrices:
         push(matrix)
-    removed = 0
-    while removed < target and steps:
-        _, name, new, gained = heapq.heappop(steps)
-        ranks[name] = new
-        removed += gained
+    by_name = {m.name: m for m in matrices}
+    while need > 0 and steps:
+        _, name, rank, gained = heapq.heappop(steps)
+        if gained >= need:
+            _, name, rank = min(
+                (loss, m.name, r) for m in matrices for loss, g, r in moves(m) if g >= need
+            )
+            ranks[name] = rank
+            break
+        ranks[name] = rank
+        need -= gained
         push(by_name[name])
     return ranks
 
