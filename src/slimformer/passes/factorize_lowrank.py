@@ -76,7 +76,7 @@ class LowRankConfig:
         "fraction of the selected matrices' weights (and FLOPs) removed",
     )
     # Uniform by default: measured better for whitening on MiniLM (30% removed: 77.65% probe
-    # accuracy vs 75.55% global), worse on SmolLM2 (20% removed: perplexity 182 vs 92); the
+    # accuracy vs 75.55% global), worse on SmolLM2 (20% removed: perplexity 182 vs 113); the
     # study searches both.
     allocation: str = searchable(
         "uniform",
