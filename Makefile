@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa bench-fuzz bench-deadline bench-crash lint assets clean
+	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,8 @@ FORCED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_IN
 ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int4.py \
 	tests/test_static_int8.py tests/test_int8_saturation.py tests/test_sensitivity.py \
 	tests/test_cast.py tests/test_runtimes.py tests/test_runtimes_isa.py tests/test_batching.py \
-	tests/test_adapters_and_passes.py tests/test_checkpoint.py tests/test_dynamic_int8_range.py
+	tests/test_adapters_and_passes.py tests/test_checkpoint.py tests/test_dynamic_int8_range.py \
+	tests/test_lowrank.py
 
 test: test-native test-avx2
 
@@ -51,13 +52,13 @@ test-native: assets
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 4.5 hours on 2 cores; run on an idle machine:
-# other work on the same cores skews the timings). Each part alone: make bench-default,
-# bench-pruning, bench-quantization, bench-peers, bench-isa. Results: bench/results/*.json
-# (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash are long tests
-# that pass or fail.
-bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-fuzz \
-	bench-deadline bench-crash
+# Every benchmark, one after another (about 8 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# on an idle machine: other work on the same cores skews the timings). Each part alone: make
+# bench-default, bench-pruning, bench-quantization, bench-peers, bench-isa, bench-lowrank.
+# Results: bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and
+# bench-crash are long tests that pass or fail.
+bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-lowrank \
+	bench-fuzz bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -97,6 +98,11 @@ bench-deadline: assets
 # lost and best/ whole (~30 min; the suite runs a bounded loop on fake models).
 bench-crash: assets
 	$(BIN)/python -m pytest -q -m bench tests/test_crash_points.py
+
+# Low-rank factorization: each method at 10-40% removed on MiniLM (with and without
+# distillation), SmolLM2 perplexity at 10/20%, and the study with and without it.
+bench-lowrank: assets
+	$(BIN)/python bench/lowrank.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

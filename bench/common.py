@@ -32,13 +32,17 @@ def batch_size_for(spec: TaskSpec) -> int:
     return 8 if spec.name == "perplexity" else 32
 
 
-def measure_recipe(model: str, steps: tuple[Step, ...], spec: TaskSpec, workdir: Path) -> dict:
+def measure_recipe(
+    model: str, steps: tuple[Step, ...], spec: TaskSpec, workdir: Path, threads: int | None = None
+) -> dict:
     """`slimformer.apply` then `slimformer.benchmark` (fresh process) on the saved result."""
     recipe = Recipe(steps=steps, task=spec, seed=0)
     started = time.time()
     applied = slimformer.apply(model, recipe, out=workdir / "model")
     apply_seconds = time.time() - started
-    result = slimformer.benchmark(workdir / "model", task=spec, batch_size=batch_size_for(spec))
+    result = slimformer.benchmark(
+        workdir / "model", task=spec, batch_size=batch_size_for(spec), threads=threads
+    )
     return {
         "recipe": recipe.describe(),
         "quality": result.quality,
@@ -49,8 +53,10 @@ def measure_recipe(model: str, steps: tuple[Step, ...], spec: TaskSpec, workdir:
     }
 
 
-def measure_baseline(model: str, spec: TaskSpec) -> dict:
-    result = slimformer.benchmark(model, task=spec, batch_size=batch_size_for(spec))
+def measure_baseline(model: str, spec: TaskSpec, threads: int | None = None) -> dict:
+    result = slimformer.benchmark(
+        model, task=spec, batch_size=batch_size_for(spec), threads=threads
+    )
     return {"quality": result.quality, "details": result.details, **result.measurement}
 
 

@@ -277,5 +277,6 @@ def test_saved_layer_kinds_and_runtime_names_stay_the_released_ones() -> None:
         "static_int8_linear",
         "int4_weight_linear",
         "int8_weight_linear",
+        "lowrank_linear",
     }
     assert set(registered_served()) == {"compiled", "onnxruntime", "openvino", "unpadded"}

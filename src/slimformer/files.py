@@ -3,7 +3,8 @@ and reading files a user or a crash may have damaged, with the reason when they 
 
 Every write a reader may see half-done goes through here: a file's text (`write_atomic`), a
 folder swapped in for another (`replace_dir`), a folder published once into a shared cache
-(`publish_dir`).
+(`publish_dir`). And where the user's cache lives (`cache_dir`), which modules below `assets`
+(the GEMM timings of `factorize.lowrank`) use too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def cache_dir() -> Path:
+    """$SLIMFORMER_CACHE, else $XDG_CACHE_HOME/slimformer, else ~/.cache/slimformer (created)."""
+    if env := os.environ.get("SLIMFORMER_CACHE"):
+        root = Path(env).expanduser()
+    elif xdg := os.environ.get("XDG_CACHE_HOME"):
+        root = Path(xdg).expanduser() / "slimformer"
+    else:
+        root = Path.home() / ".cache" / "slimformer"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def write_atomic(path: Path, text: str) -> None:

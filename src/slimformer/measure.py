@@ -209,8 +209,11 @@ def count_flops(model: SlimModel, example: Sequence[int]) -> int:
         own += codec_for(module).flops(module, rows)
 
     hooks = []
-    for module in model.module.modules():
-        if codec_for(module) is not None:
+    # A codec layer counts what it holds (a low-rank layer its factors, int8 or not), so only
+    # the outermost ones are hooked.
+    codec_layers = {n: m for n, m in model.module.named_modules() if codec_for(m) is not None}
+    for name, module in codec_layers.items():
+        if not any(name.startswith(outer + ".") for outer in codec_layers):
             hooks.append(module.register_forward_pre_hook(before))
             hooks.append(module.register_forward_hook(after))
     try:

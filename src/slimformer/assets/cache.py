@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
-
-def cache_dir() -> Path:
-    """$SLIMFORMER_CACHE, else $XDG_CACHE_HOME/slimformer, else ~/.cache/slimformer (created)."""
-    if env := os.environ.get("SLIMFORMER_CACHE"):
-        root = Path(env).expanduser()
-    elif xdg := os.environ.get("XDG_CACHE_HOME"):
-        root = Path(xdg).expanduser() / "slimformer"
-    else:
-        root = Path.home() / ".cache" / "slimformer"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+from slimformer.files import cache_dir
 
 
 def data_dir() -> Path:

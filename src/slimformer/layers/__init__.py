@@ -1,5 +1,5 @@
-"""Layer types that passes swap into a model (quantized and smoothed Linears), and the codec
-registry that saves, loads, counts and exports them.
+"""Layer types that passes swap into a model (quantized, smoothed and low-rank Linears), and
+the codec registry that saves, loads, counts and exports them.
 
 This package depends on torch, `slimformer.kernels` and `slimformer.errors` only: the
 checkpoint, measurement and the ONNX export handle every layer through its codec without
@@ -7,7 +7,7 @@ importing the passes that create them. Each layer module registers its codec whe
 every one is imported here, so the registry is complete whenever this package is.
 """
 
-from slimformer.layers import dynamic_int8, smoothed, static_int8, weight_only  # noqa: F401
+from slimformer.layers import dynamic_int8, lowrank, smoothed, static_int8, weight_only  # noqa: F401
 from slimformer.layers.codec import (
     LayerCodec,
     codec_for,
@@ -18,6 +18,7 @@ from slimformer.layers.codec import (
     registered_codecs,
 )
 from slimformer.layers.dynamic_int8 import DynamicInt8Linear
+from slimformer.layers.lowrank import LowRankLinear
 from slimformer.layers.smoothed import SmoothedLinear
 from slimformer.layers.static_int8 import StaticInt8Linear
 from slimformer.layers.weight_only import Int4WeightLinear, Int8WeightLinear, QuantizedWeight
@@ -27,6 +28,7 @@ __all__ = [
     "Int4WeightLinear",
     "Int8WeightLinear",
     "LayerCodec",
+    "LowRankLinear",
     "QuantizedWeight",
     "SmoothedLinear",
     "StaticInt8Linear",

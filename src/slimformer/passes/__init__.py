@@ -6,12 +6,14 @@ in it) fills the registry before `get_pass` or `registered_passes` can be called
 A new pass is a new module here, added to the list. The other modules are shared support:
 `base` (configs, spaces, phases, registry), `layer_selection` (scope / skip / keep_sensitive),
 `sensitivity`, `importance` and `unit_pruning` (pruning criteria and slicing), `observers`
-(calibration statistics), `gptq` (weight quantization math) and `serving` (what the runtime
-passes share).
+(calibration statistics), `gptq` (weight quantization math), `lowrank_svd`, `lowrank_allocation`
+and `lowrank_timing` (factorization math, rank budgets, GEMM timings) and `serving` (what the
+runtime passes share).
 """
 
 from slimformer.passes import (  # noqa: F401  (each registers its pass)
     cast_half,
+    factorize_lowrank,
     prune_ffn,
     prune_heads,
     prune_layers,

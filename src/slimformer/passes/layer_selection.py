@@ -3,7 +3,9 @@ and the most sensitive layers kept in float (`keep_sensitive`) — one helper fo
 
 A scope names the adapter's linear roles it covers; a skip entry names a module or a prefix of
 whole name parts. Layers come in block order, and every layer of the scope that is not chosen
-is reported with the reason (a pass may record them in its `resolved` entry).
+is reported with the reason (a pass may record them in its `resolved` entry). A projection that
+`factorize.lowrank` split into two factors is offered as those two Linears
+(`<name>.down`, `<name>.up`), so quantization composes with factorization.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from slimformer.layers.lowrank import PARTS, LowRankLinear
 from slimformer.passes.base import Choice, Interval, searchable
 from slimformer.passes.sensitivity import QuantizeLayer, most_sensitive
 
@@ -80,7 +83,7 @@ def select_layers(
     adapter = model.adapter
     selection = LayerSelection()
     for index in range(adapter.num_layers):
-        for name, module in adapter.block_linears(index, SCOPES[scope]).items():
+        for name, module in _with_factors(adapter.block_linears(index, SCOPES[scope])):
             if skipped(name, skip):
                 selection.kept_float[name] = "in skip list"
             elif type(module) not in types:
@@ -91,6 +94,17 @@ def select_layers(
                 selection.layers[name] = module
                 selection.blocks[name] = index
     return selection
+
+
+def _with_factors(layers: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The layers, each low-rank one replaced by its two factors."""
+    found = []
+    for name, module in layers.items():
+        if isinstance(module, LowRankLinear):
+            found += [(f"{name}.{part}", getattr(module, part)) for part in PARTS]
+        else:
+            found.append((name, module))
+    return found
 
 
 def keep_sensitive(
