@@ -20,6 +20,7 @@ from fakes import PASSES, FakeBuilder, FakeEvaluator, fake_scores
 from rich.console import Console
 
 from slimformer.card import write_card
+from slimformer.child import CandidateFailed
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.figures import BY_NAME
@@ -168,6 +169,27 @@ def test_a_whole_study_writes_its_trials_front_and_best_and_confirms_the_choice(
     assert f"{ratio:.2f}× better latency" in printed and "latency ms" in printed
     settings_read, records_read = read_run(run)
     assert settings_read == result.settings and records_read == records
+
+
+class FailingConfirmation(FakeEvaluator):
+    """Scores candidates, but every timing-only run (the confirmation) crashes."""
+
+    def __call__(self, model_dir, workdir, *, score=True, on_stage=None, kill_at=None):
+        if not score:
+            raise CandidateFailed("the timing child crashed")
+        return super().__call__(model_dir, workdir, score=score, on_stage=on_stage, kill_at=kill_at)
+
+
+def test_a_confirmation_that_fails_keeps_best_and_says_why(tmp_path):
+    reporter = RecordingReporter()
+    result = study(
+        tmp_path, settings(tmp_path, 3), evaluator=FailingConfirmation(), reporter=reporter
+    )
+    best = tmp_path / "run" / "best"
+    assert result.confirmed is None and result.chosen is not None
+    assert Recipe.load(best).describe() == result.chosen.description
+    assert json.loads((best / "metrics.json").read_text())["confirmed"] is None
+    assert any("could not be confirmed (the timing child crashed)" in n for n in result.notes)
 
 
 def test_start_recipes_run_first_and_a_failing_candidate_fails_alone(tmp_path):

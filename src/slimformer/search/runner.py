@@ -331,21 +331,29 @@ class Study:
         recipe = Recipe.from_dict(chosen.recipe) if chosen.recipe else Recipe()
         return lambda folder: self.builder.build(recipe, folder, self.folder.logs("best"))
 
-    def _confirm(self, best: BestModel, best_dir: Path) -> dict:
+    def _confirm(self, best: BestModel, best_dir: Path) -> dict | None:
         """Time baseline and chosen again (alternating fresh processes); the ratios go into
-        best/metrics.json and the model card, rewritten in place."""
+        best/metrics.json and the model card, rewritten in place. A confirmation that fails
+        leaves best/ as saved (with the study's own figures) and says why: the study's
+        results are not lost to it."""
         rounds = self.settings.confirm_rounds
         self.reporter.message(
             f"confirming the ratios: {rounds} rounds of baseline and chosen model, alternating"
         )
-        confirmed = confirm_ratios(
-            self.builder.reference_dir,
-            best_dir,
-            self.evaluate,
-            self.folder.logs("confirm"),
-            rounds,
-            on_stage=self.reporter.message,
-        )
+        try:
+            confirmed = confirm_ratios(
+                self.builder.reference_dir,
+                best_dir,
+                self.evaluate,
+                self.folder.logs("confirm"),
+                rounds,
+                on_stage=self.reporter.message,
+            )
+        except CandidateFailed as error:
+            note = f"the ratios could not be confirmed ({error}); best/ keeps the study's figures"
+            self.notes.append(note)
+            self.reporter.message(note)
+            return None
         best = replace(best, confirmed=confirmed)
         write_best_facts(best_dir, best, self.write_card)
         return confirmed
