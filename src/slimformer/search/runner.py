@@ -18,6 +18,9 @@ them. When the study ends, the baseline and the chosen model are timed again in 
 fresh processes (`confirm.py`), and those ratios are the ones printed and saved.
 
 The Optuna side (the storage, requeues, trials <-> records) is in optuna_study.py.
+
+Over 350 lines on purpose: one trial's life (sample, reuse, build, evaluate, fail alone, stop
+at the deadline) and the study's end (choice, best/, confirmation) read as one sequence here.
 """
 
 from __future__ import annotations
