@@ -116,7 +116,10 @@ class Distill(Pass):
             raise SlimformerError("recover.distill needs at least two batches of task inputs")
         held = max(1, int(len(data) * HELD_OUT_FRACTION))
         train, held_out = data[:-held], data[-held:]
+        measuring = time.monotonic()
         before = self._held_out_loss(model, ctx.teacher, held_out, config)
+        # Training stops this long before the deadline, to measure the held-out loss again.
+        held_out_s = time.monotonic() - measuring
         torch.manual_seed(ctx.seed)
         order = random.Random(ctx.seed)
         parameters = [p for p in model.module.parameters() if p.requires_grad]
@@ -128,7 +131,7 @@ class Distill(Pass):
         model.module.eval()
         with torch.enable_grad():
             while steps < config.steps and time.monotonic() - started < config.time_budget_s:
-                at_deadline = ctx.time_left() <= 0
+                at_deadline = ctx.time_left() <= held_out_s
                 if at_deadline:  # the study's deadline: keep what was trained so far
                     break
                 batch = train[order.randrange(len(train))]
