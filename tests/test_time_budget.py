@@ -144,8 +144,13 @@ def test_distillation_at_the_deadline_stops_and_keeps_what_it_trained():
         distilled = apply_recipe(model, recipe, training=tiny.calibration(model, batches=6))
     resolved = distilled.recipe.steps[-1].resolved
     assert 0 < resolved["steps"] < 1_000_000 and resolved["stopped"] == "at the study's deadline"
+    assert resolved["held_out_loss_after"] is None  # no time to measure it again
     batch = tiny.calibration(model)[0]
     assert not torch.equal(tiny.output(distilled, batch), tiny.output(model, batch))
+
+    with passes_deadline(time.time() - 1):
+        untrained = apply_recipe(model, recipe, training=tiny.calibration(model, batches=6))
+    assert untrained.recipe.steps[-1].resolved == {"steps": 0, "stopped": "at the study's deadline"}
 
 
 @pytest.mark.usefixtures("single_thread")
