@@ -35,6 +35,7 @@ TESTS = Path(__file__).resolve().parent
 DRIVER = [sys.executable, str(TESTS / "crash_study.py")]
 CLI = [sys.executable, "-m", "slimformer.cli"]
 NAMED_POINTS = ("trial-told:2", "trials-written:2", "best-copied:1", "best-aside:1")
+BENCH_KILLS = 20  # random kills of real studies in `make bench-crash`
 # The card and the figures are rewritten after the confirmation; the rest is the model.
 FACTS = {"metrics.json", "README.md"}
 
@@ -325,6 +326,6 @@ def test_real_studies_killed_at_random_moments_resume_losing_nothing(tiny_encode
     run = Run(path, launch)
     trials = 2
     duration = run.complete(trials)
-    for _ in range(20):
+    for _ in range(BENCH_KILLS):
         trials += 1
         duration = kill_and_resume(run, trials, at=rng.uniform(0, duration), real=True)

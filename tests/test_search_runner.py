@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,9 @@ def test_a_trial_that_would_overrun_the_time_budget_is_not_started_and_runs_firs
     assert [line["description"] for line in lines] == ["baseline", Recipe.from_dict(one).describe()]
     assert lines[1]["timings"]["passes"] == {"prune.layers": 1000.0}
     [note] = [n for n in reporter.of("note") if "time budget" in n]
-    assert f"trial 2 ({Recipe.from_dict(two).describe()}) would take about 1000 s" in note
+    assert re.search(
+        rf"trial 2 \({re.escape(Recipe.from_dict(two).describe())}\) needs about 100\d s", note
+    )
     assert "not started" in note and Recipe.from_dict(two).describe() not in builder.built
     # Every build and evaluation had the deadline; the passes' own comes before it, leaving
     # time to save and evaluate.

@@ -17,7 +17,13 @@ from slimformer.measure import MeasureSettings
 from slimformer.passes.base import DeadlineReached, passes_deadline
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
-from slimformer.search.budget import AFTER_PASSES_S, FINISH_S, TimeBudget, estimate
+from slimformer.search.budget import (
+    AFTER_PASSES_S,
+    FINISH_S,
+    TimeBudget,
+    after_passes,
+    estimate,
+)
 from slimformer.search.runner import run_study
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
@@ -100,18 +106,21 @@ def timings(build_s: float, evaluate_s: float, save_s: float = 1.0, **passes: fl
     return {"build_s": build_s, "evaluate_s": evaluate_s, "save_s": save_s, "passes": passes}
 
 
-def test_a_trial_is_estimated_from_the_builds_outside_their_passes_its_passes_and_evaluations():
+def test_a_trial_is_estimated_from_the_builds_before_their_passes_its_passes_and_what_follows():
     history = [
         timings(10.0, 4.0),  # the baseline: no passes
         timings(12.0, 6.0, prune=3.0),
         timings(110.0, 5.0, prune=2.0, distill=100.0),
-        {"evaluate_s": 50.0},  # a trial whose build failed: no build, no estimate from it
+        {},  # a trial whose build failed
     ]
-    # outside passes: median(10, 9, 8) = 9; evaluation: median(4, 6, 5) = 5
-    assert estimate([], history) == pytest.approx(9 + 5)
-    assert estimate(["prune"], history) == pytest.approx(9 + 2.5 + 5)
-    assert estimate(["prune", "distill"], history) == pytest.approx(9 + 2.5 + 100 + 5)
-    assert estimate(["never-run"], history) == pytest.approx(9 + 5)  # learnt on its first run
+    # before the passes: median(10 - 1, 12 - 3 - 1, 110 - 102 - 1) = 8; after them: 1.5 times
+    # the median save (1) and evaluation (5), and the build's wrap-up
+    after = 1.5 * (1.0 + 5.0) + AFTER_PASSES_S
+    assert after_passes(history) == pytest.approx(after)
+    assert estimate([], history) == pytest.approx(8 + after)
+    assert estimate(["prune"], history) == pytest.approx(8 + 2.5 + after)
+    assert estimate(["prune", "distill"], history) == pytest.approx(8 + 2.5 + 100 + after)
+    assert estimate(["never-run"], history) == pytest.approx(8 + after)  # learnt on its first run
     assert estimate(["prune"], []) == 0.0
 
 
@@ -135,8 +144,13 @@ def test_distillation_at_the_deadline_stops_and_keeps_what_it_trained():
         distilled = apply_recipe(model, recipe, training=tiny.calibration(model, batches=6))
     resolved = distilled.recipe.steps[-1].resolved
     assert 0 < resolved["steps"] < 1_000_000 and resolved["stopped"] == "at the study's deadline"
+    assert resolved["held_out_loss_after"] is None  # no time to measure it again
     batch = tiny.calibration(model)[0]
     assert not torch.equal(tiny.output(distilled, batch), tiny.output(model, batch))
+
+    with passes_deadline(time.time() - 1):
+        untrained = apply_recipe(model, recipe, training=tiny.calibration(model, batches=6))
+    assert untrained.recipe.steps[-1].resolved == {"steps": 0, "stopped": "at the study's deadline"}
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -212,5 +226,6 @@ def test_a_five_minute_study_with_distillation_ends_within_five_minutes_and_the_
     until_confirmation, total, clock, result = timed_study(settings, tmp_path / "run")
     print(f"until the confirmation: {until_confirmation:.1f} s, in all {total:.1f} s")
     assert until_confirmation <= budget_s + AFTER_THE_DEADLINE_S, clock.events
-    assert any("recover.distill" in t.description for t in result.trials)
+    ran = [t.state for t in result.trials if "recover.distill" in t.description]
+    assert "complete" in ran, clock.events  # on an idle machine, as `make bench` wants
     assert result.best_dir is not None

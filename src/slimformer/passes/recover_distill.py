@@ -32,6 +32,7 @@ from slimformer.passes.base import (
 )
 
 HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
+STOPPED = "at the study's deadline"
 
 
 @dataclass(frozen=True)
@@ -114,9 +115,13 @@ class Distill(Pass):
         data = list(ctx.training or ctx.calibration)
         if len(data) < 2:
             raise SlimformerError("recover.distill needs at least two batches of task inputs")
+        if ctx.time_left() <= 0:  # the study's deadline came before it could start
+            return {"steps": 0, "stopped": STOPPED}
         held = max(1, int(len(data) * HELD_OUT_FRACTION))
         train, held_out = data[:-held], data[-held:]
+        measuring = time.monotonic()
         before = self._held_out_loss(model, ctx.teacher, held_out, config)
+        held_out_s = time.monotonic() - measuring
         torch.manual_seed(ctx.seed)
         order = random.Random(ctx.seed)
         parameters = [p for p in model.module.parameters() if p.requires_grad]
@@ -129,7 +134,7 @@ class Distill(Pass):
         with torch.enable_grad():
             while steps < config.steps and time.monotonic() - started < config.time_budget_s:
                 at_deadline = ctx.time_left() <= 0
-                if at_deadline:  # the study's deadline: keep what was trained so far
+                if at_deadline:  # keep what was trained so far
                     break
                 batch = train[order.randrange(len(train))]
                 loss = distillation_loss(model, ctx.teacher, batch, config)
@@ -140,15 +145,20 @@ class Distill(Pass):
                 if steps % 25 == 0:
                     ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
         optimizer.zero_grad(set_to_none=True)
-        after = self._held_out_loss(model, ctx.teacher, held_out, config)
+        # Measured again when there is the time it took the first time: past the deadline, the
+        # trained model matters more than a figure about it.
+        after: float | None = before
+        if steps:
+            enough = ctx.time_left() > held_out_s
+            after = self._held_out_loss(model, ctx.teacher, held_out, config) if enough else None
         resolved: dict[str, Any] = {
             "steps": steps,
             "seconds": round(time.monotonic() - started, 1),
             "held_out_loss_before": round(before, 6),
-            "held_out_loss_after": round(after, 6),
+            "held_out_loss_after": None if after is None else round(after, 6),
         }
         if at_deadline:
-            resolved["stopped"] = "at the study's deadline"
+            resolved["stopped"] = STOPPED
         return resolved
 
     @staticmethod

@@ -1,20 +1,20 @@
 """The time budget as a deadline: `--time-budget` bounds the whole study, not only when trials
 start. Only the final confirmation of the chosen model's ratios comes after it.
 
-Three things hold the deadline:
+Four things hold the deadline:
 
-- A trial that cannot finish in the time left is not started. Its duration is estimated from
-  the trials measured so far (each records its `timings`): the median time of a build outside
-  its passes (child start, loading, saving), plus each of its passes' median time in earlier
-  trials, plus the median evaluation. A pass not run yet counts as free: its first run teaches
-  its cost, and the two limits below bound what that first run can overrun.
-- A trial's passes must be done early enough to leave time to save and evaluate the
-  candidate (`passes_deadline`: `MARGIN` times the median save and evaluation, and
-  `AFTER_PASSES_S`, before the end). Long passes check it: distillation stops and keeps what
-  it trained; GPTQ, static int8 and NNCF calibration fail their trial ("stopped at the
+- A trial that cannot finish in the time left is not started. What it needs is estimated from
+  the trials measured so far (each records its `timings`): the median time a build takes
+  before its passes (child start, loading), each of its passes' median time in earlier
+  trials, and the room kept after the passes (below). A pass not run yet counts as free: its
+  first run teaches its cost, and the limits below bound what that first run can overrun.
+- A trial's passes must be done early enough to leave time to save and evaluate the candidate
+  (`passes_deadline`: `MARGIN` times the median save and evaluation, and `AFTER_PASSES_S`,
+  before the end of the time for trials). Long passes check it: distillation stops and keeps
+  what it trained; GPTQ, static int8 and NNCF calibration fail their trial ("stopped at the
   study's deadline").
 - At the end of the time for trials, a build or evaluation child still running is killed.
-  The last `FINISH_S` seconds of the budget are for saving best/ and the run's outputs.
+- The last `FINISH_S` seconds of the budget are for saving best/ and the run's outputs.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ Timings = Mapping[str, Any]  # a trial's: build_s, evaluate_s, load_s, save_s, p
 # The end of the budget kept for saving best/ and the run's outputs (trials end before it).
 FINISH_S = 5.0
 MARGIN = 1.5  # the save and evaluation a trial's passes leave room for, times their median
-# And for what follows the passes in the build child (a distillation's held-out loss, the
-# child's exit), and the study's bookkeeping between the two children.
+# And for the rest of the build child's work (the passes' own wrap-up, its exit), and the
+# study's bookkeeping between the two children.
 AFTER_PASSES_S = 5.0
 
 
@@ -50,15 +50,13 @@ class TimeBudget:
         """When a trial's passes must stop to leave time to save and evaluate the candidate."""
         if self.trials_end is None:
             return None
-        history = list(history)
-        save_and_evaluate = _median(t.get("save_s") for t in history) + _median(
-            t.get("evaluate_s") for t in history
-        )
-        return self.trials_end - MARGIN * save_and_evaluate - AFTER_PASSES_S
+        return self.trials_end - after_passes(history)
 
 
 def estimate(pass_names: Sequence[str], history: Iterable[Timings]) -> float:
-    """Seconds a trial of these passes should take, from the timings of earlier trials."""
+    """Seconds a trial of these passes needs, from the timings of earlier trials: before its
+    passes, for each of them, and after them (`after_passes`). 0 before any trial."""
+    history = list(history)
     builds = [t for t in history if "build_s" in t]
     if not builds:
         return 0.0
@@ -66,11 +64,21 @@ def estimate(pass_names: Sequence[str], history: Iterable[Timings]) -> float:
     for timings in builds:
         for name, seconds in timings.get("passes", {}).items():
             per_pass.setdefault(name, []).append(seconds)
-    outside_passes = _median(
-        max(0.0, t["build_s"] - sum(t.get("passes", {}).values())) for t in builds
+    before_passes = _median(
+        max(0.0, t["build_s"] - sum(t.get("passes", {}).values()) - t.get("save_s", 0.0))
+        for t in builds
     )
     passes = sum(statistics.median(per_pass[n]) for n in pass_names if n in per_pass)
-    return outside_passes + passes + _median(t.get("evaluate_s") for t in builds)
+    return before_passes + passes + after_passes(history)
+
+
+def after_passes(history: Iterable[Timings]) -> float:
+    """The room a trial's passes leave: saving and evaluating the candidate (their medians,
+    with a margin), and the rest of the build child's work."""
+    history = list(history)
+    save = _median(t.get("save_s") for t in history)
+    evaluate = _median(t.get("evaluate_s") for t in history)
+    return MARGIN * (save + evaluate) + AFTER_PASSES_S
 
 
 def _median(values: Iterable[float | None]) -> float:

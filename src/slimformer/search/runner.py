@@ -168,7 +168,7 @@ class Study:
         needed = estimate([step.pass_name for step in recipe.steps], history)
         if needed > self.budget.left():
             raise _DoesNotFit(
-                f"trial {trial.number} ({description}) would take about {needed:.0f} s, "
+                f"trial {trial.number} ({description}) needs about {needed:.0f} s, "
                 f"{max(0.0, self.budget.left()):.0f} s are left"
             )
         self.reporter.trial_started(trial.number, description)
@@ -253,7 +253,7 @@ class Study:
         while remaining is None or done < remaining:
             left, quickest = self.budget.left(), estimate([], self.timings(study))
             if left <= quickest:
-                detail = f": {left:.0f} s are left, a trial takes about {quickest:.0f} s"
+                detail = f": {left:.0f} s are left, a trial needs about {quickest:.0f} s"
                 self.reporter.note("the time budget is spent" + (detail if left > 0 else ""))
                 break
             trial = study.ask()
