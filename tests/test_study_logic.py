@@ -17,7 +17,13 @@ from slimformer.recipe import Recipe, Step
 from slimformer.search.records import TrialRecord
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import parse_duration, parse_max_drop
-from slimformer.search.space import baseline_params, recipe_params, sample_recipe
+from slimformer.search.space import (
+    START_VALUES,
+    baseline_params,
+    recipe_params,
+    sample_recipe,
+    start_values,
+)
 from slimformer.tasks import TaskSpec, quality_drop
 
 
@@ -335,14 +341,45 @@ def test_a_start_recipe_is_proposed_exactly_by_the_sampler() -> None:
         ),
         task=TaskSpec(name="embedding"),
     )
+    # 300 steps is not among the searched options (50..400): the trial carries it as given.
+    assert start_values(start, passes) == {"recover.distill": {"steps": 300}}
     study = make_study()
-    study.enqueue_trial(recipe_params(start, passes))
+    study.enqueue_trial(
+        recipe_params(start, passes), user_attrs={START_VALUES: start_values(start, passes)}
+    )
     trial = study.ask()
     proposed = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
     chosen = {step.pass_name: step.config for step in proposed.steps}
     assert set(chosen) == {"prune.ffn", "recover.distill", "runtime.onnxruntime"}
     assert chosen["prune.ffn"]["keep"] == 0.5 and chosen["prune.ffn"]["criterion"] == "fisher"
     assert chosen["runtime.onnxruntime"]["int8"] == "dynamic"
+    assert chosen["recover.distill"]["steps"] == 300
+
+
+def test_a_start_recipe_cut_off_runs_again_with_its_values_outside_the_searched_options(
+    tmp_path,
+) -> None:
+    from slimformer.cpu import fingerprint
+    from slimformer.search.optuna_study import open_study
+    from slimformer.search.settings import StudySettings
+
+    passes = [get_pass("recover.distill")]
+    start = Recipe(steps=(Step("recover.distill", {"steps": 1000}),))
+    settings = StudySettings(
+        model="m",
+        task=TaskSpec("embedding"),
+        starts=(start.to_dict(),),
+        passes=("recover.distill",),
+    )
+    storage, cpu = f"sqlite:///{tmp_path / 'study.db'}", fingerprint(1)
+    study = open_study(storage, settings, ["maximize", "minimize"], passes, cpu)
+    study.tell(study.ask(), [1.0, 1.0])  # the baseline
+    cut_off = study.ask()  # the start recipe, then the process dies
+    first = sample_recipe(cut_off, passes, facts(4), TaskSpec("embedding"), 0)
+    assert first.steps[0].config["steps"] == 1000
+    resumed = open_study(storage, settings, ["maximize", "minimize"], passes, cpu)
+    again = sample_recipe(resumed.ask(), passes, facts(4), TaskSpec("embedding"), 0)
+    assert again.steps[0].config["steps"] == 1000
 
 
 def test_a_start_recipe_with_a_pass_not_searched_is_refused() -> None:

@@ -26,6 +26,7 @@ from slimformer.layers.lowrank import PARTS, LowRankLinear
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     Choice,
+    Interval,
     Pass,
     PassContext,
     Phase,
@@ -86,7 +87,11 @@ class LowRankConfig:
     )
     scope: str = scope_field("which Linear layers inside the blocks may be factorized")
     multiple: int = fixed(16, "ranks round to a multiple of this (for fast kernels)")
-    rank: int = fixed(0, "one rank for every selected matrix instead of the budget (0: budget)")
+    rank: int = fixed(
+        0,
+        "one rank for every selected matrix instead of the budget (0: budget)",
+        valid=Interval(0, None, label="0 (the budget) or a positive integer"),
+    )
     speed_check: bool = fixed(
         True, "keep a matrix dense unless its factorized pair is measured faster on this CPU"
     )

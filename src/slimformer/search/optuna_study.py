@@ -22,7 +22,7 @@ from slimformer.passes import Pass
 from slimformer.recipe import Recipe
 from slimformer.search.records import TrialRecord
 from slimformer.search.settings import StudySettings
-from slimformer.search.space import baseline_params, recipe_params
+from slimformer.search.space import START_VALUES, baseline_params, recipe_params, start_values
 
 STUDY_NAME = "slimformer"
 # What a repeated recipe takes over from the trial that measured it.
@@ -59,7 +59,12 @@ def open_study(
         study.enqueue_trial(baseline_params(pass_classes))
         for start in settings.starts:
             recipe = Recipe.from_dict(start)
-            study.enqueue_trial(recipe_params(recipe, pass_classes), skip_if_exists=True)
+            given = start_values(recipe, pass_classes)
+            study.enqueue_trial(
+                recipe_params(recipe, pass_classes),
+                user_attrs={START_VALUES: given} if given else None,
+                skip_if_exists=True,
+            )
     return study
 
 
@@ -74,7 +79,7 @@ def requeue_interrupted(study: optuna.Study) -> None:
         )
         if interrupted and trial.number not in requeued:
             requeued.add(trial.number)
-            study.enqueue_trial(trial.params, skip_if_exists=False)
+            enqueue_again(study, trial)
     study.set_user_attr("requeued", sorted(requeued))
 
 
@@ -91,9 +96,17 @@ def requeue_measured_elsewhere(study: optuna.Study, cpu: CpuFingerprint) -> None
             continue
         done.add(trial.number)
         here.add(description)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+        enqueue_again(study, trial)
     if done:
         study.set_user_attr(key, sorted(done))
+
+
+def enqueue_again(study: optuna.Study, trial: optuna.Trial | FrozenTrial) -> None:
+    """Queue `trial`'s recipe once more, with the start values it carried."""
+    given = trial.user_attrs.get(START_VALUES)
+    study.enqueue_trial(
+        trial.params, user_attrs={START_VALUES: given} if given else None, skip_if_exists=False
+    )
 
 
 def is_waiting(study: optuna.Study, params: dict) -> bool:
@@ -106,7 +119,7 @@ def defer(study: optuna.Study, trial: optuna.Trial) -> None:
     """Put an asked trial back at the end of the queue (it ran nothing): it is closed as
     failed, without an error, and queued again, once (not again on the next resume)."""
     study.tell(trial, state=TrialState.FAIL)
-    study.enqueue_trial(trial.params, skip_if_exists=False)
+    enqueue_again(study, trial)
     requeued = set(study.user_attrs.get("requeued", []))
     study.set_user_attr("requeued", sorted(requeued | {trial.number}))
 

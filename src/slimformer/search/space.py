@@ -33,6 +33,9 @@ def sample_recipe(
     """One recipe from the passes' spaces; `withheld` settings (this CPU would not profit
     from them) are left out of their options."""
     withheld = withheld or {}
+    # A start recipe's values outside the searched options (say 1000 distillation steps) are
+    # kept as given: the trial carries them beside its parameters (`start_values`).
+    given = trial.user_attrs.get(START_VALUES, {})
     steps = []
     groups: dict[str, list[str]] = {}
     for cls in pass_classes:
@@ -62,7 +65,9 @@ def sample_recipe(
         values: dict[str, Any] = {}
         for name, space in cls.search_space().items():
             key = f"{cls.name}.{name}"
-            if isinstance(space, Choice):
+            if name in given.get(cls.name, {}):
+                values[name] = given[cls.name][name]
+            elif isinstance(space, Choice):
                 left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
                 options = [o for o in space.options if str(o) not in left_out] or [space.options[0]]
                 values[name] = trial.suggest_categorical(key, options)
@@ -86,9 +91,13 @@ def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
     return params | {cls.group: "none" for cls in pass_classes if cls.group}
 
 
+START_VALUES = "start values"  # the trial attribute that carries them
+
+
 def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
     """The sampler's parameters that make `sample_recipe` propose `recipe`. Settings outside
-    the searched options (e.g. 250 distillation steps) are left for the sampler to pick."""
+    the searched options (e.g. 250 distillation steps) are not parameters: `start_values`
+    carries them."""
     offered = {cls.name: cls for cls in pass_classes}
     unknown = [s.pass_name for s in recipe.steps if s.pass_name not in offered]
     if unknown:
@@ -109,3 +118,18 @@ def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[st
                 continue
             params[f"{cls.name}.{name}"] = value
     return params
+
+
+def start_values(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, dict]:
+    """The settings of `recipe` that lie outside their searched options, by pass: a trial
+    enqueued with them (attribute `START_VALUES`) runs them as given."""
+    used = {step.pass_name: step for step in recipe.steps}
+    found: dict[str, dict] = {}
+    for cls in pass_classes:
+        if cls.name not in used:
+            continue
+        config = asdict(cls.make_config(used[cls.name].config))
+        for name, space in cls.search_space().items():
+            if isinstance(space, Choice) and config[name] not in space.options:
+                found.setdefault(cls.name, {})[name] = config[name]
+    return found
