@@ -98,11 +98,14 @@ class ModelBuilder:
         applicable = [c for c in pass_classes if c.applies_to(self.base)]
         trains = any(cls.needs_training for cls in applicable)
         self.training = self.task.training_batches(self.base) if trains else []
+        self.general = self.task.general_batches(self.base) if trains else []
         self.facts = self.base.adapter.facts()
         return applicable
 
     def build(self, recipe: Recipe, folder: Path, on_stage: Stage | None = None) -> Recipe:
-        candidate = apply_recipe(self.base, recipe, self.calibration, on_stage, self.training)
+        candidate = apply_recipe(
+            self.base, recipe, self.calibration, on_stage, self.training, self.general
+        )
         if on_stage:
             on_stage("saving")
         save_model(candidate, folder)
