@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa lint assets clean
+	bench-peers bench-isa bench-embedding lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,11 +51,12 @@ test-native: assets
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 4.5 hours on 2 cores; run on an idle machine:
+# Every benchmark, one after another (about 6.5 hours on 2 cores; run on an idle machine:
 # other work on the same cores skews the timings). Each part alone: make bench-default,
-# bench-pruning, bench-quantization, bench-peers. Results: bench/results/*.json
+# bench-pruning, bench-quantization, bench-peers, bench-isa, bench-embedding. Results:
+# bench/results/*.json
 # (bench/tables.py prints them).
-bench: bench-default bench-pruning bench-quantization bench-peers bench-isa
+bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-embedding
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -75,6 +76,12 @@ bench-quantization: assets
 # slimformer's study (25 min) against PyTorch, the Optimum recipe and OpenVINO+NNCF (~40 min).
 bench-peers: assets
 	$(BIN)/python bench/peers.py --study-budget 25m
+
+# The default embedding study on the scored and a transfer domain, with and without its
+# guards, distillation variants, and the peers again (~2 h: two 25-minute studies, eight
+# distillations). `python bench/embedding_transfer.py --short --time-budget 4m` is a check.
+bench-embedding: assets
+	$(BIN)/python bench/embedding_transfer.py --time-budget 25m
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets

@@ -166,6 +166,8 @@ def test_a_trial_breaking_a_guard_is_infeasible_and_never_chosen(tmp_path):
     assert breaking.constraints[f"guard {TRANSFER_GUARD}"] == pytest.approx(0.02)
     metrics = json.loads((tmp_path / "guarded" / "run" / "best" / "metrics.json").read_text())
     assert metrics["guards"] == {TRANSFER_GUARD: True}
+    pareto = json.loads((tmp_path / "guarded" / "run" / "pareto.json").read_text())
+    assert pareto["guards"] == [TRANSFER_GUARD]
 
 
 def test_the_front_table_the_summary_and_the_card_show_each_guard(tmp_path):

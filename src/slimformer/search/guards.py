@@ -54,7 +54,7 @@ class Guard:
 
     def __str__(self) -> str:
         subject = f"drop({self.figure})" if self.of_drop else self.figure
-        return f"{subject}{self.op}{self.threshold:g}"
+        return f"{subject}{self.op}{self.threshold:.10g}"
 
     def display(self) -> str:
         """For people: "drop(transfer_probe_accuracy) ≤ 0.01"."""

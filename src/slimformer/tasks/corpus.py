@@ -163,6 +163,11 @@ def _pair_splits(path: Path, rows: list[tuple[str, ...]], seed: int) -> Splits:
     index = {sentence: i for i, sentence in enumerate(test)}
     held = set(test)
     training = list(dict.fromkeys(s for (a, b), _ in rest for s in (a, b) if s not in held))
+    if not training:
+        raise SlimformerError(
+            f"{path}: every sentence of the unscored pairs is also in a scored pair; nothing "
+            "is left to calibrate and train on without touching the scored sentences"
+        )
     return Splits(
         test=test,
         training=training,

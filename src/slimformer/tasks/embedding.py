@@ -47,6 +47,7 @@ from slimformer.tasks.geometry import (
     pair_spearman,
     probe_accuracy,
 )
+from slimformer.taskspec import TaskSpec
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel
@@ -61,11 +62,29 @@ GENERAL_SIZE = 8192  # Wikipedia sentences distillation may mix in
 RECALL = f"recall@{NEIGHBOURS}"
 # The guard every embedding study gets beside its score unless told otherwise: the probe alone
 # let pruned and distilled models through whose embeddings had moved far from the original's.
-# bench/results/embedding_transfer.json ("candidates") measured it: int8 engines keep ≥ 0.9x of
-# the original's neighbours, the pruned + distilled models that lost 2-3 points elsewhere ≤ 0.8x.
-GEOMETRY_GUARD = f"{RECALL}>=0.8"
+# Measured (bench/results/embedding_transfer_candidates_short.json, movie-review test split):
+# the int8 engines keep 0.83 (ONNX Runtime) and 0.91 (OpenVINO NNCF) of each sentence's 10
+# nearest neighbours; FFN and heads halved + 400 distillation steps keep 0.49 (0.44 with
+# Wikipedia and similarity matching) and lose 1.6-2.0 points on the transfer domain. 0.75 lies
+# between, with room for int8 rounding on CPUs without VNNI (7-bit weights).
+GEOMETRY_GUARD = f"{RECALL}>=0.75"
 
 Rows = list[tuple[str, int]]
+METRICS = {
+    "built-in": "probe_accuracy",
+    "probe": "probe_accuracy",
+    "neighbours": RECALL,
+    "pairs": "pair_spearman",
+}
+
+
+def score_mode(spec: TaskSpec) -> str:
+    """What the task scores, from its spec: one of METRICS' keys."""
+    if not spec.data:
+        return "built-in"
+    if spec.pair_column:
+        return "pairs"
+    return "probe" if spec.label_column else "neighbours"
 
 
 class EmbeddingTask(Task):
@@ -76,20 +95,10 @@ class EmbeddingTask(Task):
     split_aliases = {"timing": "test"}  # it has a real "training" split of its own
     has_general_corpus = True
 
-    def __init__(self, spec):
+    def __init__(self, spec: TaskSpec):
         super().__init__(spec)
-        self.mode = (
-            "built-in"
-            if not spec.data
-            else "pairs"
-            if spec.pair_column
-            else "probe"
-            if spec.label_column
-            else "neighbours"
-        )
-        self.metric = {"neighbours": RECALL, "pairs": "pair_spearman"}.get(
-            self.mode, "probe_accuracy"
-        )
+        self.mode = score_mode(spec)
+        self.metric = METRICS[self.mode]
 
     # --- data -----------------------------------------------------------------------------------
     @cached_property
@@ -156,7 +165,7 @@ class EmbeddingTask(Task):
     def default_guards(self, max_drop: float) -> tuple[str, ...]:
         guards = [] if self.metric == RECALL else [GEOMETRY_GUARD]
         if self.mode == "built-in":
-            guards.append(f"drop(transfer_probe_accuracy)<={max_drop:g}")
+            guards.append(f"drop(transfer_probe_accuracy)<={max_drop:.10g}")
         return tuple(guards)
 
     def describe_score(self) -> str:
