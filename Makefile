@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank lint assets clean
+	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint \
+	assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,13 +53,13 @@ test-native: assets
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 8 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# Every benchmark, one after another (about 9 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
-# bench-default, bench-pruning, bench-quantization, bench-peers, bench-isa, bench-lowrank.
-# Results: bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and
-# bench-crash are long tests that pass or fail.
+# bench-default, bench-pruning, bench-quantization, bench-peers, bench-isa, bench-lowrank,
+# bench-embedding. Results: bench/results/*.json (bench/tables.py prints them); bench-fuzz,
+# bench-deadline and bench-crash are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-lowrank \
-	bench-fuzz bench-deadline bench-crash
+	bench-embedding bench-fuzz bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -79,6 +80,12 @@ bench-quantization: assets
 # slimformer's study (25 min) against PyTorch, the Optimum recipe and OpenVINO+NNCF (~40 min).
 bench-peers: assets
 	$(BIN)/python bench/peers.py --study-budget 25m
+
+# The default embedding study on the scored and a transfer domain, with and without its
+# guards, distillation variants, and the peers again (~2 h: two 25-minute studies, eight
+# distillations). `python bench/embedding_transfer.py --short --time-budget 4m` is a check.
+bench-embedding: assets
+	$(BIN)/python bench/embedding_transfer.py --time-budget 25m
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets

@@ -20,7 +20,8 @@ from slimformer.checkpoint import load_model, save_model
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec, make_task
-from slimformer.tasks.embedding import embed, normalize
+from slimformer.tasks.embedding import embed
+from slimformer.tasks.geometry import normalize
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "slimformer.cli"]

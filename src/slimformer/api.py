@@ -23,10 +23,11 @@ from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
 from slimformer.pipeline import apply_recipe, check_recipe, load_recipe, needs_training
 from slimformer.recipe import Recipe
+from slimformer.search.guards import resolve_guards
 from slimformer.search.records import StudyResult
 from slimformer.search.runner import Reporter, run_study
 from slimformer.search.settings import StudySettings, parse_duration, parse_max_drop
-from slimformer.tasks import TaskSpec, default_task_for, make_task, reference_state
+from slimformer.tasks import Task, TaskSpec, default_task_for, make_task, reference_state
 
 ModelRef = str | os.PathLike[str] | SlimModel
 
@@ -68,12 +69,13 @@ def apply(
     loaded = _as_model(model, head=make_task(recipe.task).head if recipe.task else None)
     spec = recipe.task or task_spec(None, loaded)
     task = make_task(spec)
-    calibration, training = (), ()
+    calibration, training, general = (), (), ()
     if any(_needs_calibration(s.pass_name) for s in recipe.steps):
         calibration = task.calibration_batches(loaded)
     if needs_training(recipe):
         training = task.training_batches(loaded)
-    result = apply_recipe(loaded, recipe, calibration, training=training)
+        general = task.general_batches(loaded)
+    result = apply_recipe(loaded, recipe, calibration, training=training, general=general)
     if out is not None:
         save_model(result, out)
     return result
@@ -164,6 +166,13 @@ def benchmark(
     )
 
 
+def _data_checked(spec: TaskSpec) -> Task:
+    """The task of `spec` with its data read, so a bad file fails before a study starts."""
+    task = make_task(spec)
+    task.texts("calibration")
+    return task
+
+
 def optimize(
     model: str | os.PathLike[str],
     *,
@@ -185,6 +194,8 @@ def optimize(
     reporter: Reporter | None = None,
     confirm_rounds: int = 3,
     allow_other_cpu: bool = False,
+    guards: list[str] | tuple[str, ...] = (),
+    default_guards: bool = True,
 ) -> StudyResult:
     """Search passes jointly, measure every candidate, return the Pareto front and the choice.
 
@@ -192,17 +203,23 @@ def optimize(
     `passes`: pass names, or `pass:setting=value` to offer a setting this CPU would not
     profit from. `confirm_rounds`: alternating fresh-process timings of baseline and chosen
     model at the end (0 = off). `allow_other_cpu`: resume a run measured on another machine,
-    measuring its trials again here.
+    measuring its trials again here. `guards`: conditions on the task's figures a chosen model
+    must meet beside `max_drop` (e.g. "cosine_fidelity>=0.95"); the task's own default guards
+    are added unless `default_guards` is false (a guard of yours on the same figure replaces
+    the default one).
     """
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
     path = resolve_path(model)
     spec = task_spec(task, None, head=natural_head(path), data=data, seed=seed)
     name = str(model)
+    budget = parse_max_drop(max_drop)
+    defaults = _data_checked(spec).default_guards(budget) if default_guards else ()
     settings = StudySettings(
         model=name if assets.resolve_model_name(name) else str(path.resolve()),
         task=spec,
-        max_drop=parse_max_drop(max_drop),
+        max_drop=budget,
+        guards=resolve_guards(guards, defaults),
         objective=objective,
         trials=trials if time_budget is None or trials is not None else None,
         time_budget_s=parse_duration(time_budget) if isinstance(time_budget, str) else time_budget,

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 Batch = dict[str, "torch.Tensor"]
-KINDS = ("calibration", "training")
+KINDS = ("calibration", "training", "general")
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,19 @@ def build_isolated(
 
 
 # --- the batches, shared by every child of a study ------------------------------------------
-def save_batches(path: Path, calibration: Sequence[Batch], training: Sequence[Batch]) -> None:
-    """Write the batches atomically (a crash leaves no half file that a child would read)."""
+def save_batches(
+    path: Path,
+    calibration: Sequence[Batch],
+    training: Sequence[Batch],
+    general: Sequence[Batch] = (),
+) -> None:
+    """Write the batches atomically (a crash leaves no half file that a child would read):
+    calibration, training, and the general-domain batches a distillation may mix in."""
     from safetensors.torch import save_file
 
     tensors = {
         f"{kind}.{index:05d}.{name}": tensor.contiguous()
-        for kind, batches in zip(KINDS, (calibration, training), strict=True)
+        for kind, batches in zip(KINDS, (calibration, training, general), strict=True)
         for index, batch in enumerate(batches)
         for name, tensor in batch.items()
     }
@@ -98,16 +104,18 @@ def save_batches(path: Path, calibration: Sequence[Batch], training: Sequence[Ba
     tmp.replace(path)
 
 
-def load_batches(path: Path) -> tuple[list[Batch], list[Batch]]:
-    """The calibration and training batches `save_batches` wrote, in their order."""
+def load_batches(path: Path) -> tuple[list[Batch], list[Batch], list[Batch]]:
+    """The calibration, training and general batches `save_batches` wrote, in their order."""
     from safetensors.torch import load_file
 
     grouped: dict[str, dict[int, Batch]] = {kind: {} for kind in KINDS}
     for key, tensor in load_file(str(path)).items():
         kind, index, name = key.split(".", 2)
         grouped[kind].setdefault(int(index), {})[name] = tensor
-    calibration, training = ([batches[i] for i in sorted(batches)] for batches in grouped.values())
-    return calibration, training
+    calibration, training, general = (
+        [batches[i] for i in sorted(batches)] for batches in grouped.values()
+    )
+    return calibration, training, general
 
 
 # --- the child ------------------------------------------------------------------------------
@@ -150,13 +158,13 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     recipe = Recipe.from_dict(request["recipe"])
     report_stage("loading the original")
     original = load_model(Path(request["model"]), head=task.head)
-    calibration, training = (
-        load_batches(Path(request["batches"])) if request["batches"] else ([], [])
+    calibration, training, general = (
+        load_batches(Path(request["batches"])) if request["batches"] else ([], [], [])
     )
     load_s = time.monotonic() - started
     clock = _PassClock([step.pass_name for step in sorted_steps(recipe)])
     with passes_deadline(request["passes_deadline"]):
-        candidate = apply_recipe(original, recipe, calibration, clock.progress, training)
+        candidate = apply_recipe(original, recipe, calibration, clock.progress, training, general)
     clock.stop()
     report_stage("saving")
     saving = time.monotonic()

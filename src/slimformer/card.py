@@ -16,6 +16,7 @@ from slimformer.figures import CONFIRMED_FIGURES, figures_of_merit, improvement
 from slimformer.files import write_atomic
 from slimformer.report import format_drop, format_quality
 from slimformer.search.confirm import unsteady
+from slimformer.search.guards import figure_drops, parse_guard
 from slimformer.search.records import BestModel
 from slimformer.tasks import make_task
 
@@ -30,7 +31,8 @@ def model_card(best: BestModel, saved: dict[str, Any]) -> str:
     chosen, baseline, settings = best.chosen, best.baseline, best.settings
     cpu = CpuFingerprint.from_dict(best.cpu)
     confirmed = best.confirmed
-    bounded = make_task(settings.task).bounded
+    task = make_task(settings.task)
+    bounded = task.bounded
     rows = [
         (
             "quality (" + best.metric + ")",
@@ -68,6 +70,7 @@ def model_card(best: BestModel, saved: dict[str, Any]) -> str:
     if runtime:
         loading += f" `slimformer.load` returns it running in `{runtime}`."
     status = "meets" if best.met_budget else "does NOT meet"
+    limits = "the quality budget" + (" and its guards" if settings.guards else "")
     threads = baseline.measurement["threads"]
     throughput_batches = {
         "bucketed": "batches sorted by length and padded to their longest",
@@ -84,9 +87,11 @@ def model_card(best: BestModel, saved: dict[str, Any]) -> str:
     return f"""# slimformer model
 
 Derived from `{settings.model}` by `{chosen.description}` (study trial {chosen.number}).
-It {status} the quality budget (max drop {format_drop(settings.max_drop, bounded)}) on the
+It {status} {limits} (max drop {format_drop(settings.max_drop, bounded)}) on the
 `{settings.task.name}` task.
 
+Quality (`{best.metric}`) is {escape_md(task.describe_score())}
+{_guards_section(best)}
 Load it with `slimformer.load(this_folder)`. {loading}
 Replay it with `slimformer apply recipe.yaml {settings.model} --out DIR`.
 
@@ -106,6 +111,34 @@ Memory is the resident memory added by loading and serving the model in a fresh 
 These are facts about this machine: on a CPU with other instruction sets the ranking of
 engines and precisions can differ (`slimformer bench this_folder` there shows today's figures
 beside these).
+"""
+
+
+def _guards_section(best: BestModel) -> str:
+    """Each guard with the baseline's and this model's figure and whether it was met."""
+    if not best.settings.guards:
+        return ""
+    chosen, baseline, metric = best.chosen, best.baseline, best.metric
+    figures = {metric: chosen.quality, **chosen.details}
+    drops = figure_drops(metric, chosen.drop or 0.0, chosen.details, baseline.details)
+    base_figures = {metric: baseline.quality, **baseline.details}
+    base_drops = figure_drops(metric, 0.0, baseline.details, baseline.details)
+    rows = []
+    for text in best.settings.guards:
+        guard = parse_guard(text)
+        met = chosen.guards.get(text)
+        rows.append(
+            f"| {escape_md(guard.display())} | {guard.value(base_figures, base_drops):.4f} | "
+            f"{guard.value(figures, drops):.4f} | {'yes' if met else 'NO'} |"
+        )
+    table = "\n".join(rows)
+    return f"""
+Guards: conditions beside the budget that every candidate had to meet to be chosen (a
+`drop(...)` is how much lower than the baseline's the figure is).
+
+| guard | baseline | this model | met |
+|---|---|---|---|
+{table}
 """
 
 

@@ -40,10 +40,31 @@ TaskOpt = Annotated[
 ]
 DataOpt = Annotated[
     str | None,
-    typer.Option(help="your data: CSV/JSONL (classification) or a text file (perplexity, custom)"),
+    typer.Option(
+        help="your data: CSV/JSONL (classification, embedding) or a text file, one text a line "
+        "(embedding, perplexity, custom)"
+    ),
 ]
-TextColumnOpt = Annotated[str, typer.Option(help="classification: the text column")]
-LabelColumnOpt = Annotated[str, typer.Option(help="classification: the label column")]
+TextColumnOpt = Annotated[
+    str, typer.Option(help="classification, embedding: the text column of a CSV/JSONL file")
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="classification: the label column (default: label); embedding: score a probe on "
+        "these labels instead of the label-free neighbour recall"
+    ),
+]
+PairColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="embedding: the column of each row's second sentence (sentence pairs, with "
+        "--score-column); the score is then the Spearman correlation with the gold scores"
+    ),
+]
+ScoreColumnOpt = Annotated[
+    str | None, typer.Option(help="embedding: the column of each pair's gold similarity")
+]
 FunctionOpt = Annotated[
     str | None,
     typer.Option(help="custom task: module:function taking the model, returning a float"),
@@ -69,7 +90,9 @@ def bench(
     task: TaskOpt = None,
     data: DataOpt = None,
     text_column: TextColumnOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    label_column: LabelColumnOpt = None,
+    pair_column: PairColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     function: FunctionOpt = None,
     direction: DirectionOpt = None,
     batch_size: BatchOpt = 32,
@@ -80,7 +103,8 @@ def bench(
     """Measure one model: quality, latency (median, p90), throughput, memory, size, FLOPs."""
     from slimformer import api
 
-    spec = _task_spec(task, data, text_column, label_column, function, direction)
+    columns = (text_column, label_column, pair_column, score_column)
+    spec = _task_spec(task, data, columns, function, direction)
     with err.status(f"measuring {escape(model)} in a fresh process…"):
         result = api.benchmark(
             model, task=spec, batch_size=batch_size, seq_len=seq_len, threads=threads
@@ -142,7 +166,9 @@ def optimize(
     task: TaskOpt = None,
     data: DataOpt = None,
     text_column: TextColumnOpt = "text",
-    label_column: LabelColumnOpt = "label",
+    label_column: LabelColumnOpt = None,
+    pair_column: PairColumnOpt = None,
+    score_column: ScoreColumnOpt = None,
     function: FunctionOpt = None,
     direction: DirectionOpt = None,
     max_drop: Annotated[
@@ -152,6 +178,22 @@ def optimize(
             "perplexity and custom scores, relative to the baseline"
         ),
     ] = "1%",
+    guard: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a condition on a figure the task reports, met beside --max-drop, e.g. "
+            "'cosine_fidelity>=0.95' or 'drop(transfer_probe_accuracy)<=1%' (repeatable; "
+            "replaces the task's default guard on the same figure)"
+        ),
+    ] = None,
+    default_guards: Annotated[
+        bool,
+        typer.Option(
+            "--default-guards/--no-default-guards",
+            help="add the task's own guards (embedding: neighbour recall, and on the built-in "
+            "data the transfer domain within --max-drop)",
+        ),
+    ] = True,
     trials: Annotated[
         int | None,
         typer.Option(
@@ -206,7 +248,8 @@ def optimize(
     if passes is not None and not passes.strip():
         raise SlimformerError("--passes names no pass; leave it out to search every pass")
     run_dir = out_dir or Path("runs") / Path(model).name
-    spec = _task_spec(task, data, text_column, label_column, function, direction, seed)
+    columns = (text_column, label_column, pair_column, score_column)
+    spec = _task_spec(task, data, columns, function, direction, seed)
     try:
         with RichReporter(err) as reporter:
             result = api.optimize(
@@ -228,6 +271,8 @@ def optimize(
                 reporter=reporter,
                 confirm_rounds=confirm_rounds,
                 allow_other_cpu=allow_other_cpu,
+                guards=list(guard or ()),
+                default_guards=default_guards,
             )
     except KeyboardInterrupt:
         err.print(
@@ -353,26 +398,31 @@ def assets_status() -> None:
 def _task_spec(
     task: str | None,
     data: str | None,
-    text_column: str,
-    label_column: str,
+    columns: tuple[str, str | None, str | None, str | None],
     function: str | None,
     direction: str | None,
     seed: int = 0,
 ) -> object:
-    """The task options as a TaskSpec; None when no option was given (the model decides)."""
+    """The task options as a TaskSpec; None when no option was given (the model decides).
+    `columns`: the text, label, pair and score columns."""
     from slimformer.tasks import TaskSpec
 
+    text_column, label_column, pair_column, score_column = columns
     if task is None and not (data or function or direction):
         return None
     if task is None:
         task = "custom" if function else None
     if task is None:
-        raise SlimformerError("--data needs --task (classification, perplexity or custom)")
+        raise SlimformerError(
+            "--data needs --task (classification, embedding, perplexity or custom)"
+        )
     return TaskSpec(
         name=task,
         data=data,
         text_column=text_column,
         label_column=label_column,
+        pair_column=pair_column,
+        score_column=score_column,
         function=function,
         direction=direction,
         seed=seed,

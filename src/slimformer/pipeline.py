@@ -131,6 +131,7 @@ def apply_recipe(
     calibration: Batches = (),
     progress: Callable[[str], None] | None = None,
     training: Batches = (),
+    general: Batches = (),
 ) -> SlimModel:
     """Replay `recipe` on a copy of `model`; the input model is left untouched."""
     check_recipe(recipe)
@@ -145,6 +146,7 @@ def apply_recipe(
         ctx = PassContext(
             calibration=calibration,
             training=training,
+            general=general,
             teacher=model,
             seed=recipe.seed,
             progress=progress or (lambda message: None),

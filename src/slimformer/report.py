@@ -66,6 +66,7 @@ class RichReporter:
         self.current_title = ""
         self.bounded = True
         self.objective = "latency"
+        self.max_drop: float | None = None
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -83,6 +84,7 @@ class RichReporter:
             self.setup = None
         self.bounded = _bounded(settings)
         self.objective = settings.objective
+        self.max_drop = settings.max_drop
         self.overall = self.progress.add_task("trials", total=total, completed=done)
 
     def trial_started(self, number: int, description: str) -> None:
@@ -110,7 +112,7 @@ class RichReporter:
             self.current = None
         if self.overall is not None:
             self.progress.advance(self.overall)
-        self.progress.console.print(trial_line(record, self.objective, self.bounded))
+        self.progress.console.print(trial_line(record, self.objective, self.bounded, self.max_drop))
 
     def note(self, text: str) -> None:
         """Something the user should read later too: a line that stays."""
@@ -124,11 +126,20 @@ class RichReporter:
             self.progress.update(self.setup, description=escape(text))
 
 
-def trial_line(record: TrialRecord, objective: str, bounded: bool) -> str:
+def trial_line(
+    record: TrialRecord, objective: str, bounded: bool, max_drop: float | None = None
+) -> str:
     head = f"trial {record.number:>3}  {_clip(record.description, 70):<70}"
     if record.state != "complete":
         return f"{escape(head)}  [red]{record.state}[/red] {escape(record.error or '')}"
-    mark = "[green]within budget[/green]" if record.feasible else "[yellow]over budget[/yellow]"
+    failed = failed_guards(record)
+    over = not failed or (max_drop is not None and (record.drop or 0) > max_drop + 1e-12)
+    problems = (["over budget"] if over else []) + [f"guard {g} failed" for g in failed]
+    mark = (
+        "[green]within budget[/green]"
+        if record.feasible
+        else f"[yellow]{escape('; '.join(problems))}[/yellow]"
+    )
     figure = BY_NAME[objective]
     return (
         f"{escape(head)}  {format_quality(record.quality, bounded)} "
@@ -150,7 +161,9 @@ def trials_table(
     baseline = baseline or next((r for r in records if r.is_baseline and r.comparable), None)
     table = Table(title=title, title_justify="left")
     figures = table_columns()
-    columns = ["#", "recipe", "quality", "drop", *(f.column for f in figures), "speed-up", "front"]
+    guarded = bool(settings.guards)
+    columns = ["#", "recipe", "quality", "drop", *(f.column for f in figures), "speed-up"]
+    columns += ["guards", "front"] if guarded else ["front"]
     for column in columns:
         table.add_column(column, justify="left" if column == "recipe" else "right")
     blank = [""] * (len(columns) - 4)  # from the drop to the speed-up
@@ -180,6 +193,8 @@ def trials_table(
         drop_text = format_drop(r.drop, bounded)
         if not r.feasible:
             drop_text = f"[yellow]{drop_text}[/yellow]"
+        failed = failed_guards(r)
+        guard_cell = f"[yellow]✗ {escape(_clip(', '.join(failed), 40))}[/yellow]" if failed else "✓"
         table.add_row(
             str(r.number),
             escape(_clip(r.description, 60)),
@@ -187,9 +202,14 @@ def trials_table(
             drop_text,
             *(f.show(m) for f in figures),
             speedup,
+            *([guard_cell] if guarded else []),
             "★" if r.number in pareto else "",
         )
     return table
+
+
+def failed_guards(record: TrialRecord) -> list[str]:
+    return [guard for guard, met in record.guards.items() if not met]
 
 
 def print_study(result: StudyResult, console: Console) -> None:
@@ -216,6 +236,7 @@ def print_study(result: StudyResult, console: Console) -> None:
             f"{spread['min']:.2f}–{spread['max']:.2f}×"
         )
     budget = format_drop(settings.max_drop, bounded).lstrip("+")
+    limits = f"--max-drop {budget}" + (" and the guards" if settings.guards else "")
     warning = unsteady(result.confirmed) if result.confirmed else None
     if warning:
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -229,11 +250,14 @@ def print_study(result: StudyResult, console: Console) -> None:
         )
     else:
         console.print(
-            f"[yellow]no optimized candidate met --max-drop {budget}[/yellow]; saved the "
+            f"[yellow]no optimized candidate met {limits}[/yellow]; saved the "
             f"best-quality frontier point instead: trial {chosen.number} "
             f"({escape(chosen.description)}), "
             f"drop {format_drop(chosen.drop, bounded)}"
         )
+    if settings.guards:
+        marks = [f"{g} {'✓' if chosen.guards.get(g) else '✗'}" for g in settings.guards]
+        console.print(escape("guards: " + ", ".join(marks)))
     if result.best_dir:
         console.print(f"saved to {result.best_dir}")
 

@@ -21,7 +21,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,),
     "data": (str, type(None)),
     "text_column": (str,),
-    "label_column": (str,),
+    "label_column": (str, type(None)),
+    "pair_column": (str, type(None)),
+    "score_column": (str, type(None)),
     "function": (str, type(None)),
     "direction": (str, type(None)),
     "seq_len": (int, type(None)),
@@ -42,7 +44,13 @@ class TaskSpec:
     name: str
     data: str | None = None  # a user data file; None = the task's built-in offline data
     text_column: str = "text"
-    label_column: str = "label"
+    # None: classification reads a "label" column; embedding then scores label-free (how the
+    # candidate keeps the original's neighbours) instead of fitting a probe on labels.
+    label_column: str | None = None
+    # Embedding on sentence pairs with a gold similarity (STS style): the second sentence's
+    # column and the score's; the score is then the Spearman correlation with the gold.
+    pair_column: str | None = None
+    score_column: str | None = None
     function: str | None = None  # custom task: "module:function" returning a float
     direction: str | None = None  # custom task: maximize | minimize
     seq_len: int | None = None  # max tokens per input; None = the task's default
@@ -74,8 +82,29 @@ class TaskSpec:
                 "the classification task needs --data FILE (CSV or JSONL with text and label "
                 "columns)"
             )
+        self._check_embedding_columns()
         if self.seq_len is not None and self.seq_len < 8:
             raise SlimformerError(f"--seq-len must be at least 8, got {self.seq_len}")
+
+    def _check_embedding_columns(self) -> None:
+        pairs = (self.pair_column, self.score_column)
+        if any(pairs) and self.name != "embedding":
+            raise SlimformerError("--pair-column and --score-column are for --task embedding")
+        if any(pairs) and not all(pairs):
+            raise SlimformerError(
+                "sentence pairs need both --pair-column (the second sentence) and "
+                "--score-column (their gold similarity)"
+            )
+        if self.name == "embedding" and not self.data and (self.label_column or any(pairs)):
+            raise SlimformerError(
+                "--label-column, --pair-column and --score-column name columns of your --data "
+                "file; the built-in embedding task has none to choose"
+            )
+        if self.name == "embedding" and self.label_column and any(pairs):
+            raise SlimformerError(
+                "choose one embedding score: --label-column (a probe) or --pair-column with "
+                "--score-column (similarity correlation), not both"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -90,4 +119,8 @@ class TaskSpec:
         unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
             raise SlimformerError(f"{origin}: unknown task setting(s): {', '.join(unknown)}")
+        if data["name"] == "embedding" and not data.get("data"):
+            # Written by earlier versions, which stored classification's default column in
+            # every spec; the built-in embedding task has no columns.
+            data = {k: v for k, v in data.items() if k != "label_column"}
         return cls(**data)

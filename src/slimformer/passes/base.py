@@ -253,6 +253,8 @@ class PassContext:
     calibration: Sequence[dict[str, torch.Tensor]] = ()
     # Unlabeled task inputs for training passes (distillation), disjoint from scored data.
     training: Sequence[dict[str, torch.Tensor]] = ()
+    # General-domain inputs a training pass may mix in (the task's `general_texts`); unscored.
+    general: Sequence[dict[str, torch.Tensor]] = ()
     teacher: Any = None  # the model before this recipe ran (a SlimModel)
     seed: int = 0
     progress: Callable[[str], None] = lambda message: None
@@ -329,6 +331,9 @@ class Pass(ABC):
     # capability (`cpu.CAPABILITIES`: "native_bf16", "vnni"). Elsewhere the study does not
     # offer them unless the user names them; `slimformer passes` shows which this CPU offers.
     pays_off_only_with: ClassVar[dict[str, str]] = {}
+    # Settings that act only on a general corpus the task provides (`Task.general_texts`):
+    # with a task that has none, the study offers only their defaults.
+    general_corpus_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -4,9 +4,13 @@ pruned one.
 Trains the student on unlabeled task inputs (never the scored split) to match the teacher's
 outputs: KL divergence of temperature-softened logits for LMs and classifiers, cosine distance
 of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
-states. AdamW, a step budget and a time budget, deterministic for a seed. At the study's
-deadline it stops early and keeps what it trained (`resolved` records the steps done). Placed
-after the structural passes and before quantization, so the student trains in float.
+states, and of the batch's similarity matrix (each pair of inputs' cosine similarity, so the
+student keeps the teacher's neighbourhoods, not only each vector's direction). A share of the
+steps may train on a general corpus the task provides (Wikipedia sentences for the embedding
+task) instead, so what the student learns holds beyond the task's own domain. AdamW, a step
+budget and a time budget, deterministic for a seed. At the study's deadline it stops early and
+keeps what it trained (`resolved` records the steps done). Placed after the structural passes
+and before quantization, so the student trains in float.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class DistillConfig:
     hidden_weight: float = searchable(
         0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
     )
+    similarity_weight: float = searchable(
+        0.0,
+        Choice((0.0, 1.0, 10.0)),
+        "weight of similarity-matrix matching: the student's cosine similarities between a "
+        "batch's pooled inputs against the teacher's",
+    )
+    general_fraction: float = searchable(
+        0.0,
+        Choice((0.0, 0.25, 0.5)),
+        "share of the steps trained on the task's general corpus (Wikipedia sentences for the "
+        "embedding task) instead of its own inputs",
+    )
     temperature: float = fixed(2.0, "softening of teacher and student logits")
     time_budget_s: float = fixed(600.0, "stop training after this many seconds")
 
@@ -60,21 +76,45 @@ def _final_hidden(output: Any) -> torch.Tensor:
     return output.last_hidden_state
 
 
+def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the two [batch, batch] cosine-similarity matrices."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    return F.mse_loss(s @ s.T, t @ t.T)
+
+
+def draw_batch(
+    task: list[dict[str, torch.Tensor]],
+    general: list[dict[str, torch.Tensor]],
+    general_fraction: float,
+    order: random.Random,
+) -> dict[str, torch.Tensor]:
+    """The next training batch: from the general corpus with probability `general_fraction`,
+    else from the task's inputs (at 0, the very draws distillation made before it could mix)."""
+    if general_fraction > 0 and order.random() < general_fraction:
+        return general[order.randrange(len(general))]
+    return task[order.randrange(len(task))]
+
+
 def distillation_loss(
     student: SlimModel,
     teacher: SlimModel,
     batch: dict[str, torch.Tensor],
     config: DistillConfig,
 ) -> torch.Tensor:
-    wants_hidden = config.hidden_weight > 0 and student.head != "embedding"
+    wants_hidden = student.head != "embedding" and (
+        config.hidden_weight > 0 or config.similarity_weight > 0
+    )
     with torch.no_grad():
         target = teacher(**batch, output_hidden_states=wants_hidden)
     output = student(**batch, output_hidden_states=wants_hidden)
     if student.head == "embedding":
         s, t = output.last_hidden_state, target.last_hidden_state
-        loss = (1 - F.cosine_similarity(_pooled(s, batch), _pooled(t, batch), dim=-1)).mean()
+        s_pooled, t_pooled = _pooled(s, batch), _pooled(t, batch)
+        loss = (1 - F.cosine_similarity(s_pooled, t_pooled, dim=-1)).mean()
         if config.hidden_weight > 0:
             loss = loss + config.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean()
+        if config.similarity_weight > 0:
+            loss = loss + config.similarity_weight * similarity_loss(s_pooled, t_pooled)
         return loss
     temp = config.temperature
     s_logits, t_logits = output.logits / temp, target.logits / temp
@@ -85,7 +125,7 @@ def distillation_loss(
     if kl.dim() == 2 and mask is not None and mask.shape == kl.shape:
         kl = (kl * mask).sum() / mask.sum()
     loss = kl.mean() * temp**2
-    if wants_hidden:
+    if config.hidden_weight > 0:
         t_hidden = _final_hidden(target)
         loss = (
             loss
@@ -93,6 +133,9 @@ def distillation_loss(
             * F.mse_loss(_final_hidden(output), t_hidden)
             / t_hidden.pow(2).mean()
         )
+    if config.similarity_weight > 0:
+        pooled = (_pooled(_final_hidden(h), batch) for h in (output, target))
+        loss = loss + config.similarity_weight * similarity_loss(*pooled)
     return loss
 
 
@@ -104,6 +147,7 @@ class Distill(Pass):
     phase = Phase.RECOVERY
     needs_calibration = True  # its batches stand in when no training batches are given
     needs_training = True
+    general_corpus_settings = ("general_fraction",)
 
     @classmethod
     def calibration_required(cls, config: DistillConfig) -> bool:
@@ -117,6 +161,12 @@ class Distill(Pass):
             raise SlimformerError("recover.distill needs at least two batches of task inputs")
         if ctx.time_left() <= 0:  # the study's deadline came before it could start
             return {"steps": 0, "stopped": STOPPED}
+        general = list(ctx.general)
+        if config.general_fraction > 0 and not general:
+            raise SlimformerError(
+                "recover.distill: general_fraction needs a general corpus, and this task "
+                "provides none (the embedding task does)"
+            )
         held = max(1, int(len(data) * HELD_OUT_FRACTION))
         train, held_out = data[:-held], data[-held:]
         measuring = time.monotonic()
@@ -136,7 +186,7 @@ class Distill(Pass):
                 at_deadline = ctx.time_left() <= 0
                 if at_deadline:  # keep what was trained so far
                     break
-                batch = train[order.randrange(len(train))]
+                batch = draw_batch(train, general, config.general_fraction, order)
                 loss = distillation_loss(model, ctx.teacher, batch, config)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -136,7 +136,8 @@ class ModelBuilder:
         applicable = [c for c in pass_classes if c.applies_to(base)]
         trains = any(cls.needs_training for cls in applicable)
         training = self.task.training_batches(base) if trains else []
-        save_batches(self.batches_path, self.task.calibration_batches(base), training)
+        general = self.task.general_batches(base) if trains else []
+        save_batches(self.batches_path, self.task.calibration_batches(base), training, general)
         self.facts = base.adapter.facts()
         return applicable
 

@@ -1,9 +1,9 @@
 """The Optuna side of a study: its SQLite storage, what reruns on resume, trials as records.
 
 A trial's facts live in its Optuna user attributes (description, recipe, quality, drop,
-feasible, details, measurement, cpu, error, duration_s, timings, duplicate_of); `to_record`
-reads them back as a TrialRecord. Only trials measured on this machine (`measured_here`) are
-compared.
+feasible, constraints, guards, details, measurement, cpu, error, duration_s, timings,
+duplicate_of); `to_record` reads them back as a TrialRecord. Only trials measured on this
+machine (`measured_here`) are compared.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from slimformer.cpu import CpuFingerprint
 from slimformer.passes import Pass
 from slimformer.recipe import Recipe
+from slimformer.search import guards
 from slimformer.search.records import TrialRecord
 from slimformer.search.settings import StudySettings
 from slimformer.search.space import START_VALUES, baseline_params, recipe_params, start_values
@@ -150,7 +151,11 @@ def reuse(trial: optuna.Trial, earlier: FrozenTrial, max_drop: float) -> tuple[f
     """Tell a repeated recipe the earlier trial's result, at no cost."""
     for key in MEASURED_ATTRS:
         trial.set_user_attr(key, earlier.user_attrs[key])
-    trial.set_constraint("max_drop", earlier.user_attrs["drop"] - max_drop)
+    # Trials of runs older than guards recorded only the budget's constraint.
+    constraints = earlier.user_attrs.get("constraints") or {
+        guards.MAX_DROP: earlier.user_attrs["drop"] - max_drop
+    }
+    guards.record(trial, constraints)
     trial.set_user_attr("duplicate_of", earlier.number)
     return tuple(earlier.values)  # type: ignore[return-value]
 
@@ -182,6 +187,7 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         drop=attrs.get("drop"),
         feasible=attrs.get("feasible"),
         details=attrs.get("details", {}),
+        guards=attrs.get("guards", {}),
         measurement=attrs.get("measurement", {}),
         error=attrs.get("error"),
         duration_s=attrs.get("duration_s"),

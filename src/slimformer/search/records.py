@@ -25,8 +25,9 @@ class TrialRecord:
     recipe: dict[str, Any] | None = None
     quality: float | None = None
     drop: float | None = None
-    feasible: bool | None = None
+    feasible: bool | None = None  # within max_drop and every guard met
     details: dict[str, float] = field(default_factory=dict)
+    guards: dict[str, bool] = field(default_factory=dict)  # guard -> met (search/guards.py)
     measurement: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     duration_s: float | None = None
@@ -106,6 +107,7 @@ _RECORD_TYPES: dict[str, type] = {
     "error": str,
     "duration_s": float,
     "timings": dict,
+    "guards": dict,
     "duplicate_of": int,
     "cpu": dict,
     "stale": bool,
@@ -146,6 +148,7 @@ class BestModel:
             "metric": self.metric,
             "quality": chosen.quality,
             "drop": chosen.drop,
+            "guards": chosen.guards,
             "details": chosen.details,
             "measurement": chosen.measurement,
             "baseline": {

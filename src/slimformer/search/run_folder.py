@@ -137,6 +137,7 @@ class RunFolder:
             "objective": settings.objective,
             "metric": metric,
             "max_drop": settings.max_drop,
+            "guards": list(settings.guards),
             "cpu": cpu.to_dict(),
             "front": [asdict(find(records, n)) for n in front],
         }

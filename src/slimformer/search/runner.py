@@ -42,7 +42,7 @@ from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
-from slimformer.search import optuna_study
+from slimformer.search import guards, optuna_study
 from slimformer.search.budget import TimeBudget, Timings, estimate
 from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
 from slimformer.search.confirm import confirm_ratios
@@ -195,8 +195,8 @@ class Study:
         cost = result.measurement[self.settings.cost_field]
         trial.set_user_attr("quality", quality)
         trial.set_user_attr("drop", drop)
-        trial.set_user_attr("feasible", drop <= self.settings.max_drop + 1e-12)
-        trial.set_constraint("max_drop", drop - self.settings.max_drop)
+        base = result.details if baseline is None else baseline.user_attrs["details"]
+        guards.judge(trial, self.settings, self.task.metric, quality, drop, result.details, base)
         trial.set_user_attr("details", result.details)
         trial.set_user_attr("measurement", result.measurement)
         trial.set_user_attr("cpu", result.cpu or self.cpu.to_dict())

@@ -1,5 +1,6 @@
 """What a study is asked to do: its settings, the parsing of budgets and `--passes` entries,
-and which settings of the passes it withholds on a CPU that would not profit from them."""
+and which settings of the passes it withholds on a CPU that would not profit from them (or
+with a task that gives them nothing to act on)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from slimformer.errors import SlimformerError
 from slimformer.figures import OBJECTIVES
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Choice, Pass, get_pass, registered_passes
-from slimformer.tasks import TaskSpec
+from slimformer.passes.base import setting_default
+from slimformer.search.guards import check_guards
+from slimformer.tasks import TaskSpec, make_task
 from slimformer.taskspec import check_seed
 
 # (setting, value) pairs of a pass the study does not offer on this CPU, by pass name.
@@ -105,6 +108,9 @@ class StudySettings:
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     # Alternating fresh-process timings of baseline and chosen model when the study ends.
     confirm_rounds: int = 3
+    # Conditions on the task's figures a trial must meet beside max_drop (guards.py), the
+    # task's defaults already merged in (api.optimize), so run.json holds all that applied.
+    guards: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _number(self.max_drop) or not (math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -141,6 +147,8 @@ class StudySettings:
                 raise SlimformerError(
                     f"--passes: {name} needs {', '.join(missing)}; add it to the list"
                 )
+        task = make_task(self.task)
+        check_guards(self.guards, task.reported_figures(), task.name)
 
     @property
     def cost_field(self) -> str:
@@ -172,7 +180,8 @@ class StudySettings:
     def withheld(self, cpu: CpuFingerprint) -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
         """What the study does not offer on `cpu` (by pass: (setting, value) pairs; a pass
         withheld whole is left out of `pass_classes` by the caller through the "" key), and
-        one note per setting kept only because the user named it."""
+        one note per setting kept only because the user named it. Settings that act on a
+        general corpus are left at their default for a task that has none."""
         named, _ = split_pass_names(self.passes)
         requested = self.requested_settings()
         withheld: dict[str, set[tuple[str, str]]] = {}
@@ -191,6 +200,15 @@ class StudySettings:
                 else:
                     key, _, value = setting.partition("=")
                     withheld.setdefault(cls.name, set()).add((key, value))
+        if not make_task(self.task).has_general_corpus:
+            for cls in self.pass_classes():
+                for setting in cls.general_corpus_settings:
+                    default = setting_default(cls.config_class, setting)
+                    space = cls.search_space()[setting]
+                    options = space.options if isinstance(space, Choice) else ()
+                    withheld.setdefault(cls.name, set()).update(
+                        (setting, str(o)) for o in options if o != default
+                    )
         return withheld, notes
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +216,7 @@ class StudySettings:
         data["task"] = self.task.to_dict()
         data["passes"] = list(self.passes)
         data["starts"] = list(self.starts)
+        data["guards"] = list(self.guards)
         return data
 
     @classmethod
@@ -208,5 +227,6 @@ class StudySettings:
         data["task"] = TaskSpec.from_dict(data["task"])
         data["passes"] = tuple(data.get("passes") or ())
         data["starts"] = tuple(data.get("starts") or ())
+        data["guards"] = tuple(data.get("guards") or ())
         data["measure"] = MeasureSettings(**data.get("measure") or {})
         return cls(**data)

@@ -51,25 +51,31 @@ def load_state(path: Path) -> State:
 def reference_state(reference_dir: Path, spec: TaskSpec, loaded: SlimModel | None = None) -> Path:
     """The task's arrays from the reference (original) model, computed once per machine.
 
-    Keyed by the checkpoint's path and weight files (size, mtime) and the task spec, so a
-    re-saved model or another task gets its own entry.
+    Keyed by the checkpoint's path and weight files (size, mtime), the task spec, the user's
+    data file (size, mtime) and the task's state version, so a re-saved model, edited data or
+    another task gets its own entry.
     """
     from slimformer import assets
     from slimformer.checkpoint import load_model
 
     reference_dir = Path(reference_dir).resolve()
     weights = sorted(p for p in reference_dir.iterdir() if p.suffix == ".safetensors")
+    data = Path(spec.data) if spec.data else None
+    task = make_task(spec)
     fingerprint = json.dumps(
         [
             str(reference_dir),
             [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
             spec.to_dict(),
+            [str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns]
+            if data is not None and data.is_file()
+            else None,
+            task.state_version,
         ]
     )
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     path = assets.cache_dir() / "task-state" / f"{spec.name}-{digest}.safetensors"
     if not path.is_file():
-        task = make_task(spec)
         model = loaded or load_model(reference_dir, head=task.head)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_state(task.prepare(model), path)

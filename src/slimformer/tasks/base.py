@@ -53,6 +53,10 @@ class Task(ABC):
     split_aliases: ClassVar[dict[str, str]] = {"timing": "test", "training": "calibration"}
     calibration_size: ClassVar[int] = 128  # inputs the passes calibrate on
     training_batch_size: ClassVar[int] = 32  # inputs per distillation step
+    # Bump when `prepare` returns other arrays: reference states cached earlier are redone.
+    state_version: ClassVar[int] = 1
+    # Whether `general_texts` has a corpus for training passes to mix in.
+    has_general_corpus: ClassVar[bool] = False
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -86,6 +90,21 @@ class Task(ABC):
             for i in range(0, len(examples), batch_size)
         ]
 
+    def general_texts(self) -> list[str]:
+        """General-domain text a training pass may mix into the task's own (distillation that
+        should generalize beyond the task's domain); never scored. None by default."""
+        return []
+
+    def general_batches(
+        self, model: SlimModel, batch_size: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        examples = encode(model, self.general_texts(), self.seq_len)
+        batch_size = batch_size or self.training_batch_size
+        return [
+            collate(model, examples[i : i + batch_size])
+            for i in range(0, len(examples), batch_size)
+        ]
+
     def examples(self, model: SlimModel, split: str) -> list[list[int]]:
         """Token ids, one list per input, unpadded, truncated to the task's sequence length."""
         return encode(model, self.texts(split), self.seq_len)
@@ -97,6 +116,19 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, model: SlimModel, state: State) -> Score: ...
+
+    def reported_figures(self) -> tuple[str, ...]:
+        """The figures `score` reports (the score, then its details), which guards may name."""
+        return (self.metric,)
+
+    def default_guards(self, max_drop: float) -> tuple[str, ...]:
+        """Guards (search/guards.py syntax) a study on this task gets beside --max-drop
+        unless the user switches them off."""
+        return ()
+
+    def describe_score(self) -> str:
+        """What the score measures, in a sentence, for the model card."""
+        return f"the {self.metric} of the {self.name} task."
 
     def make_score(self, value: float, **details: float) -> Score:
         return Score(float(value), self.metric, self.direction, self.bounded, details)

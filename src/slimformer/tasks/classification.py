@@ -55,20 +55,21 @@ class ClassificationTask(Task):
         if not rows:
             raise SlimformerError(f"data file {path} has no rows")
         columns = list(rows[0]) if isinstance(rows[0], dict) else []
+        label_column = self.spec.label_column or "label"
         for wanted, option in (
             (self.spec.text_column, "--text-column"),
-            (self.spec.label_column, "--label-column"),
+            (label_column, "--label-column"),
         ):
             if wanted not in columns:
                 raise SlimformerError(
                     f"column '{wanted}' not found in {path}; columns are: "
                     f"{', '.join(map(str, columns))} — choose one with {option}"
                 )
-        text, label = self.spec.text_column, self.spec.label_column
+        text, label = self.spec.text_column, label_column
         for number, row in enumerate(rows, 1):
             if text not in row or label not in row:
                 raise SlimformerError(f"row {number} of {path} lacks '{text}' or '{label}'")
-        return [(str(r[self.spec.text_column]), str(r[self.spec.label_column])) for r in rows]
+        return [(str(r[self.spec.text_column]), str(r[label_column])) for r in rows]
 
     @cached_property
     def _splits(self) -> dict[str, list[tuple[str, str]]]:
