@@ -159,8 +159,11 @@ def test_bench_reports_sane_figures_for_minilm():
     m = result.measurement
     assert result.metric == "probe_accuracy" and 0.70 < result.quality < 0.85
     assert result.details["cosine_fidelity"] == pytest.approx(1.0, abs=1e-5)
-    assert 0.5 < m["latency_ms_median"] <= m["latency_ms_p90"] < 500
-    assert 20 < m["throughput_per_s"] < 5000
+    # Sanity bounds, not speed claims (those are make bench's): wide enough for a 2-core CI
+    # machine that other jobs share (19 inputs/s and a 968 ms p90 were seen there), narrow
+    # enough to catch a unit slip (seconds for milliseconds, a batch counted as one input).
+    assert 0.5 < m["latency_ms_median"] <= m["latency_ms_p90"] < 2500
+    assert 4 < m["throughput_per_s"] < 5000
     assert 80 < m["size_mb"] < 100  # 22.7M fp32 parameters
     assert m["parameters"] == sum(p.numel() for p in slimformer.load("default").module.parameters())
     assert 50 < m["peak_memory_mb"] < 2000
