@@ -4,7 +4,8 @@ Each built-in pass module registers its pass (`@register_pass`) when it is impor
 package imports every one of them, listed below; so importing `slimformer.passes` (or anything
 in it) fills the registry before `get_pass` or `registered_passes` can be called from outside.
 A new pass is a new module here, added to the list. The other modules are shared support:
-`base` (configs, spaces, phases, registry), `layer_selection` (scope / skip / keep_sensitive),
+`base` (the pass contract, phases, registry), `settings` (config fields: search spaces, valid
+values and their checks), `layer_selection` (scope / skip / keep_sensitive),
 `sensitivity`, `importance` and `unit_pruning` (pruning criteria and slicing), `observers`
 (calibration statistics), `gptq` (weight quantization math), `lowrank_svd`, `lowrank_allocation`
 and `lowrank_timing` (factorization math, rank budgets, GEMM timings) and `serving` (what the

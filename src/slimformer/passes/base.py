@@ -11,9 +11,8 @@ what the runner must give or guarantee it (`needs_calibration`, `needs_training`
 `slimformer.pipeline` checks those before any pass runs. Passes register with `@register_pass`
 when their module is imported; `slimformer.passes` imports every built-in one.
 
-Over 350 lines for now: the config fields with their validity checks, the phases, groups,
-deadline and registry grew here together; the value checks (`Interval`, `make_config`'s
-checks) are the part to move into a module of their own next.
+How a config field declares its space and its valid values, and the checks of a recipe's
+values against them, live in `passes.settings` (re-exported here for the passes).
 """
 
 from __future__ import annotations
@@ -32,198 +31,26 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
 
+# Re-exported: every pass declares its config with these.
+from slimformer.passes.settings import Choice as Choice
+from slimformer.passes.settings import FloatRange as FloatRange
+from slimformer.passes.settings import Interval as Interval
+from slimformer.passes.settings import IntRange as IntRange
+from slimformer.passes.settings import Space as Space
+from slimformer.passes.settings import (
+    bounds_depend_on_model,
+    check_model_bounds,
+    checked_values,
+)
+from slimformer.passes.settings import fixed as fixed
+from slimformer.passes.settings import searchable as searchable
+from slimformer.passes.settings import valid_values as valid_values
+
 if TYPE_CHECKING:
     import torch
 
     from slimformer.cpu import CpuFingerprint
     from slimformer.model import SlimModel
-
-Bound = int | Callable[[ModelFacts], int]
-
-
-@dataclass(frozen=True)
-class Choice:
-    """Options the study samples. `only=False` (numbers): a user may also set any other
-    positive value."""
-
-    options: tuple[Any, ...]
-    only: bool = True
-
-    def describe(self) -> str:
-        return " | ".join(str(o) for o in self.options)
-
-
-@dataclass(frozen=True)
-class IntRange:
-    """An integer range; a bound may depend on the model (e.g. its number of layers)."""
-
-    low: Bound
-    high: Bound
-    label: str = ""  # how the bounds read when they are functions, e.g. "1..layers/2"
-
-    def resolve(self, facts: ModelFacts) -> tuple[int, int]:
-        low = self.low(facts) if callable(self.low) else self.low
-        high = self.high(facts) if callable(self.high) else self.high
-        return low, max(low, high)
-
-    def describe(self) -> str:
-        return self.label or f"{self.low}..{self.high}"
-
-    def as_interval(self) -> Interval:
-        low, _, high = self.describe().partition("..")
-        return Interval(self.low, self.high, label=f"[{low}, {high}]")
-
-
-@dataclass(frozen=True)
-class FloatRange:
-    low: float
-    high: float
-    step: float | None = None
-
-    def describe(self) -> str:
-        step = f" step {self.step}" if self.step else ""
-        return f"{self.low}..{self.high}{step}"
-
-
-Space = Choice | IntRange | FloatRange
-ModelBound = float | Callable[[ModelFacts], float] | None
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Numbers from `low` to `high` (None: unbounded), `low` itself excluded when `open_low`.
-
-    A setting's valid values: declared with `valid=` where users legitimately go beyond the
-    searched range (any fraction of FFN neurons in (0, 1], not only the searched 0.3..0.95).
-    A bound may depend on the model, like IntRange's; `label` says how the interval reads then.
-    """
-
-    low: ModelBound = None
-    high: ModelBound = None
-    open_low: bool = False
-    label: str = ""
-
-    def depends_on_model(self) -> bool:
-        return callable(self.low) or callable(self.high)
-
-    def resolve(self, facts: ModelFacts | None) -> tuple[float | None, float | None]:
-        """The bounds for `facts`; without facts a model-dependent bound is left open (None)."""
-
-        def bound(value: ModelBound) -> float | None:
-            if callable(value):
-                return value(facts) if facts is not None else None
-            return value
-
-        return bound(self.low), bound(self.high)
-
-    def contains(self, value: float, facts: ModelFacts | None = None) -> bool:
-        low, high = self.resolve(facts)
-        if low is not None and (value <= low if self.open_low else value < low):
-            return False
-        return high is None or value <= high
-
-    def positive_only(self) -> bool:
-        return self.low == 0 and self.open_low and self.high is None
-
-    def describe(self, facts: ModelFacts | None = None) -> str:
-        if self.label and (facts is None or not self.depends_on_model()):
-            return self.label
-        low, high = self.resolve(facts)
-        left = "(" if self.open_low or low is None else "["
-        right = "inf)" if high is None else f"{high:g}]"
-        return f"{left}{'-inf' if low is None else f'{low:g}'}, {right}"
-
-
-# Numbers whose field declares no range of its own (a fixed setting such as a temperature, or
-# a Choice the user may leave): any positive value.
-POSITIVE = Interval(0, None, open_low=True)
-
-
-def searchable(default: Any, space: Space, help: str, valid: Interval | None = None) -> Any:
-    """A config field the study may vary within `space`. The space is also what a recipe may
-    set, unless `valid` declares a wider range of accepted numbers."""
-    metadata = {"space": space, "help": help} | ({"valid": valid} if valid else {})
-    return field(default=default, metadata=metadata)
-
-
-def fixed(default: Any, help: str, valid: Interval | None = None) -> Any:
-    """A config field the user may set but the study leaves alone (numbers: `valid`, else any
-    positive value)."""
-    return field(default=default, metadata={"help": help} | ({"valid": valid} if valid else {}))
-
-
-def valid_values(setting: dataclasses.Field) -> Choice | Interval | None:
-    """What a config field accepts: its declared `valid` range, else its search space (the
-    options of a Choice, the bounds of a range), else any positive number (None: any value of
-    the field's type)."""
-    if "valid" in setting.metadata:
-        return setting.metadata["valid"]
-    space = setting.metadata.get("space")
-    if isinstance(space, Choice) and space.only:
-        return space
-    if isinstance(space, IntRange):
-        return space.as_interval()
-    if isinstance(space, FloatRange):
-        return Interval(space.low, space.high)
-    if _kind(setting.default) in (int, float):
-        return POSITIVE
-    return None
-
-
-def _kind(default: Any) -> type | None:
-    """The type a setting's values must have, read from its default."""
-    for kind in (bool, int, float, str, tuple):  # bool before int: True is an int too
-        if isinstance(default, kind):
-            return kind
-    return None
-
-
-def _expected(kind: type | None, valid: Choice | Interval | None, facts: Any = None) -> str:
-    """What a setting accepts, as the end of 'SETTING must be ...'."""
-    if kind is bool:
-        return "true or false"
-    if kind is tuple:
-        return "a list of names"
-    if isinstance(valid, Choice):
-        return f"one of {valid.describe()}"
-    noun = {int: "an integer", float: "a number", str: "a text"}.get(kind, "a value")
-    if isinstance(valid, Interval) and valid.positive_only():
-        return f"a positive {noun.split()[-1]}"
-    if isinstance(valid, Interval):
-        return f"{noun} in {valid.describe(facts)}"
-    return noun
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """A value as a message quotes it: its repr, cut short (a recipe may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _typed(kind: type | None, value: Any) -> Any:
-    """`value` as a value of `kind`, or raise ValueError when it is not one (no conversion
-    between text and numbers, no bool for a number, no NaN or infinity)."""
-    if isinstance(value, list):
-        value = tuple(value)
-    if kind is tuple:
-        if not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
-            raise ValueError
-        return value
-    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError
-    if kind is int and not isinstance(value, int):
-        raise ValueError
-    if kind is float:
-        try:
-            value = float(value)  # an int where a float is expected: 1 reads as 1.0
-        except OverflowError:
-            raise ValueError from None
-        if not math.isfinite(value):
-            raise ValueError
-    if kind in (bool, str) and not isinstance(value, kind):
-        raise ValueError
-    return value
-
 
 # The deadline of the passes this process runs (epoch seconds), set by the study's build child
 # around `apply_recipe` (`passes_deadline`): every PassContext made meanwhile carries it.
@@ -367,29 +194,7 @@ class Pass(ABC):
         """The config `values` set (the rest at their defaults), normalized. Every value is
         checked against its field's type and valid values (`valid_values`); bounds that
         depend on the model are checked by `check_for_model` before the pass runs."""
-        values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(str(key) for key in values if key not in known)
-        if unknown:
-            raise SlimformerError(
-                f"{cls.name}: unknown setting(s) {', '.join(unknown)}; "
-                f"settings are: {', '.join(known)}"
-            )
-        for key, value in values.items():
-            setting = known[key]
-            kind, valid = _kind(setting.default), valid_values(setting)
-            try:
-                values[key] = typed = _typed(kind, value)
-                if isinstance(valid, Interval) and not valid.contains(typed):
-                    raise ValueError
-            except ValueError:
-                raise SlimformerError(
-                    f"{cls.name}: {key} must be {_expected(kind, valid)}, got {_shown(value)}"
-                ) from None
-            if isinstance(valid, Choice) and typed not in valid.options:
-                raise SlimformerError(
-                    f"{cls.name}: {key}={_shown(typed)} is not one of {valid.describe()}"
-                )
+        values = checked_values(cls.name, cls.config_class, values or {})
         try:
             config = cls.config_class(**values)
         except (TypeError, ValueError) as error:
@@ -400,25 +205,12 @@ class Pass(ABC):
     def check_for_model(cls, config: Any, facts: ModelFacts) -> None:
         """Refuse a setting outside a valid range whose bounds depend on the model (e.g. at
         most layers-1 blocks dropped); `make_config` checked everything else."""
-        for setting in dataclasses.fields(cls.config_class):
-            valid = valid_values(setting)
-            if not (isinstance(valid, Interval) and valid.depends_on_model()):
-                continue
-            value = getattr(config, setting.name)
-            if not valid.contains(value, facts):
-                expected = _expected(_kind(setting.default), valid, facts)
-                raise SlimformerError(
-                    f"{cls.name}: {setting.name} must be {expected} for this model "
-                    f"({valid.describe()}), got {_shown(value)}"
-                )
+        check_model_bounds(cls.name, config, facts)
 
     @classmethod
     def depends_on_model(cls) -> bool:
         """Whether a setting's valid range depends on the model (see `check_for_model`)."""
-        return any(
-            isinstance(valid, Interval) and valid.depends_on_model()
-            for valid in map(valid_values, dataclasses.fields(cls.config_class))
-        )
+        return bounds_depend_on_model(cls.config_class)
 
     @classmethod
     def search_space(cls) -> dict[str, Space]:
