@@ -48,3 +48,25 @@ def test_distillation_is_deterministic_for_a_seed():
     batch = calibration[0]
     assert torch.equal(tiny.output(a, batch), tiny.output(b, batch))
     assert not torch.equal(tiny.output(a, batch), tiny.output(model, batch))
+
+
+def test_a_distillation_stopped_early_records_the_steps_it_trained_so_the_recipe_replays_it():
+    model = tiny.build("bert")
+    calibration, training = tiny.calibration(model), training_batches(model)
+    asked = Recipe(
+        steps=(
+            Step("prune.heads", {"keep": 0.5, "criterion": "magnitude"}),
+            Step("recover.distill", {"steps": 100_000, "time_budget_s": 1.0}),
+        ),
+        seed=1,
+    )
+    stopped = apply_recipe(model, asked, calibration, training=training)
+    step = stopped.recipe.steps[-1]
+    assert 0 < step.resolved["steps"] < 100_000
+    assert step.resolved["stopped"] == "at its time budget (time_budget_s)"
+    assert step.config["steps"] == step.resolved["steps"]  # what `slimformer apply` replays
+
+    replayed = apply_recipe(model, stopped.recipe, calibration, training=training)
+    assert replayed.recipe.steps[-1].resolved["steps"] == step.resolved["steps"]
+    batch = calibration[0]
+    assert torch.equal(tiny.output(replayed, batch), tiny.output(stopped, batch))

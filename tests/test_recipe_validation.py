@@ -88,7 +88,7 @@ def test_the_sampler_never_proposes_two_quantizers() -> None:
         ("prune.heads", "keep", 1.5, "keep must be a number in (0, 1], got 1.5"),
         ("prune.layers", "count", 0, "count must be an integer in [1, layers-1], got 0"),
         ("prune.layers", "count", 2.0, "count must be an integer in [1, layers-1], got 2.0"),
-        ("recover.distill", "steps", -3, "steps must be a positive integer, got -3"),
+        ("recover.distill", "steps", -3, "steps must be an integer in [0, inf), got -3"),
         ("recover.distill", "lr", math.inf, "lr must be a positive number, got inf"),
         ("recover.distill", "lr", 10**400, "lr must be a positive number, got 1000"),
         ("recover.distill", "temperature", 0, "temperature must be a positive number"),

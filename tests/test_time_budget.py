@@ -206,6 +206,8 @@ def test_a_study_with_a_distillation_longer_than_its_budget_ends_within_it(tiny_
     resolved = distilled[0].recipe["steps"][-1]["resolved"]
     assert 0 < resolved["steps"] < 4000, (resolved, clock.events)
     assert resolved["stopped"] == "at the study's deadline"
+    # The saved recipe replays what was trained, not the 4000 steps asked.
+    assert distilled[0].recipe["steps"][-1]["config"]["steps"] == resolved["steps"]
     assert result.best_dir is not None
 
 

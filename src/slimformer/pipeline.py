@@ -154,7 +154,9 @@ def apply_recipe(
         if progress:
             progress(step.pass_name)
         resolved = pass_class().apply(result, config, ctx)
-        applied.append(Step(step.pass_name, plain(config), resolved))
+        applied.append(
+            Step(step.pass_name, plain(pass_class.as_applied(config, resolved)), resolved)
+        )
     result.recipe = Recipe(
         steps=model.recipe.steps + tuple(applied),
         task=recipe.task or model.recipe.task,

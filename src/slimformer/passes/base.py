@@ -180,6 +180,13 @@ class Pass(ABC):
         return config
 
     @classmethod
+    def as_applied(cls, config: Any, resolved: dict[str, Any]) -> Any:
+        """The config that rebuilds what this run of the pass built, recorded in the model's
+        recipe: the config itself, unless the pass stopped early (distillation at a deadline
+        records the steps it trained), so that replaying a saved recipe gives the saved model."""
+        return config
+
+    @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
         """Whether the study should offer this pass for `model` at all."""
         return True

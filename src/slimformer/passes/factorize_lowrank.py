@@ -90,7 +90,7 @@ class LowRankConfig:
     rank: int = fixed(
         0,
         "one rank for every selected matrix instead of the budget (0: budget)",
-        valid=Interval(0, None, label="0 (the budget) or a positive integer"),
+        valid=Interval(0, None),
     )
     speed_check: bool = fixed(
         True, "keep a matrix dense unless its factorized pair is measured faster on this CPU"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,21 +27,31 @@ from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     Choice,
+    Interval,
     Pass,
     PassContext,
     Phase,
     fixed,
     register_pass,
     searchable,
+    setting_default,
 )
 
 HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
 STOPPED = "at the study's deadline"
+STOPPED_BY_OWN_BUDGET = "at its time budget (time_budget_s)"
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    steps: int = searchable(100, Choice((50, 100, 200, 400), only=False), "optimizer steps")
+    # 0 steps: what a saved recipe records for a distillation the deadline stopped before its
+    # first step (`as_applied`), so that replaying it rebuilds the same model.
+    steps: int = searchable(
+        100,
+        Choice((50, 100, 200, 400), only=False),
+        "optimizer steps",
+        valid=Interval(0, None),
+    )
     lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4), only=False), "AdamW learning rate")
     hidden_weight: float = searchable(
         0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
@@ -209,7 +219,20 @@ class Distill(Pass):
         }
         if at_deadline:
             resolved["stopped"] = STOPPED
+        elif steps < config.steps:
+            resolved["stopped"] = STOPPED_BY_OWN_BUDGET
         return resolved
+
+    @classmethod
+    def as_applied(cls, config: DistillConfig, resolved: dict[str, Any]) -> DistillConfig:
+        """A distillation stopped early is recorded with the steps it trained (`resolved`
+        keeps the reason), so `slimformer apply` of the saved recipe trains as many; a time
+        budget that stopped it is relaxed to the default, or the replay would stop again."""
+        done = resolved.get("steps", config.steps)
+        if done >= config.steps:
+            return config
+        relaxed = max(config.time_budget_s, setting_default(config, "time_budget_s"))
+        return replace(config, steps=done, time_budget_s=relaxed)
 
     @staticmethod
     def _held_out_loss(
