@@ -486,7 +486,7 @@ def test_optimize_with_bad_classification_data_leaves_no_run_folder(
         ),
         pytest.param(
             "steps_not_positive",
-            ("steps must be a positive integer", "-3"),
+            ("steps must be an integer in [0, inf)", "-3"),
             id="steps_not_positive",
         ),
         pytest.param(

@@ -396,3 +396,52 @@ def test_every_trial_record_field_has_a_declared_type_for_trials_jsonl() -> None
     assert {f.name for f in fields(TrialRecord)} == set(_RECORD_TYPES)
     record = TrialRecord(number=3, state="failed", description="x", timings={"build_s": 1.5})
     assert TrialRecord.from_dict(record.__dict__) == record
+
+
+def test_the_warm_start_portfolio_takes_each_offered_engines_int8_and_this_cpus_gaps():
+    from slimformer.search.portfolio import warm_start_recipes
+
+    offered = [get_pass(n) for n in ("prune.ffn", "runtime.openvino", "quantize.dynamic_int8")]
+    spec = TaskSpec("embedding")
+    described = [r.describe() for r in warm_start_recipes(offered, {}, spec, 0)]
+    assert described == ["runtime.openvino(int8=nncf)", "quantize.dynamic_int8"]
+    # Without VNNI NNCF's int8 is withheld: OpenVINO is still measured, at its defaults.
+    no_vnni = {"runtime.openvino": {("int8", "nncf")}}
+    described = [r.describe() for r in warm_start_recipes(offered, no_vnni, spec, 0)]
+    assert described == ["runtime.openvino", "quantize.dynamic_int8"]
+    assert warm_start_recipes([get_pass("prune.ffn")], {}, spec, 0) == []
+
+
+def test_a_new_study_measures_the_baseline_then_the_portfolio_then_the_starts(tmp_path) -> None:
+    from slimformer.cpu import fingerprint
+    from slimformer.search.optuna_study import open_study
+    from slimformer.search.settings import StudySettings
+
+    passes = [get_pass(n) for n in ("prune.ffn", "runtime.onnxruntime", "quantize.dynamic_int8")]
+    start = Recipe(steps=(Step("prune.ffn", {"keep": 0.5}),))
+    repeated = Recipe(steps=(Step("runtime.onnxruntime", {"int8": "dynamic"}),))
+    settings = StudySettings(
+        model="m",
+        task=TaskSpec("embedding"),
+        starts=(start.to_dict(), repeated.to_dict()),
+        warm_start=True,
+    )
+    study = open_study(
+        f"sqlite:///{tmp_path / 'study.db'}",
+        settings,
+        ["maximize", "minimize"],
+        passes,
+        fingerprint(1),
+    )
+    proposed = []
+    for _ in range(4):
+        trial = study.ask()
+        proposed.append(sample_recipe(trial, passes, facts(4), TaskSpec("embedding"), 0))
+        study.tell(trial, [1.0, 1.0])
+    assert [r.steps[0].pass_name if r.steps else "baseline" for r in proposed] == [
+        "baseline",
+        "runtime.onnxruntime",  # the portfolio: each engine's int8 alone
+        "quantize.dynamic_int8",
+        "prune.ffn",  # the starts; the one the portfolio already holds is not repeated
+    ]
+    assert proposed[1].steps[0].config["int8"] == "dynamic"

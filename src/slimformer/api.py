@@ -196,6 +196,7 @@ def optimize(
     allow_other_cpu: bool = False,
     guards: list[str] | tuple[str, ...] = (),
     default_guards: bool = True,
+    warm_start: bool = True,
 ) -> StudyResult:
     """Search passes jointly, measure every candidate, return the Pareto front and the choice.
 
@@ -206,7 +207,8 @@ def optimize(
     measuring its trials again here. `guards`: conditions on the task's figures a chosen model
     must meet beside `max_drop` (e.g. "cosine_fidelity>=0.95"); the task's own default guards
     are added unless `default_guards` is false (a guard of yours on the same figure replaces
-    the default one).
+    the default one). `warm_start`: measure each engine's int8 alone first (search/portfolio.py),
+    so that a short study never ends behind a one-line recipe.
     """
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
@@ -228,6 +230,7 @@ def optimize(
         measure=MeasureSettings(batch_size=batch_size, seq_len=seq_len, threads=threads),
         confirm_rounds=confirm_rounds,
         starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
+        warm_start=warm_start,
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     from slimformer.card import write_card  # here: rendering loads rich, only a study needs it

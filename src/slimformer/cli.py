@@ -194,6 +194,14 @@ def optimize(
             "data the transfer domain within --max-drop)",
         ),
     ] = True,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start/--no-warm-start",
+            help="measure each engine's int8 alone right after the baseline, before --start "
+            "recipes and the sampler",
+        ),
+    ] = True,
     trials: Annotated[
         int | None,
         typer.Option(
@@ -273,6 +281,7 @@ def optimize(
                 allow_other_cpu=allow_other_cpu,
                 guards=list(guard or ()),
                 default_guards=default_guards,
+                warm_start=warm_start,
             )
     except KeyboardInterrupt:
         err.print(

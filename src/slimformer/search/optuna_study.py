@@ -21,8 +21,9 @@ from slimformer.cpu import CpuFingerprint
 from slimformer.passes import Pass
 from slimformer.recipe import Recipe
 from slimformer.search import guards
+from slimformer.search.portfolio import warm_start_recipes
 from slimformer.search.records import TrialRecord
-from slimformer.search.settings import StudySettings
+from slimformer.search.settings import StudySettings, Withheld
 from slimformer.search.space import START_VALUES, baseline_params, recipe_params, start_values
 
 STUDY_NAME = "slimformer"
@@ -36,10 +37,13 @@ def open_study(
     directions: list[str],
     pass_classes: Sequence[type[Pass]],
     cpu: CpuFingerprint,
+    withheld: Withheld | None = None,
 ) -> optuna.Study:
     """Create or load the study; queue what must run (again) before the sampler explores:
-    interrupted trials, trials measured on another machine, or for a new study the baseline
-    and the start recipes."""
+    interrupted trials, trials measured on another machine, or for a new study the baseline,
+    the warm-start portfolio (`settings.warm_start`; `withheld`: what this CPU would not
+    profit from) and the start recipes."""
+    withheld = withheld or {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(storage_url)
     with warnings.catch_warnings():
@@ -58,6 +62,9 @@ def open_study(
     requeue_measured_elsewhere(study, cpu)
     if not study.trials:
         study.enqueue_trial(baseline_params(pass_classes))
+        portfolio = warm_start_recipes(pass_classes, withheld, settings.task, settings.seed)
+        for recipe in portfolio if settings.warm_start else ():
+            study.enqueue_trial(recipe_params(recipe, pass_classes), skip_if_exists=True)
         for start in settings.starts:
             recipe = Recipe.from_dict(start)
             given = start_values(recipe, pass_classes)

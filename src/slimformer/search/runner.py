@@ -137,6 +137,7 @@ class Study:
             [self.task.direction, self.settings.cost_direction],
             self.pass_classes,
             self.cpu,
+            self.withheld,
         )
 
     def records(self, study: optuna.Study) -> list[TrialRecord]:

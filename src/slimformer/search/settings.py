@@ -105,6 +105,8 @@ class StudySettings:
     seed: int = 0
     # Recipes (as dicts) tried first, before the sampler explores: known-good starting points.
     starts: tuple[dict[str, Any], ...] = ()
+    # Measure each engine's int8 alone before the starts (portfolio.py); api/CLI default: on.
+    warm_start: bool = False
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     # Alternating fresh-process timings of baseline and chosen model when the study ends.
     confirm_rounds: int = 3
