@@ -313,7 +313,7 @@ def test_make_config_fills_defaults_and_turns_lists_into_tuples() -> None:
         ("prune.layers", {"criterion": "random"}, "not one of"),
         ("quantize.dynamic_int8", {"scope": "everything"}, "not one of"),
         ("quantize.dynamic_int8", {"per_channel": "yes"}, "must be true or false"),
-        ("recover.distill", {"steps": -5}, "must be a positive integer"),
+        ("recover.distill", {"steps": -5}, r"must be an integer in \[0, inf\)"),
         ("recover.distill", {"lr": "fast"}, "positive number"),
     ],
 )
