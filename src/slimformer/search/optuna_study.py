@@ -62,9 +62,9 @@ def open_study(
     requeue_measured_elsewhere(study, cpu)
     if not study.trials:
         study.enqueue_trial(baseline_params(pass_classes))
-        portfolio = warm_start_recipes(pass_classes, withheld, settings.task, settings.seed)
-        for recipe in portfolio if settings.warm_start else ():
-            study.enqueue_trial(recipe_params(recipe, pass_classes), skip_if_exists=True)
+        if settings.warm_start:
+            for recipe in warm_start_recipes(pass_classes, withheld, settings.task, settings.seed):
+                study.enqueue_trial(recipe_params(recipe, pass_classes), skip_if_exists=True)
         for start in settings.starts:
             recipe = Recipe.from_dict(start)
             given = start_values(recipe, pass_classes)

@@ -9,7 +9,7 @@ CPU would not profit from (`Withheld`) are left out of their options.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -105,17 +105,13 @@ def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[st
             f"--start recipe uses {', '.join(unknown)}, which the study does not search; add "
             "them to --passes"
         )
-    used = {step.pass_name: step for step in recipe.steps}
     params = baseline_params(pass_classes)
+    used = {step.pass_name for step in recipe.steps}
     for cls in pass_classes:
-        if cls.name not in used:
-            continue
-        params[cls.group or f"use {cls.name}"] = cls.name if cls.group else True
-        config = asdict(cls.make_config(used[cls.name].config))
-        for name, space in cls.search_space().items():
-            value = config[name]
-            if isinstance(space, Choice) and value not in space.options:
-                continue
+        if cls.name in used:
+            params[cls.group or f"use {cls.name}"] = cls.name if cls.group else True
+    for cls, name, value, searched in _settings_of(recipe, pass_classes):
+        if searched:
             params[f"{cls.name}.{name}"] = value
     return params
 
@@ -123,13 +119,27 @@ def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[st
 def start_values(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, dict]:
     """The settings of `recipe` that lie outside their searched options, by pass: a trial
     enqueued with them (attribute `START_VALUES`) runs them as given."""
-    used = {step.pass_name: step for step in recipe.steps}
     found: dict[str, dict] = {}
-    for cls in pass_classes:
-        if cls.name not in used:
-            continue
-        config = asdict(cls.make_config(used[cls.name].config))
-        for name, space in cls.search_space().items():
-            if isinstance(space, Choice) and config[name] not in space.options:
-                found.setdefault(cls.name, {})[name] = config[name]
+    for cls, name, value, searched in _settings_of(recipe, pass_classes):
+        if not searched:
+            found.setdefault(cls.name, {})[name] = value
     return found
+
+
+def _settings_of(
+    recipe: Recipe, pass_classes: Sequence[type[Pass]]
+) -> Iterator[tuple[type[Pass], str, Any, bool]]:
+    """Each searched setting of each offered pass `recipe` uses: (pass, setting, value,
+    whether the value is among the searched options)."""
+    used = {step.pass_name: step for step in recipe.steps}
+    for cls in pass_classes:
+        if cls.name in used:
+            config = asdict(cls.make_config(used[cls.name].config))
+            for name, space in cls.search_space().items():
+                value = config[name]
+                yield (
+                    cls,
+                    name,
+                    value,
+                    not (isinstance(space, Choice) and value not in space.options),
+                )
