@@ -120,11 +120,31 @@ class Interval:
 POSITIVE = Interval(0, None, open_low=True)
 
 
-def searchable(default: Any, space: Space, help: str, valid: Interval | None = None) -> Any:
+def searchable(
+    default: Any,
+    space: Space,
+    help: str,
+    valid: Interval | None = None,
+    when: tuple[str, tuple[Any, ...]] | None = None,
+) -> Any:
     """A config field the study may vary within `space`. The space is also what a recipe may
-    set, unless `valid` declares a wider range of accepted numbers."""
+    set, unless `valid` declares a wider range of accepted numbers. `when=(setting, values)`:
+    the setting matters only while another (declared earlier) has one of `values`; the study
+    varies it only then, and leaves it at its default otherwise."""
     metadata = {"space": space, "help": help} | ({"valid": valid} if valid else {})
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata | ({"when": when} if when else {}))
+
+
+def searched_now(config_class: type, name: str, values: dict[str, Any]) -> bool:
+    """Whether the study varies setting `name` given the values chosen for the settings before
+    it (see `searchable`'s `when`; one not in `values` counts at its default)."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    when = fields[name].metadata.get("when")
+    if when is None:
+        return True
+    other, allowed = when
+    value = values[other] if other in values else fields[other].default
+    return value in allowed and searched_now(config_class, other, values)
 
 
 def fixed(default: Any, help: str, valid: Interval | None = None) -> Any:

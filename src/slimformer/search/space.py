@@ -3,8 +3,9 @@
 Each pass's config dataclass declares its searchable settings (passes/base.py); here they
 become Optuna distributions. The space is conditional: passes of one group (the runtimes; the
 quantizers) are one categorical choice each, a pass that needs another is offered only once
-that one was chosen, a runtime's conflicting passes are not offered with it, and settings this
-CPU would not profit from (`Withheld`) are left out of their options.
+that one was chosen, a runtime's conflicting passes are not offered with it, a setting that
+matters only with some value of another (`searchable(when=...)`) is varied only then, and
+settings this CPU would not profit from (`Withheld`) are left out of their options.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import optuna
 
 from slimformer.errors import SlimformerError
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass
+from slimformer.passes.settings import searched_now
 from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import Withheld
 from slimformer.tasks import TaskSpec
@@ -67,6 +69,8 @@ def sample_recipe(
             key = f"{cls.name}.{name}"
             if name in given.get(cls.name, {}):
                 values[name] = given[cls.name][name]
+            elif not searched_now(cls.config_class, name, values):
+                continue  # irrelevant given the settings before it: left at its default
             elif isinstance(space, Choice):
                 left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
                 options = [o for o in space.options if str(o) not in left_out] or [space.options[0]]
@@ -136,6 +140,8 @@ def _settings_of(
         if cls.name in used:
             config = asdict(cls.make_config(used[cls.name].config))
             for name, space in cls.search_space().items():
+                if not searched_now(cls.config_class, name, config):
+                    continue
                 value = config[name]
                 yield (
                     cls,
