@@ -8,10 +8,10 @@ import functools
 
 import optuna
 import pytest
+import tiny
 import torch
 
 import slimformer
-import tiny
 from slimformer.checkpoint import save_model
 from slimformer.engines.openvino import OpenVinoModule
 from slimformer.errors import SlimformerError

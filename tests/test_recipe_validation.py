@@ -151,8 +151,15 @@ def test_every_searched_value_lies_in_its_settings_valid_range() -> None:
             else:
                 searched = []
             searched.append(setting.default)
+            # A setting that matters only with another's value is set with that value.
+            context, when = {}, setting.metadata.get("when")
+            while when:
+                other, allowed = when
+                context[other] = allowed[0]
+                when = next(f for f in dataclasses.fields(cls.config_class) if f.name == other)
+                when = when.metadata.get("when")
             for value in searched:
-                assert cls.make_config({setting.name: value}) is not None
+                assert cls.make_config(context | {setting.name: value}) is not None
                 if isinstance(valid, Interval):
                     assert valid.contains(value, facts), (cls.name, setting.name, value)
 
