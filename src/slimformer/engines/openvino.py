@@ -13,6 +13,7 @@ believes in bf16 while oneDNN refuses it, and compiling fails, so f32 is asked f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,19 @@ from slimformer.engines.openvino_stateful import (
 from slimformer.errors import SlimformerError
 
 XML_FILE, BIN_FILE = "model.xml", "model.bin"
+
+
+def _cap_plugin_like_onednn() -> None:
+    """Under a forced oneDNN cap without OV_CPU_MAX_ISA, the plugin picks kernels for the
+    CPU's own ISA that oneDNN then refuses: compressed-weight (int8/int4) layers fail to
+    compile. The plugin reads its cap when it first compiles, so it is set at import to the
+    one oneDNN obeys (the same names)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if cap and "OV_CPU_MAX_ISA" not in os.environ:
+        os.environ["OV_CPU_MAX_ISA"] = cap
+
+
+_cap_plugin_like_onednn()
 
 
 @register_served
