@@ -101,7 +101,9 @@ def matching_prefix(tokens: list[list[int]], reference: list[list[int]]) -> int:
     """The fewest leading tokens that agree with the reference, over the prompts."""
     counts = []
     for got, expected in zip(tokens, reference, strict=True):
-        same = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), len(got)
+        )
         counts.append(same)
     return min(counts)
 
