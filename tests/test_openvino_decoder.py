@@ -14,6 +14,7 @@ import torch
 import slimformer
 from slimformer.checkpoint import save_model
 from slimformer.engines.openvino import OpenVinoModule
+from slimformer.engines.openvino_stateful import cache_shapes
 from slimformer.errors import SlimformerError
 from slimformer.generation import greedy
 from slimformer.measure import MeasureSettings, time_decode
@@ -174,3 +175,25 @@ def test_the_study_varies_int4_settings_only_with_int4_weights():
             assert (config.weights.startswith("int4")) == (int4_only <= set(trial.params))
             assert config.int8 == "none" or "runtime.openvino.weights" not in trial.params
     assert {"none", "int8_asym", "int4_sym"} <= modes
+
+
+def test_a_decoder_pruned_to_uneven_heads_generates_like_eager():
+    model = varied_llama()
+    recipe = Recipe(
+        steps=(
+            Step("prune.heads", {"keep": 0.75, "criterion": "magnitude", "allocation": "global"}),
+            Step("runtime.openvino", {}),
+        )
+    )
+    pruned = apply_recipe(model.copy(), Recipe(steps=recipe.steps[:1]), tiny.calibration(model))
+    groups = {h for h, _ in cache_shapes(pruned)}
+    assert len(groups) > 1  # layers kept different numbers of key-value heads
+    served = apply_recipe(model, recipe, tiny.calibration(model))
+    ids = prompt(model)
+    assert greedy(served, ids, 12).tokens.tolist() == greedy(pruned, ids, 12).tokens.tolist()
+
+
+def test_sliding_window_attention_is_refused_with_the_reason():
+    model = tiny.tiny_qwen2()
+    with pytest.raises(SlimformerError, match="sliding-window"):
+        serve(model)

@@ -19,13 +19,16 @@ Python int, which tracing would freeze to the example's length.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from slimformer.errors import SlimformerError
+
+if TYPE_CHECKING:
+    from slimformer.model import SlimModel
 
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 OUTPUT = "logits"
@@ -81,25 +84,28 @@ class _CachedStep(nn.Module):
         return (out.logits, *flat)
 
 
-def _cache_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, key-value heads, head size) of a Llama-layout decoder's cache."""
-    layers = config.num_hidden_layers
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return layers, heads, head_dim
+def cache_shapes(model: SlimModel) -> list[tuple[int, int]]:
+    """(key-value heads, head size) of each layer's cache; pruning may leave layers with
+    different numbers of heads."""
+    adapter = model.adapter
+    head_dim = adapter.head_dim()
+    return [
+        (adapter.attention_linears(i)["key"].out_features // head_dim, head_dim)
+        for i in range(adapter.num_layers)
+    ]
 
 
-def stateful_refusal(module: nn.Module) -> str | None:
-    """Why `module` cannot be exported with its KV cache as state (None: it can)."""
+def stateful_refusal(model: SlimModel) -> str | None:
+    """Why `model` cannot be exported with its KV cache as state (None: it can)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    config = module.config
+    config = model.config
     try:
         cache = DynamicCache(config=config)
     except Exception as error:  # a config transformers cannot build a cache for
         return f"no KV cache for {config.model_type} ({type(error).__name__})"
-    if len(cache.layers) != config.num_hidden_layers or any(
+    if len(cache.layers) != model.adapter.num_layers or any(
         type(layer) is not DynamicLayer for layer in cache.layers
     ):
         return (
@@ -109,8 +115,8 @@ def stateful_refusal(module: nn.Module) -> str | None:
     return None
 
 
-def export_stateful(module: nn.Module, example: torch.Tensor) -> Any:
-    """The decoder `module` as a stateful `ov.Model` (inputs `INPUTS`, output `OUTPUT`).
+def export_stateful(model: SlimModel, example: torch.Tensor) -> Any:
+    """The decoder `model` as a stateful `ov.Model` (inputs `INPUTS`, output `OUTPUT`).
 
     `example` is a batch of real token ids to trace with; the graph has dynamic batch and
     sequence axes, the cache length included."""
@@ -119,17 +125,18 @@ def export_stateful(module: nn.Module, example: torch.Tensor) -> Any:
     import openvino as ov
     from openvino._offline_transformations import apply_make_stateful_transformation
 
-    why = stateful_refusal(module)
+    why = stateful_refusal(model)
     if why:
         raise SlimformerError(f"runtime.openvino: cannot serve this decoder with a KV cache: {why}")
-    traced = copy.deepcopy(module).eval()  # the trace must not touch the live model
+    traced = copy.deepcopy(model.module).eval()  # the trace must not touch the live model
     if hasattr(traced, "set_attn_implementation"):
         traced.set_attn_implementation("eager")
-    layers, heads, head_dim = _cache_shape(module.config)
+    shapes = cache_shapes(model)
+    layers = len(shapes)
     # A non-empty past in the example: with an empty one, tracing may drop the concatenation.
     ids = example[:1, :4]
     past_len = 3
-    past = [torch.zeros(1, heads, past_len, head_dim) for _ in range(2 * layers)]
+    past = [torch.zeros(1, h, past_len, d) for h, d in shapes for _ in ("key", "value")]
     mask = torch.ones(1, past_len + ids.shape[1], dtype=torch.long)
     positions = torch.arange(past_len, past_len + ids.shape[1])[None]
     try:
@@ -149,7 +156,8 @@ def export_stateful(module: nn.Module, example: torch.Tensor) -> Any:
         port.get_tensor().set_names({name})
     for port, name in zip(ov_model.outputs, [OUTPUT, *present_names], strict=True):
         port.get_tensor().set_names({name})
-    for port in ov_model.inputs[len(INPUTS) :]:
+    pasts = zip(ov_model.inputs[len(INPUTS) :], [s for s in shapes for _ in "kv"], strict=True)
+    for port, (heads, head_dim) in pasts:
         # Heads and head size fixed: the state's initial value is built from this shape.
         port.get_node().set_partial_shape(ov.PartialShape([-1, heads, -1, head_dim]))
     ov_model.validate_nodes_and_infer_types()

@@ -138,7 +138,7 @@ class OpenVinoPass(Pass):
         watch = Stopwatch()
         reference = EagerReference(model, ctx.calibration)
         if model.head == "causal-lm":
-            ov_model = export_stateful(model.module, reference.inputs["input_ids"])
+            ov_model = export_stateful(model, reference.inputs["input_ids"])
         else:
             with tempfile.TemporaryDirectory(prefix="slimformer-openvino-") as tmp:
                 path = Path(tmp) / "exported.onnx"
