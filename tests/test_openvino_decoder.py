@@ -197,3 +197,14 @@ def test_sliding_window_attention_is_refused_with_the_reason():
     model = tiny.tiny_qwen2()
     with pytest.raises(SlimformerError, match="sliding-window"):
         serve(model)
+
+
+def test_nncf_int8_activations_calibrate_the_stateful_decoder():
+    model = varied_llama()
+    served = serve(model, int8="nncf")
+    assert served.recipe.steps[-1].resolved["int8_ops"] >= 4 * tiny.NUM_LAYERS
+    batch = tiny.calibration(model)[0]
+    mask = batch["attention_mask"].bool()
+    got, reference = tiny.output(served, batch)[mask], tiny.output(model, batch)[mask]
+    assert torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0) > 0.95
+    assert greedy(served, prompt(model), 4).tokens.shape == (1, 4)
