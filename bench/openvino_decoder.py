@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def main() -> None:
         return
 
     started = time.time()
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="slimformer-ov-decoder-") as tmp:
         for index, (label, config) in enumerate(ROWS.items()):
@@ -156,6 +158,9 @@ def main() -> None:
             "prompt_tokens": PROMPT_TOKENS,
             "new_tokens": NEW_TOKENS,
             "machine": machine() | {"threads": THREADS},
+            # Other work on the same cores skews timings: the 1-minute load average before
+            # and after the run says how busy they were.
+            "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "rows": rows,
             "wall_seconds": round(time.time() - started, 1),
         },
