@@ -200,7 +200,9 @@ def test_sliding_window_attention_is_refused_with_the_reason():
 
 
 def test_nncf_int8_activations_calibrate_the_stateful_decoder():
-    model = varied_llama()
+    # At initialization scale: the scaled-up weights' activations saturate oneDNN's u8 x s8
+    # GEMM on CPUs without VNNI (cosine 0.90 under a forced AVX2 cap).
+    model = tiny.tiny_llama()
     served = serve(model, int8="nncf")
     assert served.recipe.steps[-1].resolved["int8_ops"] >= 4 * tiny.NUM_LAYERS
     batch = tiny.calibration(model)[0]
