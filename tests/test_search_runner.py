@@ -83,7 +83,7 @@ def settings(root: Path, trials: int = 6, **kwargs: Any) -> StudySettings:
     kwargs.setdefault("starts", (FEASIBLE,))
     return StudySettings(
         model=str(root / "original"),
-        task=TaskSpec("embedding"),
+        task=kwargs.pop("task", TaskSpec("embedding")),
         max_drop=kwargs.pop("max_drop", 0.01),
         trials=trials,
         passes=kwargs.pop("passes", PASSES),
@@ -397,3 +397,43 @@ def test_the_trials_table_has_a_column_per_table_figure(tmp_path):
     for column in ("latency ms", "p90 ms", "inputs/s", "memory MB", "size MB", "speed-up"):
         assert column in text
     assert "1.00×" in text and "★" in text
+
+
+class DecoderEvaluator(FakeEvaluator):
+    """A decoder's figures: decoding speed follows the fake latency, and int8 at the `ffn`
+    scope stands for an engine that serves no KV cache (no decoding speed measured)."""
+
+    def __call__(self, model_dir: Path, workdir: Path, **kwargs: Any):
+        result = super().__call__(model_dir, workdir, **kwargs)
+        no_cache = "scope=ffn" in Recipe.load(model_dir).describe()
+        latency = result.measurement["latency_ms_median"]
+        decoding = {
+            "prefill_tokens_per_s": 20_000 / latency,
+            "decode_tokens_per_s": None if no_cache else 100 / latency,
+            "first_token_ms_median": latency,
+        }
+        result.measurement.update(decoding)
+        return result
+
+
+def test_a_decode_study_fails_a_candidate_that_cannot_decode_and_chooses_by_tokens_per_s(
+    tmp_path,
+):
+    chosen = settings(
+        tmp_path,
+        4,
+        starts=(int8("ffn"), FEASIBLE),
+        objective="decode",
+        task=TaskSpec("perplexity"),
+        confirm_rounds=0,
+    )
+    result = study(tmp_path, chosen, evaluator=DecoderEvaluator())
+    lines = trials_file(tmp_path / "run")
+    no_cache = next(line for line in lines if "scope=ffn" in line["description"])
+    assert no_cache["state"] == "failed" and "no KV cache" in no_cache["error"]
+    assert result.chosen is not None and "all_but_ffn_out" in result.chosen.description
+
+
+def test_the_decode_objective_is_refused_for_an_encoder_task(tmp_path):
+    with pytest.raises(SlimformerError, match="--objective decode is a decoder's figure"):
+        settings(tmp_path, objective="decode")

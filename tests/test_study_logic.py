@@ -416,6 +416,14 @@ def test_the_warm_start_portfolio_takes_each_offered_engines_int8_and_this_cpus_
     assert warm_start_recipes([get_pass("prune.ffn")], {}, spec, 0) == []
 
 
+def test_a_decoder_study_warm_starts_with_int8_weights_not_int8_activations():
+    from slimformer.search.portfolio import warm_start_recipes
+
+    offered = [get_pass(n) for n in ("runtime.openvino", "quantize.dynamic_int8")]
+    described = [r.describe() for r in warm_start_recipes(offered, {}, TaskSpec("perplexity"), 0)]
+    assert described == ["runtime.openvino(weights=int8_asym)"]
+
+
 def test_a_new_study_measures_the_baseline_then_the_portfolio_then_the_starts(tmp_path) -> None:
     from slimformer.cpu import fingerprint
     from slimformer.search.optuna_study import open_study

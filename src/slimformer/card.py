@@ -48,11 +48,12 @@ def model_card(best: BestModel, saved: dict[str, Any]) -> str:
         a, b = baseline.measurement.get(figure.field), chosen.measurement.get(figure.field)
         ratio = improvement(a, b, figure.lower_is_better)
         ratio_text = f"{ratio:.2f}×" if math.isfinite(ratio) else "—"
-        if confirmed and figure.field in confirmed_by_field:
+        confirmed_figure = confirmed_by_field.get(figure.field)
+        if confirmed and confirmed_figure in confirmed["ratios"]:
             # The confirmation's medians and ratio, so the row's three numbers agree.
             medians = confirmed["medians"]
             a, b = medians["baseline"][figure.field], medians["chosen"][figure.field]
-            spread = confirmed["ratios"][confirmed_by_field[figure.field]]
+            spread = confirmed["ratios"][confirmed_figure]
             ratio_text = f"{spread['median']:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}) ✓"
         rows.append(
             (figure.title(baseline.measurement), figure.text(a), figure.text(b), ratio_text)

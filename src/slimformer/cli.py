@@ -211,7 +211,9 @@ def optimize(
     time_budget: Annotated[
         str | None, typer.Option(help="stop starting trials after this long, e.g. 10m")
     ] = None,
-    objective: Annotated[str, typer.Option(help="latency | throughput | memory")] = "latency",
+    objective: Annotated[
+        str, typer.Option(help="latency | throughput | memory | decode (decoders: new tokens/s)")
+    ] = "latency",
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="run folder (default runs/MODEL)")
     ] = None,

@@ -30,7 +30,7 @@ from slimformer.model import SlimModel
 from slimformer.tasks.base import batches_by_length, collate
 
 MIN_REQUESTS = 20  # batch-1 requests timed at least
-DECODE_TOKENS = 32  # new tokens per timed batch-1 generation (causal LMs)
+DECODE_TOKENS = 128  # new tokens per timed batch-1 generation (causal LMs)
 SLOW_MODEL_SECONDS = 10.0  # a throughput run stops here even before visiting every batch
 
 
@@ -70,9 +70,12 @@ class Measurement:
     mean_tokens: float
     runtime: str = "eager"
     batching: str = "bucketed"  # how the throughput batches were formed
-    # Causal LMs only: batch-1 prompt tokens/s (from the latency runs) and new tokens/s.
+    # Causal LMs only: batch-1 prompt tokens/s and time to first token (both from the latency
+    # runs, which are batch-1 prompt forwards: the prefill that yields the first new token),
+    # and new tokens/s while decoding DECODE_TOKENS after the prompt.
     prefill_tokens_per_s: float | None = None
     decode_tokens_per_s: float | None = None
+    first_token_ms_median: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,7 +178,8 @@ def time_decode(
     timings: list[float] = []
     start = time.perf_counter()
     prompt_index = 0
-    while len(timings) < DECODE_TOKENS * 2 or time.perf_counter() - start < settings.min_seconds:
+    # Two generations at least (the first step of each is not timed).
+    while len(timings) < DECODE_TOKENS or time.perf_counter() - start < settings.min_seconds:
         prompt = torch.tensor([list(examples[prompt_index % len(examples)])], dtype=torch.long)
         prompt_index += 1
         output = model(input_ids=prompt, use_cache=True)
@@ -261,6 +265,7 @@ def measure_loaded(
         mean_tokens=round(mean_tokens, 1),
         prefill_tokens_per_s=round(prompt_tokens / median * 1000, 1) if generative else None,
         decode_tokens_per_s=round(time_decode(model, examples, settings), 2) if decodes else None,
+        first_token_ms_median=round(median, 3) if generative else None,
         runtime=served.reported_engine() if served else "eager",
         batching=model.batching,
     )

@@ -62,8 +62,14 @@ def confirm_ratios(
             result = evaluate(sides[side], workdir / f"round-{index + 1}-{side}", score=False)
             measured[side].append(result.measurement)
             cpu = result.cpu or cpu
+    # Figures this model has (decoding speed: causal LMs only) in every round.
+    present = {
+        figure: spec
+        for figure, spec in CONFIRMED_FIGURES.items()
+        if all(m.get(spec[0]) is not None for side in sides for m in measured[side])
+    }
     ratios = {}
-    for figure, (key, lower_is_better) in CONFIRMED_FIGURES.items():
+    for figure, (key, lower_is_better) in present.items():
         per_round = [
             improvement(b.get(key), c.get(key), lower_is_better)
             for b, c in zip(measured["baseline"], measured["chosen"], strict=True)
@@ -76,8 +82,7 @@ def confirm_ratios(
         }
     medians = {
         side: {
-            key: statistics.median(m[key] for m in measured[side])
-            for key, _ in CONFIRMED_FIGURES.values()
+            key: statistics.median(m[key] for m in measured[side]) for key, _ in present.values()
         }
         for side in sides
     }

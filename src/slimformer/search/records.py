@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimformer.figures import BY_FIELD, OBJECTIVES
+from slimformer.figures import BY_FIELD, BY_NAME, OBJECTIVES
 
 if TYPE_CHECKING:
     from slimformer.search.settings import StudySettings
@@ -86,7 +86,11 @@ class TrialRecord:
             if key in BY_FIELD and not BY_FIELD[key].accepts(value):
                 raise ValueError(f"measurement '{key}' is {value!r}")
         if record.comparable:
-            costs = [record.measurement.get(f) for f, _ in OBJECTIVES.values()]
+            costs = [
+                record.measurement.get(field)
+                for name, (field, _) in OBJECTIVES.items()
+                if not BY_NAME[name].causal_only  # decoding: None where no KV cache serves
+            ]
             if not all(_has_type(v, float) for v in [record.drop, *costs]):
                 raise ValueError("a finished trial lacks its drop or a measured figure")
         return record

@@ -190,10 +190,16 @@ class Study:
             trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
             raise CandidateFailed(reason) from None
         trial.set_user_attr("recipe", built.recipe.to_dict())  # with resolved decisions
+        cost = result.measurement[self.settings.cost_field]
+        if cost is None:  # decoding speed, from an engine that serves no KV cache
+            reason = f"its runtime does not measure {self.settings.objective} (no KV cache)"
+            trial.set_user_attr("error", reason)
+            trial.set_user_attr("timings", timings)
+            trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+            raise CandidateFailed(reason)
         quality = float(result.quality)  # type: ignore[arg-type]
         reference = quality if baseline is None else baseline.user_attrs["quality"]
         drop = quality_drop(reference, quality, str(result.direction), bool(result.bounded))
-        cost = result.measurement[self.settings.cost_field]
         trial.set_user_attr("quality", quality)
         trial.set_user_attr("drop", drop)
         base = result.details if baseline is None else baseline.user_attrs["details"]

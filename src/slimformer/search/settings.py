@@ -11,7 +11,7 @@ from typing import Any
 
 from slimformer.cpu import CpuFingerprint
 from slimformer.errors import SlimformerError
-from slimformer.figures import OBJECTIVES
+from slimformer.figures import BY_NAME, OBJECTIVES
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Choice, Pass, get_pass, registered_passes
 from slimformer.passes.base import setting_default
@@ -150,6 +150,11 @@ class StudySettings:
                     f"--passes: {name} needs {', '.join(missing)}; add it to the list"
                 )
         task = make_task(self.task)
+        if BY_NAME[self.objective].causal_only and task.name != "perplexity":
+            raise SlimformerError(
+                f"--objective {self.objective} is a decoder's figure (task perplexity); for "
+                f"the {task.name} task choose latency, throughput or memory"
+            )
         check_guards(self.guards, task.reported_figures(), task.name)
 
     @property
