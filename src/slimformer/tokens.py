@@ -357,8 +357,8 @@ def prune_tokens(
     alive = alive & real.gather(1, chosen)
     stays = torch.zeros_like(real).scatter(1, chosen, alive)
     current = x.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, width))
-    leaving = (source >= 0) & ~stays.gather(1, source.clamp(min=0)) & real.gather(
-        1, source.clamp(min=0)
+    leaving = (
+        (source >= 0) & ~stays.gather(1, source.clamp(min=0)) & real.gather(1, source.clamp(min=0))
     )
     if exited is None:
         exited = torch.zeros_like(current)

@@ -44,8 +44,9 @@ class BertAdapter(ModelAdapter):
 
     def encoder_block(self, block_index: int) -> EncoderBlock:
         parts = self.post_norm_block(block_index)
-        return EncoderBlock(**{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)},
-                            pre_norm=False)
+        return EncoderBlock(
+            **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)}, pre_norm=False
+        )
 
     def embed(
         self, inputs: dict[str, torch.Tensor | None]

@@ -100,10 +100,7 @@ class TokenReductionPass(Pass):
 
     @classmethod
     def normalize(cls, config: TokenConfig) -> TokenConfig:
-        if config.mode == "merge":
-            unused = ("keep", "criterion")
-        else:
-            unused = ("r", "schedule")
+        unused = ("keep", "criterion") if config.mode == "merge" else ("r", "schedule")
         return replace(config, **{name: setting_default(config, name) for name in unused})
 
     @classmethod
