@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
 from slimformer.passes import get_pass
+from slimformer.passes.reduce_tokens import per_block
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
 from slimformer.tasks.base import collate
@@ -269,6 +270,19 @@ def test_what_cannot_work_is_refused_with_a_reason(tmp_path):
     (folder / "slimformer.json").write_text(json.dumps(meta))
     with pytest.raises(SlimformerError, match="settings for 2 blocks, the model has 4"):
         load_model(folder)
+
+
+def test_schedules_give_one_amount_per_block_and_start_follows_dropped_blocks():
+    token_pass = get_pass("reduce.tokens")
+    decreasing = token_pass.make_config({"r": 4, "schedule": "decreasing", "start": 1})
+    assert per_block(decreasing, 5) == (0, 6, 5, 3, 2)  # 1.5·r down to 0.5·r
+    assert per_block(token_pass.make_config({"r": 4}), 3) == (4, 4, 4)
+    assert per_block(token_pass.make_config({"mode": "prune", "start": 2}), 3) == (1.0, 1.0, 0.8)
+    # start=3 sampled for 4 blocks, one of them dropped first: the last block still reduces
+    model = reduced(
+        tiny.tiny_bert(), Step("prune.layers", {"count": 1}), Step("reduce.tokens", {"start": 3})
+    )
+    assert model.recipe.steps[-1].resolved["per_block"] == [0, 0, 2]
 
 
 def test_normalize_resets_the_settings_the_mode_does_not_use():

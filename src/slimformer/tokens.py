@@ -117,7 +117,7 @@ def install(module: nn.Module, reduction: TokenReduction) -> None:
     if len(reduction.amounts) != adapter.num_layers:
         raise SlimformerError(
             f"token reduction has settings for {len(reduction.amounts)} blocks, the model has "
-            f"{adapter.num_layers}; the saved model is damaged"
+            f"{adapter.num_layers}"
         )
     base = adapter.base
     setattr(base, ATTRIBUTE, reduction)

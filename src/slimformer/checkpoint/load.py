@@ -136,7 +136,7 @@ def _install_tokens(path: Path, module: nn.Module, settings: Any) -> None:
     try:
         install(module, TokenReduction.from_dict(settings))
     except SlimformerError as error:
-        raise SlimformerError(f"{path}/{SLIM_META}: {error}") from None
+        raise SlimformerError(f"{path}/{SLIM_META}: {error}; the saved model is damaged") from None
 
 
 def _saved_recipe(path: Path) -> Recipe:

@@ -78,15 +78,17 @@ class TokenConfig:
 
 
 def per_block(config: TokenConfig, layers: int) -> tuple[float, ...]:
-    """The amount each block reduces: tokens merged (merge) or fraction kept (prune)."""
-    reducing = layers - config.start
+    """The amount each block reduces: tokens merged (merge) or fraction kept (prune). `start`
+    past the last block (blocks were dropped earlier in the recipe) reduces in the last one."""
+    start = min(config.start, layers - 1)
+    reducing = layers - start
     if config.mode == "prune":
-        return (1.0,) * config.start + (config.keep,) * reducing
+        return (1.0,) * start + (config.keep,) * reducing
     if config.schedule == "constant" or reducing == 1:
         amounts = [config.r] * reducing
     else:
         amounts = [int(config.r * (1.5 - i / (reducing - 1)) + 0.5) for i in range(reducing)]
-    return (0,) * config.start + tuple(amounts)
+    return (0,) * start + tuple(amounts)
 
 
 @register_pass
