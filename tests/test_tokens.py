@@ -138,13 +138,17 @@ def test_pruned_tokens_never_include_the_class_token():
     x = torch.randn(3, 12, 4, generator=generator)
     size = torch.ones(3, 12)
     size[1, 8:] = 0  # a padded row
-    source, exited = torch.arange(12).expand(3, 12), None
+    source = torch.arange(12).expand(3, 12)
     for _ in range(6):  # prune hard, block after block, with the class token scored lowest
         scores = torch.rand(x.shape[:2], generator=generator) + 1
         scores[:, 0] = 0
-        x, size, source, exited = prune_tokens(x, size, source, exited, scores, 0.5)
+        x, size, source = prune_tokens(x, size, source, scores, 0.5)
         assert (source[:, 0] == 0).all() and (size[:, 0] == 1).all()
     assert (size.sum(1) == 2).all()  # the class token and the one token every row keeps
+    # pruned positions add nothing to a mean over the input positions
+    back = unmerge(x, source, size)
+    for row, real in enumerate((12, 8, 12)):
+        torch.testing.assert_close(back[row, :real].mean(0), x[row, :2].mean(0))
 
 
 @pytest.mark.parametrize(
