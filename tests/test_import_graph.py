@@ -38,6 +38,7 @@ RANKS = {
     "adapters": 2,
     "recipe": 2,  # data only
     "model": 3,
+    "tokens": 3,  # token merging/pruning inside an encoder's forward: adapters, errors
     "generation": 4,  # greedy generation through any served module: errors (and model types)
     "engines": 4,  # served modules: never passes, pipeline, checkpoint, search, api, cli
     "checkpoint": 5,  # never passes or assets

@@ -269,7 +269,7 @@ def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: i
     study = make_study()
     high = num_layers // 2
     counts, scopes, criteria, uses = set(), set(), set(), set()
-    for index in range(120):
+    for index in range(160):
         trial = study.ask()
         recipe = sample_recipe(trial, passes, facts(num_layers), spec, seed=3)
         assert isinstance(recipe, Recipe)

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 LINEAR_ROLES = ("attention", "ffn_in", "ffn_out")
@@ -45,6 +46,27 @@ class PostNormBlock:
 
 
 @dataclass(frozen=True)
+class EncoderBlock:
+    """The modules of a bidirectional encoder block, for code that runs the block itself
+    (token reduction). Post-norm (BERT):
+    x = attention_norm(x + attention_out(attend(q, k, v of x)));
+    x = ffn_norm(x + ffn_out(activation(ffn_in(x)))).
+    Pre-norm (ViT, `pre_norm`): x = x + attention_out(attend(q, k, v of attention_norm(x)));
+    x = x + ffn_out(activation(ffn_in(ffn_norm(x))))."""
+
+    query: nn.Module
+    key: nn.Module
+    value: nn.Module
+    attention_out: nn.Module
+    attention_norm: nn.Module
+    ffn_in: nn.Module
+    activation: nn.Module
+    ffn_out: nn.Module
+    ffn_norm: nn.Module
+    pre_norm: bool
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """Sizes a pass's search range may depend on (e.g. how many layers can be dropped)."""
 
@@ -71,6 +93,9 @@ class ModelAdapter:
     # The `model_type` ONNX Runtime's transformer optimizer knows this family's attention and
     # normalization patterns by; None where it has none (the export then runs unfused).
     onnx_optimizer_type: ClassVar[str | None] = None
+    # Whether the model fixes its number of tokens (image patches), so a traced graph may fix
+    # how many tokens each block keeps (token reduction); text lengths vary.
+    fixed_token_count: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -176,6 +201,26 @@ class ModelAdapter:
 
     def embeddings(self) -> nn.Module:
         raise NotImplementedError(f"{self.family} has no separate embedding module here")
+
+    # --- running the encoder block by block (token reduction; encoders override these) -----
+    # The sequence's first token is the class token ([CLS], ViT's CLS) the heads read.
+    def encoder_block(self, block_index: int) -> EncoderBlock:
+        raise NotImplementedError(f"{self.family} blocks are not bidirectional encoder blocks")
+
+    def embed(
+        self, inputs: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base model's forward inputs -> (embedded tokens [batch, tokens, hidden], the
+        [batch, tokens] mask of real tokens, None where every token is real)."""
+        raise NotImplementedError(f"{self.family} is not an encoder slimformer runs blockwise")
+
+    def final_norm(self) -> nn.Module | None:
+        """The norm applied after the last block (pre-norm encoders), if any."""
+        return None
+
+    def pooler(self) -> nn.Module | None:
+        """The base model's pooler (reads the class token), if it has one."""
+        return getattr(self.base, "pooler", None)
 
     # --- facts --------------------------------------------------------------------------
     def facts(self) -> ModelFacts:

@@ -1,8 +1,11 @@
 """BERT-family encoders: BERT, RoBERTa, XLM-R, ELECTRA, MiniLM (a BERT)."""
 
+import dataclasses
+
+import torch
 from torch import nn
 
-from slimformer.adapters.base import BlockLayout, ModelAdapter, PostNormBlock
+from slimformer.adapters.base import BlockLayout, EncoderBlock, ModelAdapter, PostNormBlock
 from slimformer.adapters.registry import register_adapter
 
 
@@ -38,3 +41,20 @@ class BertAdapter(ModelAdapter):
 
     def embeddings(self) -> nn.Module:
         return self.base.embeddings
+
+    def encoder_block(self, block_index: int) -> EncoderBlock:
+        parts = self.post_norm_block(block_index)
+        return EncoderBlock(
+            **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)}, pre_norm=False
+        )
+
+    def embed(
+        self, inputs: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.base.embeddings(
+            input_ids=inputs.get("input_ids"),
+            token_type_ids=inputs.get("token_type_ids"),
+            position_ids=inputs.get("position_ids"),
+            inputs_embeds=inputs.get("inputs_embeds"),
+        )
+        return hidden, inputs.get("attention_mask")

@@ -1,6 +1,9 @@
 """Hugging Face ViT image encoders and classifiers."""
 
-from slimformer.adapters.base import BlockLayout, ModelAdapter
+import torch
+from torch import nn
+
+from slimformer.adapters.base import BlockLayout, EncoderBlock, ModelAdapter
 from slimformer.adapters.registry import register_adapter
 
 
@@ -10,6 +13,7 @@ class ViTAdapter(ModelAdapter):
     model_types = frozenset({"vit"})
     # transformers 5 keeps ViT blocks at `layers`; 4.x had `encoder.layer`.
     onnx_optimizer_type = "vit"
+    fixed_token_count = True
     block_paths = ("layers", "encoder.layer")
     layout = BlockLayout(
         query="attention.q_proj",
@@ -19,3 +23,37 @@ class ViTAdapter(ModelAdapter):
         ffn_in=("mlp.fc1",),
         ffn_out="mlp.fc2",
     )
+
+    def encoder_block(self, block_index: int) -> EncoderBlock:
+        block = self.blocks()[block_index]
+        attention = self.attention_linears(block_index)
+        return EncoderBlock(
+            query=attention["query"],
+            key=attention["key"],
+            value=attention["value"],
+            attention_out=attention["out"],
+            attention_norm=block.layernorm_before,
+            ffn_in=block.get_submodule(self.layout.ffn_in[0]),
+            activation=block.get_submodule("mlp.activation_fn"),
+            ffn_out=block.get_submodule(self.layout.ffn_out),
+            ffn_norm=block.layernorm_after,
+            pre_norm=True,
+        )
+
+    def embeddings(self) -> nn.Module:
+        return self.base.embeddings
+
+    def embed(
+        self, inputs: dict[str, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pixels = inputs["pixel_values"]
+        patches = self.base.embeddings.patch_embeddings.projection
+        hidden = self.base.embeddings(
+            pixels.to(patches.weight.dtype),
+            bool_masked_pos=inputs.get("bool_masked_pos"),
+            interpolate_pos_encoding=bool(inputs.get("interpolate_pos_encoding")),
+        )
+        return hidden, None  # every patch is a real token
+
+    def final_norm(self) -> nn.Module | None:
+        return self.base.layernorm

@@ -26,6 +26,7 @@ from slimformer.layers import codec_of_kind
 from slimformer.model import HEADS, SlimModel, head_from_architectures
 from slimformer.quiet import quiet_transformers
 from slimformer.recipe import Recipe
+from slimformer.tokens import TokenReduction, install
 
 
 def load_model(
@@ -103,6 +104,8 @@ def load_model(
         # Loaded in float32 above; a 16-bit save casts back exactly.
         module.to(getattr(torch, dtype))
     module.eval()
+    if meta.get("tokens"):
+        _install_tokens(path, module, meta["tokens"])
     if runtime:  # a runtime that serves the torch weights above (torch.compile)
         module = _served(path, runtime, config, head, module)
     return SlimModel(
@@ -126,6 +129,14 @@ def _served(
             f"{path}/{SLIM_META}: its runtime entry does not fit the saved files "
             f"({type(error).__name__}: {str(error)[:80]}); the saved model is damaged"
         ) from None
+
+
+def _install_tokens(path: Path, module: nn.Module, settings: Any) -> None:
+    """Run the loaded model with the token reduction it was saved with."""
+    try:
+        install(module, TokenReduction.from_dict(settings))
+    except SlimformerError as error:
+        raise SlimformerError(f"{path}/{SLIM_META}: {error}; the saved model is damaged") from None
 
 
 def _saved_recipe(path: Path) -> Recipe:

@@ -27,6 +27,7 @@ from slimformer.files import replace_dir
 from slimformer.layers import codec_for
 from slimformer.model import HEADS, SlimModel
 from slimformer.quiet import quiet_transformers
+from slimformer.tokens import installed
 
 
 def save_model(
@@ -74,6 +75,9 @@ def save_model(
             "dtype": _float_dtype(module) if module is not None else "float32",
             "runtime": runtime,
             "batching": model.batching,
+            # A behaviour, not weights: the loader installs it again (plain transformers
+            # loads the same weights without it).
+            "tokens": _token_reduction(module),
         }
         (tmp / SLIM_META).write_text(json.dumps(meta, indent=2))
         if model.source:
@@ -86,6 +90,11 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _token_reduction(module: nn.Module | None) -> dict[str, Any] | None:
+    reduction = installed(module) if module is not None else None
+    return reduction.to_dict() if reduction is not None else None
 
 
 def _float_dtype(module: nn.Module) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from slimformer.engines.base import HEAD_INPUTS, HEAD_OUTPUT, ServedModule
 from slimformer.errors import SlimformerError
 from slimformer.layers import codec_for
+from slimformer.tokens import export_refusal
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel
@@ -61,6 +62,9 @@ def check_exportable(model: SlimModel, runtime: str) -> None:
             f"inside the runtime instead ({runtime} int8 setting)"
         )
     check_not_served(model, runtime)
+    tokens = export_refusal(model.module)
+    if tokens:
+        raise SlimformerError(f"{runtime}: {tokens}")
 
 
 def check_not_served(model: SlimModel, runtime: str) -> None:

@@ -23,6 +23,7 @@ from slimformer.passes import (  # noqa: F401  (each registers its pass)
     quantize_static_int8,
     quantize_weight_only,
     recover_distill,
+    reduce_tokens,
     runtime_batching,
     runtime_compiled,
     runtime_onnxruntime,

@@ -20,6 +20,7 @@ from slimformer.engines.unpadded import UnpaddedEncoder
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Pass, PassContext, Phase, register_pass, searchable
+from slimformer.tokens import installed
 
 BATCHING = ("padded", "bucketed", "unpadded")
 
@@ -38,6 +39,11 @@ def check_unpadded_supported(model: SlimModel) -> None:
     if model.head != "embedding":
         raise SlimformerError(
             f"runtime.batching mode=unpadded serves embedding models; this one is {model.head}"
+        )
+    if installed(model.module) is not None:
+        raise SlimformerError(
+            "runtime.batching mode=unpadded runs the blocks its own way and would skip the "
+            "model's token reduction (reduce.tokens); use mode=bucketed"
         )
     try:
         model.adapter.post_norm_block(0)

@@ -1,0 +1,131 @@
+"""`reduce.tokens`: fewer tokens in the later blocks of an encoder (BERT family, ViT), with
+the fused attention kernel kept — token merging (ToMe) or attention-based pruning.
+
+The mechanics live in `slimformer.tokens` (the checkpoint re-installs them from there when a
+saved model loads); this pass turns its settings into one amount per block and installs them.
+It runs last among the structural passes: heads, neurons and blocks are scored on every token,
+distillation then trains the reduced model, and quantization calibrates on the tokens the model
+really sees. Schedules: `constant` reduces the same amount in every block from `start`;
+`decreasing` (ToMe's) merges 1.5·r in the first reducing block down to 0.5·r in the last, the
+same total, so more goes early where it saves the most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from slimformer.engines import ServedModule
+from slimformer.errors import SlimformerError
+from slimformer.model import SlimModel
+from slimformer.passes.base import (
+    Choice,
+    FloatRange,
+    Interval,
+    IntRange,
+    Pass,
+    PassContext,
+    Phase,
+    register_pass,
+    searchable,
+    setting_default,
+)
+from slimformer.tokens import CRITERIA, MODES, TokenReduction, check_supported, install, installed
+
+SCHEDULES = ("constant", "decreasing")
+UNPADDED_REFUSAL = (
+    "padding-free batching runs the blocks its own way and would skip the token reduction; "
+    "use runtime.batching mode=bucketed"
+)
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    mode: str = searchable(
+        "merge",
+        Choice(MODES),
+        "merge: average the most similar tokens (ToMe); prune: drop the tokens that receive "
+        "the least attention",
+    )
+    r: int = searchable(
+        2,
+        Choice((1, 2, 4, 8, 16)),
+        "merge: tokens merged per reducing block (ToMe's r; at most half of them per block)",
+        valid=Interval(0, None),
+    )
+    schedule: str = searchable(
+        "constant",
+        Choice(SCHEDULES),
+        "merge: r in every reducing block, or decreasing from 1.5·r to 0.5·r",
+    )
+    keep: float = searchable(
+        0.8,
+        FloatRange(0.5, 0.95, step=0.05),
+        "prune: fraction of the real tokens each reducing block keeps (besides the class token)",
+        valid=Interval(0, 1, open_low=True),
+    )
+    criterion: str = searchable(
+        "cls",
+        Choice(CRITERIA),
+        "prune: a token's score is the attention the class token pays it (cls) or the mean "
+        "attention it receives (mean)",
+    )
+    start: int = searchable(
+        0,
+        IntRange(0, lambda facts: facts.num_layers - 1, label="0..layers-1"),
+        "first block that reduces (the ones before it see every token)",
+    )
+
+
+def per_block(config: TokenConfig, layers: int) -> tuple[float, ...]:
+    """The amount each block reduces: tokens merged (merge) or fraction kept (prune). `start`
+    past the last block (blocks were dropped earlier in the recipe) reduces in the last one."""
+    start = min(config.start, layers - 1)
+    reducing = layers - start
+    if config.mode == "prune":
+        return (1.0,) * start + (config.keep,) * reducing
+    if config.schedule == "constant" or reducing == 1:
+        amounts = [config.r] * reducing
+    else:
+        amounts = [int(config.r * (1.5 - i / (reducing - 1)) + 0.5) for i in range(reducing)]
+    return (0,) * start + tuple(amounts)
+
+
+@register_pass
+class TokenReductionPass(Pass):
+    name = "reduce.tokens"
+    summary = "merge (ToMe) or prune tokens block by block in encoders, fused attention kept"
+    config_class = TokenConfig
+    phase = Phase.STRUCTURE
+    order = 9  # after every pass that scores or factorizes weights on all tokens
+    conflicts = {"runtime.batching:mode=unpadded": UNPADDED_REFUSAL}
+
+    @classmethod
+    def normalize(cls, config: TokenConfig) -> TokenConfig:
+        unused = ("keep", "criterion") if config.mode == "merge" else ("r", "schedule")
+        return replace(config, **{name: setting_default(config, name) for name in unused})
+
+    @classmethod
+    def applies_to(cls, model: SlimModel) -> bool:
+        if isinstance(model.module, ServedModule) or installed(model.module) is not None:
+            return False
+        try:
+            check_supported(model.module)
+        except SlimformerError:
+            return False
+        return True
+
+    def apply(self, model: SlimModel, config: TokenConfig, ctx: PassContext) -> dict[str, Any]:
+        if isinstance(model.module, ServedModule):
+            raise SlimformerError(
+                f"{self.name}: the model already runs in {model.module.runtime}; reduce "
+                "tokens before choosing a runtime"
+            )
+        if installed(model.module) is not None:
+            raise SlimformerError(f"{self.name}: this model already reduces its tokens")
+        layers = check_supported(model.module).num_layers
+        reduction = TokenReduction(
+            mode=config.mode, amounts=per_block(config, layers), criterion=config.criterion
+        )
+        install(model.module, reduction)
+        return {"per_block": list(reduction.amounts)}

@@ -1,0 +1,368 @@
+"""Fewer tokens inside an encoder's forward pass, with the fused attention kernel kept.
+
+- merge (ToMe, Bolya et al. 2023): in each reducing block, after attention, `r` tokens are
+  merged into their most similar partner by bipartite soft matching on the attention keys (mean
+  over heads). A merged token is the size-weighted average of what it absorbed, and later
+  attention adds log(size) to its logits (proportional attention). That bias goes in as the
+  float `attn_mask` of `scaled_dot_product_attention`, so the fused kernel keeps running:
+  softmax(QK^T/sqrt(d) + log s)V is exactly SDPA with `attn_mask = log s`.
+- prune (PoWER-BERT's attention criterion, without training): in each reducing block, after
+  attention, only the fraction `keep` of the real tokens that receive the most attention stays.
+  SDPA returns no attention weights, so the scores are recomputed from that block's q and k:
+  `cls` takes the class token's query row only (softmax of one row per head, O(tokens·dim)),
+  `mean` the full attention matrix averaged over real queries (one more QK^T, no PV).
+
+The first token (the class token: BERT's [CLS], ViT's CLS) is never merged or pruned and stays
+first. Padding: a padded position is a token of size 0, so log(size) masks it as a key, a merge
+involving it leaves the real token's average unchanged, and matching prefers real pairs; real
+tokens are kept ahead of padding, so a sentence merges the same way whatever it is batched with.
+
+The output keeps the input's length: each position gets the final state of the token it ended
+in (merged tokens are copied back to every position they absorbed, ToMe's "unmerge"); a pruned
+token's position gets the size-weighted mean of the tokens that stayed. So mean pooling over
+the attention mask weights every merged token by its size and leaves pruned tokens out, and
+sentence embeddings stay comparable with the untouched model's. (Giving a pruned position the
+state it left with, as token dropping does, measured far worse on MiniLM's embedding task:
+cosine fidelity 0.57 against 0.92 for keep=0.7 from block 3, because early-block states are
+pooled with final ones.)
+
+Written by hand because nothing packaged does this inside Hugging Face models: ToMe's own code
+patches timm's classes and computes attention eagerly. `install` replaces the forward of the
+model's base (backbone) instance with one that runs the blocks through the adapter; names,
+weights and the config are untouched, so every other pass and the checkpoint see the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from slimformer.adapters import EncoderBlock, ModelAdapter, adapter_for
+from slimformer.errors import SlimformerError
+
+MODES = ("merge", "prune")
+CRITERIA = ("cls", "mean")
+# The attribute of the base model that holds its installed reduction.
+ATTRIBUTE = "slimformer_tokens"
+# Matching score of any pair that involves padding: below every cosine similarity (>= -1), so
+# real pairs merge first, and above the protected class token's -inf.
+_PAD_SCORE = -3.0
+
+
+@dataclass(frozen=True)
+class TokenReduction:
+    """What each block does to the tokens: merge `amounts[i]` tokens (int r) or keep the
+    fraction `amounts[i]` (prune; 1.0 keeps all)."""
+
+    mode: str
+    amounts: tuple[float, ...]
+    criterion: str = "cls"  # prune: which attention a token's score is
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SlimformerError(f"token reduction mode must be one of {MODES}, got {self.mode!r}")
+        if self.criterion not in CRITERIA:
+            raise SlimformerError(
+                f"token pruning criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        for amount in self.amounts:
+            bad = (
+                not (float(amount).is_integer() and amount >= 0)
+                if self.mode == "merge"
+                else not 0 < amount <= 1
+            )
+            if bad:
+                expected = "whole numbers >= 0" if self.mode == "merge" else "fractions in (0, 1]"
+                raise SlimformerError(
+                    f"token {self.mode} amounts per block must be {expected}, got {amount!r}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"amounts": list(self.amounts)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TokenReduction:
+        try:
+            return cls(
+                mode=data["mode"],
+                amounts=tuple(data["amounts"]),
+                criterion=data.get("criterion", "cls"),
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise SlimformerError(f"unreadable token reduction settings ({error})") from None
+
+
+# --- installing -----------------------------------------------------------------------------
+def check_supported(module: nn.Module) -> ModelAdapter:
+    """The adapter of `module` if its family can run with token reduction, else one error."""
+    adapter = adapter_for(module)
+    try:
+        adapter.encoder_block(0)
+    except NotImplementedError:
+        raise SlimformerError(
+            f"reduce.tokens works on encoders (BERT family, ViT), not {adapter.family}"
+        ) from None
+    return adapter
+
+
+def install(module: nn.Module, reduction: TokenReduction) -> None:
+    """Make `module` (a Hugging Face model) run with `reduction` from now on."""
+    adapter = check_supported(module)
+    if len(reduction.amounts) != adapter.num_layers:
+        raise SlimformerError(
+            f"token reduction has settings for {len(reduction.amounts)} blocks, the model has "
+            f"{adapter.num_layers}"
+        )
+    base = adapter.base
+    setattr(base, ATTRIBUTE, reduction)
+    # An instance attribute, so deepcopy rebinds it to the copy.
+    base.forward = types.MethodType(_reduced_forward, base)
+
+
+def installed(module: nn.Module) -> TokenReduction | None:
+    """The reduction `module` runs with, if any."""
+    base = getattr(module, "base_model", module)
+    found = getattr(base, ATTRIBUTE, None)
+    return found if isinstance(found, TokenReduction) else None
+
+
+def export_refusal(module: nn.Module) -> str | None:
+    """Why `module`'s token reduction cannot go into an exported graph (None: it can)."""
+    if installed(module) is None or adapter_for(module).fixed_token_count:
+        return None
+    return (
+        "reduce.tokens on text: how many tokens each block keeps depends on the sequence "
+        "length, which a traced ONNX graph fixes; serve the model in PyTorch"
+    )
+
+
+# --- the forward pass -----------------------------------------------------------------------
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _inputs(base: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, as the family's own forward would have bound them."""
+    cls = type(base)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    bound = _SIGNATURES[cls].bind(base, *args, **kwargs).arguments
+    extra = bound.pop("kwargs", {})
+    bound.pop("self", None)
+    return {**bound, **extra}
+
+
+def _reduced_forward(self: nn.Module, *args: Any, **kwargs: Any) -> BaseModelOutputWithPooling:
+    inputs = _inputs(self, args, kwargs)
+    if inputs.get("output_attentions"):
+        raise SlimformerError(
+            "a model with reduce.tokens does not return attention weights (its fused attention "
+            "kernel computes none)"
+        )
+    adapter = adapter_for(self)
+    hidden, mask = adapter.embed(inputs)
+    want_states = bool(inputs.get("output_hidden_states"))
+    reduced = reduce_blocks(adapter, hidden, mask, getattr(self, ATTRIBUTE), want_states)
+    out, states = reduced
+    norm = adapter.final_norm()
+    if norm is not None:
+        out = norm(out)
+    pooler = adapter.pooler()
+    return BaseModelOutputWithPooling(
+        last_hidden_state=out,
+        pooler_output=pooler(out) if pooler is not None else None,
+        hidden_states=states,
+    )
+
+
+def reduce_blocks(
+    adapter: ModelAdapter,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    reduction: TokenReduction,
+    want_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Run the encoder blocks on `hidden` ([batch, tokens, width], `mask` of real tokens) with
+    `reduction`; return the last block's output at every input position (and each block's,
+    with `want_states`)."""
+    batch, length, _ = hidden.shape
+    size = (
+        torch.ones(batch, length, dtype=torch.float32, device=hidden.device)
+        if mask is None
+        else mask.to(torch.float32)
+    )
+    padded = mask is not None and not bool(mask.bool().all())
+    source = torch.arange(length, device=hidden.device).expand(batch, length)  # -1: pruned
+    pruning = reduction.mode == "prune"
+    head_dim = adapter.head_dim()
+    x = hidden
+    states = [hidden] if want_states else None
+    biased = padded  # whether sizes other than 1 exist, so attention needs the log-size mask
+    for index, amount in enumerate(reduction.amounts):
+        block = adapter.encoder_block(index)
+        bias = size.log()[:, None, None, :].to(x.dtype) if biased else None
+        x, q, k = _attention(block, x, bias, head_dim)
+        if reduction.mode == "merge" and amount >= 1:
+            x, size, source = merge_tokens(x, size, source, k.mean(1), int(amount), padded)
+            biased = True
+        elif reduction.mode == "prune" and amount < 1:
+            scores = attention_received(q, k, bias, size, reduction.criterion)
+            x, size, source = prune_tokens(x, size, source, scores, amount)
+            biased = True
+        x = _feed_forward(block, x)
+        if states is not None:
+            states.append(unmerge(x, source, size if pruning else None))
+    return unmerge(x, source, size if pruning else None), tuple(states) if states else None
+
+
+def _attention(
+    block: EncoderBlock, x: torch.Tensor, bias: torch.Tensor | None, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's attention with its residual (and norm); also the heads' q and k."""
+    h = block.attention_norm(x) if block.pre_norm else x
+    batch, tokens, _ = x.shape
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
+
+    q, k, v = heads(block.query(h)), heads(block.key(h)), heads(block.value(h))
+    # scale as transformers passes it, so no reduction reproduces the model bit for bit
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim**-0.5)
+    out = block.attention_out(context.transpose(1, 2).reshape(batch, tokens, -1))
+    x = x + out if block.pre_norm else block.attention_norm(out + x)
+    return x, q, k
+
+
+def _feed_forward(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
+    if block.pre_norm:
+        return x + block.ffn_out(block.activation(block.ffn_in(block.ffn_norm(x))))
+    return block.ffn_norm(block.ffn_out(block.activation(block.ffn_in(x))) + x)
+
+
+def unmerge(x: torch.Tensor, source: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
+    """Each input position's state: its token's; with `size` (pruning), a pruned position
+    (source -1) gets the size-weighted mean of the tokens left, so it adds nothing to a mean."""
+    width = x.shape[-1]
+    out = x.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, width))
+    if size is None:
+        return out
+    weights = size.unsqueeze(-1).to(x.dtype)
+    mean = (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
+    return torch.where((source >= 0).unsqueeze(-1), out, mean)
+
+
+# --- merging --------------------------------------------------------------------------------
+def merge_tokens(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor,
+    metric: torch.Tensor,
+    r: int,
+    padded: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching: tokens alternate between sets A (even positions) and B;
+    each A token's most similar B token (cosine of `metric`) is its edge, and the `r` most
+    similar edges merge (size-weighted averages). The first token (in A) never merges."""
+    batch, tokens, width = x.shape
+    n_a, n_b = (tokens + 1) // 2, tokens // 2
+    r = min(r, n_a - 1, n_b)
+    if r <= 0:
+        return x, size, source
+    with torch.no_grad():
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(1, 2)  # [batch, A, B]
+        real = size > 0
+        both_real = real[:, ::2, None] & real[:, None, 1::2]
+        scores = scores.masked_fill(~both_real, _PAD_SCORE)
+        scores[:, 0] = -math.inf  # the class token
+        best, partner = scores.max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True)
+        merged = edges[:, :r]
+        kept = edges[:, r:].sort(dim=-1).values  # A tokens that stay, in their order
+        target = partner.gather(1, merged)
+    weighted = x * size.unsqueeze(-1).to(x.dtype)
+    xa, xb = weighted[:, ::2], weighted[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+
+    def rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, width))
+
+    xb = xb.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, width), rows(xa, merged))
+    sb = sb.scatter_add(1, target, sa.gather(1, merged))
+    new_size = torch.cat([sa.gather(1, kept), sb], dim=1)
+    new_x = torch.cat([rows(xa, kept), xb], dim=1)
+    new_x = new_x / new_size.clamp(min=1e-6).unsqueeze(-1).to(x.dtype)
+    # Where each old position went: kept A tokens first, then the B tokens.
+    n_kept = n_a - r
+    new_a = torch.empty_like(edges)
+    new_a.scatter_(1, kept, torch.arange(n_kept, device=x.device).expand(batch, n_kept))
+    new_a.scatter_(1, merged, target + n_kept)
+    new_b = (torch.arange(n_b, device=x.device) + n_kept).expand(batch, n_b)
+    new_of_old = torch.stack([new_a[:, :n_b], new_b], dim=-1).reshape(batch, 2 * n_b)
+    if n_a > n_b:
+        new_of_old = torch.cat([new_of_old, new_a[:, n_b:]], dim=1)
+    if padded:  # real tokens ahead of padding, so the next split matches the unpadded input
+        order = (new_size == 0).to(torch.int8).argsort(dim=1, stable=True)
+        new_x, new_size = rows(new_x, order), new_size.gather(1, order)
+        new_of_old = order.argsort(dim=1).gather(1, new_of_old)
+    return new_x, new_size, new_of_old.gather(1, source)
+
+
+# --- pruning --------------------------------------------------------------------------------
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor | None,
+    size: torch.Tensor,
+    criterion: str,
+) -> torch.Tensor:
+    """[batch, tokens]: the attention each token receives, mean over heads — from the class
+    token's query (`cls`) or averaged over the real queries (`mean`), recomputed from q and k
+    because the fused kernel returns no weights."""
+    scale = q.shape[-1] ** -0.5
+    queries = q[:, :, :1] if criterion == "cls" else q
+    logits = queries @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        logits = logits + bias
+    weights = logits.float().softmax(dim=-1).mean(dim=1)  # [batch, queries, tokens]
+    if criterion == "cls":
+        return weights[:, 0]
+    per_query = size / size.sum(dim=1, keepdim=True)
+    return (weights * per_query.unsqueeze(-1)).sum(dim=1)
+
+
+def prune_tokens(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor,
+    scores: torch.Tensor,
+    keep: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the class token and ceil(keep × the other real tokens), the highest `scores`
+    first, at least one; the others leave (their source becomes -1). Each row keeps its own
+    count, so the tensor is as wide as the largest; the rest of a row's slots are padding."""
+    batch, tokens, width = x.shape
+    real = size > 0
+    others = real.sum(dim=1) - 1
+    counts = torch.where(others > 0, (others * keep).ceil().clamp(min=1), others) + 1
+    ranked = scores.float().masked_fill(~real, -math.inf)
+    ranked[:, 0] = math.inf  # the class token
+    order = ranked.argsort(dim=1, descending=True)
+    wide = int(counts.max())
+    chosen, position = order[:, :wide].sort(dim=1)
+    alive = (torch.arange(wide, device=x.device) < counts.unsqueeze(1)).gather(1, position)
+    alive = alive & real.gather(1, chosen)
+    new_of_old = torch.full((batch, tokens), -1, dtype=source.dtype, device=x.device)
+    slots = torch.arange(wide, device=x.device).expand(batch, wide)
+    new_of_old = new_of_old.scatter(1, chosen, torch.where(alive, slots, -1))
+    new_source = torch.where(source >= 0, new_of_old.gather(1, source.clamp(min=0)), -1)
+    new_x = x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))
+    return new_x, size.gather(1, chosen) * alive, new_source
