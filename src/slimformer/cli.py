@@ -384,11 +384,16 @@ def list_passes() -> None:
 
 
 @assets_app.command("install")
-def assets_install() -> None:
-    """Install and cache every offline model and data set (idempotent)."""
+def assets_install(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="assets to install (default: all but vit-fashion, built on first use)"),
+    ] = None,
+) -> None:
+    """Install and cache the offline models and data sets (idempotent)."""
     from slimformer import assets
 
-    assets.install(log=lambda line: err.print(line))
+    assets.install(names or None, log=lambda line: err.print(escape(line)))
 
 
 @assets_app.command("status")

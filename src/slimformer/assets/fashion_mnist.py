@@ -23,8 +23,8 @@ from slimformer.errors import AssetMissing
 PACKAGE = "dataset-fashion-mnist"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = (
-    f"apt-get install {PACKAGE} (as root), or `slimformer assets install fashion-mnist`, "
-    f"which unpacks `apt-get download {PACKAGE}` into the cache"
+    f"slimformer assets install fashion-mnist (unpacks `apt-get download {PACKAGE}` into the "
+    f"cache), or apt-get install {PACKAGE}"
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

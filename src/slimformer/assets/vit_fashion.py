@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.assets.cache import cache_dir
-from slimformer.assets.fashion_mnist import CLASSES, FASHION_INSTALL, fashion_mnist
+from slimformer.assets.fashion_mnist import CLASSES, fashion_mnist
 from slimformer.files import publish_dir, write_atomic
 
-VIT_FASHION_INSTALL = f"{FASHION_INSTALL}; then `slimformer assets install vit-fashion`"
+VIT_FASHION_INSTALL = "slimformer assets install vit-fashion (trains once; needs fashion-mnist)"
 _DIRNAME = "vit-fashion"
 # Pixels are scaled to [0, 1] and normalized like Hugging Face's ViT image processor does by
 # default; the folder's preprocessor_config.json says so for every reader.
