@@ -241,6 +241,10 @@ def _bad_folder(ws: Path, name: str) -> Path:
     elif name == "unreadable":
         _write_digits(root, classes=range(2))
         (root / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    elif name == "truncated":
+        _write_digits(root, classes=range(2))
+        whole = (root / "1" / "3.png").read_bytes()
+        (root / "1" / "3.png").write_bytes(whole[: len(whole) // 2])
     elif name == "single_class":
         _write_digits(root, classes=range(1))
     elif name == "wrong_size":
@@ -254,6 +258,7 @@ def _bad_folder(ws: Path, name: str) -> Path:
         ("empty", ("no images found in class sub-folders", "empty")),
         ("mixed_sizes", ("images differ in size", "16x16", "20x16")),
         ("unreadable", ("cannot read image", "broken.png", "remove or replace it")),
+        ("truncated", ("cannot read image", "3.png")),
         ("single_class", ("one class (0)", "at least two")),
         ("wrong_size", ("8x8", "model takes 16x16 images")),
     ],

@@ -73,7 +73,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
         try:
             with Image.open(path) as image:
                 size = image.size
-                image.verify()
+                image.load()  # decodes it all: a truncated file fails here, not mid-study
         except Exception as error:  # Pillow raises many types for a damaged file
             raise SlimformerError(
                 f"cannot read image {path} ({type(error).__name__}: {error}); remove or replace it"
