@@ -288,3 +288,23 @@ def test_image_task_refuses_a_text_model(ws: Path) -> None:
     with pytest.raises(SlimformerError, match="needs an image-classification model"):
         _task(ws).examples(model, "test")
     assert isinstance(model, SlimModel)
+
+
+def test_a_vit_fashion_cache_from_another_training_plan_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import asdict
+
+    from slimformer.assets import vit_fashion
+
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "vit-fashion"
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_text("{}")
+    facts = {"shape": asdict(ViTShape()), "plan": asdict(TrainingPlan())}
+    (folder / "training.json").write_text(json.dumps(facts))
+    assert vit_fashion.vit_fashion_status() == (True, str(folder))
+    facts["plan"]["epochs"] += 1
+    (folder / "training.json").write_text(json.dumps(facts))
+    assert vit_fashion.vit_fashion_status() == (False, "")
