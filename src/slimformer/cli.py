@@ -35,14 +35,16 @@ TaskOpt = Annotated[
     typer.Option(
         "--task",
         "-t",
-        help="embedding | classification | perplexity | custom (default: the model's natural task)",
+        help="embedding | classification | perplexity | custom | image-classification "
+        "(default: the model's natural task)",
     ),
 ]
 DataOpt = Annotated[
     str | None,
     typer.Option(
-        help="your data: CSV/JSONL (classification, embedding) or a text file, one text a line "
-        "(embedding, perplexity, custom)"
+        help="your data: CSV/JSONL (classification, embedding), a text file, one text a line "
+        "(embedding, perplexity, custom), or a folder with one sub-folder of images per class "
+        "(image-classification)"
     ),
 ]
 TextColumnOpt = Annotated[
@@ -384,11 +386,16 @@ def list_passes() -> None:
 
 
 @assets_app.command("install")
-def assets_install() -> None:
-    """Install and cache every offline model and data set (idempotent)."""
+def assets_install(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="assets to install (default: all but vit-fashion, built on first use)"),
+    ] = None,
+) -> None:
+    """Install and cache the offline models and data sets (idempotent)."""
     from slimformer import assets
 
-    assets.install(log=lambda line: err.print(line))
+    assets.install(names or None, log=lambda line: err.print(escape(line)))
 
 
 @assets_app.command("status")
@@ -423,9 +430,12 @@ def _task_spec(
         return None
     if task is None:
         task = "custom" if function else None
+    if task is None and data and Path(data).is_dir():
+        task = "image-classification"  # a folder of class sub-folders: the one task it fits
     if task is None:
         raise SlimformerError(
-            "--data needs --task (classification, embedding, perplexity or custom)"
+            "--data needs --task (classification, embedding, perplexity, custom or "
+            "image-classification)"
         )
     return TaskSpec(
         name=task,

@@ -27,7 +27,7 @@ from slimformer.engines import ServedModule
 from slimformer.errors import SlimformerError
 from slimformer.layers import codec_for, count_parameters
 from slimformer.model import SlimModel
-from slimformer.tasks.base import batches_by_length, collate
+from slimformer.tasks.base import batch_rows, batches_by_length, collate, input_tokens
 
 MIN_REQUESTS = 20  # batch-1 requests timed at least
 DECODE_TOKENS = 128  # new tokens per timed batch-1 generation (causal LMs)
@@ -146,7 +146,7 @@ def time_throughput(
         size = settings.batch_size
         grouped = [chosen[i : i + size] for i in range(0, len(chosen), size)]
     batches = [collate(model, b) for b in grouped]
-    model(**min(batches, key=lambda b: b["input_ids"].numel()))  # warm-up on the smallest
+    model(**min(batches, key=lambda b: next(iter(b.values())).numel()))  # warm-up on the smallest
     # Visit batches in a fixed shuffled order so a short run is not biased to short inputs;
     # stop after every batch ran and min_seconds passed, or after a cap for slow models.
     order = list(range(len(batches)))
@@ -156,7 +156,7 @@ def time_throughput(
     while True:
         batch = batches[order[runs % len(order)]]
         model(**batch)
-        processed += batch["input_ids"].shape[0]
+        processed += batch_rows(batch)
         runs += 1
         elapsed = time.perf_counter() - start
         if elapsed >= settings.min_seconds and (
@@ -242,8 +242,9 @@ def measure_loaded(
     median, p90 = time_latency(model, examples, settings)
     throughput = time_throughput(model, examples, settings)
     peak = peak_memory_mb() - baseline_rss_mb
-    typical = sorted(examples, key=len)[len(examples) // 2]
-    mean_tokens = sum(map(len, examples)) / len(examples)
+    lengths = [input_tokens(model, e) for e in examples]
+    typical = examples[sorted(range(len(examples)), key=lengths.__getitem__)[len(examples) // 2]]
+    mean_tokens = sum(lengths) / len(examples)
     timed = examples[: settings.latency_requests]
     prompt_tokens = sum(map(len, timed)) / len(timed)
     generative = model.head == "causal-lm"

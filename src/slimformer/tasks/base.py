@@ -57,6 +57,8 @@ class Task(ABC):
     state_version: ClassVar[int] = 1
     # Whether `general_texts` has a corpus for training passes to mix in.
     has_general_corpus: ClassVar[bool] = False
+    # Whether inputs are token sequences that --seq-len can cut to one length.
+    takes_seq_len: ClassVar[bool] = True
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
@@ -69,6 +71,10 @@ class Task(ABC):
 
     def split_name(self, split: str) -> str:
         return self.split_aliases.get(split, split)
+
+    def check_data(self) -> None:
+        """Read the task's data, so a bad file fails before any work starts."""
+        self.texts("calibration")
 
     def calibration_batches(
         self, model: SlimModel, count: int | None = None, batch_size: int = 32
@@ -159,8 +165,11 @@ def encode(model: SlimModel, texts: Sequence[str], max_length: int) -> list[list
     return [list(ids) for ids in encoded["input_ids"]]
 
 
-def collate(model: SlimModel, examples: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest input, as sentence-transformers and HF pipelines do."""
+def collate(model: SlimModel, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest input, as sentence-transformers and HF pipelines do; images
+    (pixel tensors of one size) are stacked."""
+    if isinstance(examples[0], torch.Tensor):
+        return {"pixel_values": torch.stack(list(examples))}
     tokenizer = tokenizer_of(model)
     longest = max(len(e) for e in examples)
     ids = torch.full((len(examples), longest), tokenizer.pad_token_id, dtype=torch.long)
@@ -169,6 +178,20 @@ def collate(model: SlimModel, examples: Sequence[Sequence[int]]) -> dict[str, to
         ids[row, : len(example)] = torch.tensor(example, dtype=torch.long)
         mask[row, : len(example)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def input_tokens(model: SlimModel, example: Any) -> int:
+    """The tokens the model sees for one input: its token ids, or an image's patches and the
+    class token."""
+    if isinstance(example, torch.Tensor):
+        patch = int(model.config.patch_size)
+        return (example.shape[-2] // patch) * (example.shape[-1] // patch) + 1
+    return len(example)
+
+
+def batch_rows(batch: dict[str, torch.Tensor]) -> int:
+    """How many inputs a collated batch holds."""
+    return next(iter(batch.values())).shape[0]
 
 
 def fixed_length_examples(
