@@ -150,8 +150,8 @@ def test_the_plot_has_one_point_per_measured_trial_by_kind_with_the_recipe_on_ho
     kinds = {t.name.split(" (")[0]: list(t.customdata) for t in markers}
     for record in view.records:
         if record.number in measured:
-            expected = "baseline" if record.is_baseline else "feasible" if record.feasible else ""
-            assert record.number in kinds.get(expected or "over budget", [])
+            kind = "feasible" if record.feasible else "over budget"
+            assert record.number in kinds["baseline" if record.is_baseline else kind]
     hover = {n: text for t in markers for n, text in zip(t.customdata, t.hovertext, strict=True)}
     for record in view.records:
         if record.number in measured:

@@ -322,7 +322,8 @@ def pareto_figure(view: RunView, records: list[TrialRecord], chosen: int | None)
     fig.add_hline(
         y=settings.max_drop * 100,
         line={"color": "#d62728", "dash": "dash", "width": 1.5},
-        annotation_text=f"budget: max drop {format_drop(settings.max_drop, view.bounded)}",
+        annotation_text="budget: max drop "
+        + format_drop(settings.max_drop, view.bounded).lstrip("+"),
         annotation_position="bottom right",
     )
     target = next((r for r in plotted if r.number == chosen), None)
