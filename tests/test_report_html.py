@@ -8,6 +8,7 @@ tags, quotes): every page of these tests must show them as text, never run them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -329,6 +330,10 @@ def test_the_page_renders_in_chromium_with_every_point_every_row_and_no_console_
     taken = open_page(page, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000")
     assert taken.returncode == 0, taken.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    artifacts = os.environ.get("SLIMFORMER_TEST_ARTIFACTS")  # CI keeps what lands there
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artifacts) / "report.png")
     print(f"screenshot: {shot}")
 
 

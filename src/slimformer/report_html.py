@@ -368,7 +368,8 @@ def confirmation_figure(confirmed: dict[str, Any]) -> go.Figure:
             textposition="outside",
             marker_color="#2ca02c",
             hovertext=[
-                f"{n}: {r['median']:.2f}× (rounds {', '.join(f'{v:.2f}' for v in r['per_round'])})"
+                f"{n}: {r['median']:.2f}× "
+                f"(rounds {', '.join(f'{v:.2f}' for v in r.get('per_round', []))})"
                 for n, r in zip(names, ratios, strict=True)
             ],
             hoverinfo="text",
@@ -525,7 +526,9 @@ def chosen_rows(view: RunView) -> list[dict]:
         return []
     confirmed = best.get("confirmed") or {}
     by_field = {spec[0]: name for name, spec in CONFIRMED_FIGURES.items()}
-    base, chosen = best["baseline"]["measurement"], best["measurement"]
+    # A metrics.json from an older run may lack a part: its rows are then left out.
+    base = (best.get("baseline") or {}).get("measurement") or {}
+    chosen = best.get("measurement") or {}
     rows = []
     for f in figures_of_merit(base):
         ratio = improvement(base.get(f.field), chosen.get(f.field), f.lower_is_better)
@@ -538,7 +541,7 @@ def chosen_rows(view: RunView) -> list[dict]:
                 "ratio": f"{ratio:.2f}×" if math.isfinite(ratio) else "—",
                 "confirmed": (
                     f"{spread['median']:.2f}× ({spread['min']:.2f}–{spread['max']:.2f}), "
-                    f"rounds: {', '.join(f'{v:.2f}' for v in spread['per_round'])}"
+                    f"rounds: {', '.join(f'{v:.2f}' for v in spread.get('per_round', []))}"
                     if spread
                     else ""
                 ),
