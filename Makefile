@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-native test-avx2 bench bench-default bench-pruning bench-quantization \
+.PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
 	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint \
 	assets clean
 
@@ -49,7 +49,19 @@ ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int
 
 test: test-native test-avx2
 
-test-native: assets
+# The report's browser test opens report.html in headless Chromium (Debian's `chromium`).
+# Installed with apt where apt exists (as root, or through sudo); without apt the test skips
+# and says why.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
+	else echo "no apt-get: the browser test of report.html will be skipped"; fi
+
+test-native: assets browser
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 

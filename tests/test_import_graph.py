@@ -53,6 +53,7 @@ RANKS = {
     "search": 10,  # the study: settings, space, records, run folder, runner, confirmation
     "report": 11,  # reads search's records; search never imports it
     "card": 12,
+    "report_html": 12,  # report.html: reads the run folder through search, formats like report
     "api": 13,
     "cli": 14,
 }

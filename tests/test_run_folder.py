@@ -175,6 +175,12 @@ def test_a_finished_study_saves_confirmed_ratios_with_their_spread(
     printed = console.export_text()
     median = confirmed["ratios"]["latency"]["median"]
     assert f"{median:.2f}× better latency" in printed and "2 alternating rounds" in printed
+    # The run's report.html, written by the real study (api.optimize passes its writer), shows
+    # the same confirmed ratio with its spread.
+    page = (tmp_path / "run" / "report.html").read_text()
+    spread = confirmed["ratios"]["latency"]
+    assert f"{median:.2f}× ({spread['min']:.2f}–{spread['max']:.2f})" in page
+    assert 'id="confirmed-plot"' in page
 
 
 def test_confirmation_alternates_the_order_and_takes_the_median_of_round_ratios():

@@ -1,4 +1,5 @@
-"""The public verbs: optimize, apply, benchmark, load. The CLI is a thin layer over these."""
+"""The public verbs: optimize, apply, benchmark, load, report. The CLI is a thin layer over
+these."""
 
 from __future__ import annotations
 
@@ -243,7 +244,9 @@ def optimize(
         warm_start=warm_start,
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
-    from slimformer.card import write_card  # here: rendering loads rich, only a study needs it
+    # Here: rendering loads rich, plotly and jinja2, which only a study needs.
+    from slimformer.card import write_card
+    from slimformer.report_html import write_report
 
     return run_study(
         settings,
@@ -253,7 +256,16 @@ def optimize(
         reporter=reporter,
         allow_other_cpu=allow_other_cpu,
         write_card=write_card,
+        write_report=write_report,
     )
+
+
+def report(run: str | os.PathLike[str]) -> Path:
+    """Write (or refresh) a run folder's report.html, a self-contained page with its Pareto
+    front, every trial and the machines it was measured on; returns the page's path."""
+    from slimformer.report_html import write_report
+
+    return write_report(Path(run))
 
 
 def _checked_start(start: str | os.PathLike[str] | Recipe) -> Recipe:

@@ -345,6 +345,17 @@ def show(
         out.print("no best/ yet: the run was interrupted; continue it with --resume")
 
 
+@app.command("report")
+def report(
+    run: Annotated[Path, typer.Argument(help="a run folder from `slimformer optimize`")],
+) -> None:
+    """Write the run's report.html (the front, every trial, the machines) and print its path."""
+    from slimformer import api
+
+    path = api.report(run)
+    out.print(escape(str(path)), highlight=False, soft_wrap=True)
+
+
 @app.command("passes")
 def list_passes() -> None:
     """List the registered techniques and their searchable parameters."""

@@ -13,7 +13,8 @@
     optuna_study.py  the Optuna storage, requeues on resume, trials <-> records
     runner.py        the loop: ask, build, evaluate, tell; run_study is the entry point
 
-Nothing here renders for people (report.py does; the model card comes in as a callback).
+Nothing here renders for people (report.py does; the model card and report.html come in as
+callbacks).
 Import from the modules themselves. This __init__ stays empty on purpose: evaluate.py reads
 `records` and the loop imports evaluate.py, so re-exporting the loop here would be a cycle.
 """

@@ -4,6 +4,9 @@ study.db                Optuna's SQLite storage, the source of truth
 run.json                settings, the CPU it runs on, the search space's CPU gaps
 trials.jsonl            one TrialRecord a line, rewritten after every trial
 pareto.json             the current front, rewritten after every trial
+report.html             the page a person reads: the front, every trial, the machines
+                        (report_html.py, through the `ReportWriter` a caller passes in),
+                        rewritten after every trial and at the end
 task_state.safetensors  the task's reference arrays (the run stays self-contained)
 batches.safetensors     the calibration and training batches the build children read
 candidates/trial-NNN/   the models on the current front
@@ -36,6 +39,9 @@ from slimformer.search.settings import StudySettings
 
 # Writes best/README.md, the model card, from what the model was chosen with.
 CardWriter = Callable[[Path, BestModel], None]
+# Writes report.html into the run folder from its files; the live Optuna study is passed
+# too (its importance is on the page).
+ReportWriter = Callable[[Path, Any], Any]
 Gaps = dict[str, set[tuple[str, str]]]
 
 

@@ -49,7 +49,13 @@ from slimformer.search.confirm import confirm_ratios
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
-from slimformer.search.run_folder import CardWriter, Gaps, RunFolder, write_best_facts
+from slimformer.search.run_folder import (
+    CardWriter,
+    Gaps,
+    ReportWriter,
+    RunFolder,
+    write_best_facts,
+)
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import StudySettings
 from slimformer.search.space import baseline_params, sample_recipe
@@ -96,12 +102,14 @@ class Study:
         builder: Builder | None = None,
         evaluator: Evaluator | None = None,
         write_card: CardWriter | None = None,
+        write_report: ReportWriter | None = None,
         started: float | None = None,
     ):
         """`withheld`: the search space's CPU-dependent gaps as first decided for this run
         (a resumed study keeps them: Optuna's spaces cannot change within a study).
         `builder`, `evaluator`: the models behind the loop (default: the real ones).
-        `write_card`: writes best/README.md beside the chosen model. `started`: when the
+        `write_card`: writes best/README.md beside the chosen model; `write_report`:
+        report.html in the run folder, after each trial and at the end. `started`: when the
         study began (epoch seconds, default now), where its time budget starts."""
         self.settings = settings
         self.folder = folder
@@ -120,6 +128,8 @@ class Study:
             settings.task, folder.state_path, settings.measure
         )
         self.write_card = write_card
+        self.write_report = write_report
+        self.report_failed = False
 
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -298,7 +308,20 @@ class Study:
         # The front's models stay on disk (the baseline's too): the chosen one is copied to
         # best/ at the end, not rebuilt after the deadline.
         self.folder.keep_candidates(set(front))
+        self._report(study)
         self.reporter.trial_finished(find(records, trial.number))
+
+    def _report(self, study: optuna.Study) -> None:
+        """Rewrite report.html. The page is for reading: a failure to render it is said once
+        and costs the study nothing."""
+        if self.write_report is None:
+            return
+        try:
+            self.write_report(self.folder.path, study)
+        except Exception as error:
+            if not self.report_failed:
+                self.report_failed = True
+                self.reporter.note(f"report.html could not be written: {error}"[:300])
 
     def _write_outputs(self, records: list[TrialRecord]) -> list[int]:
         front = pareto_front(records, self.task.direction, self.settings.objective)
@@ -323,6 +346,7 @@ class Study:
             best_dir = self.folder.save_best(best, self._rebuild(chosen), self.write_card)
             if not chosen.is_baseline and self.settings.confirm_rounds:
                 confirmed = self._confirm(best, best_dir)
+        self._report(study)
         return StudyResult(
             self.folder.path,
             self.settings,
@@ -390,12 +414,14 @@ def run_study(
     allow_other_cpu: bool = False,
     *,
     write_card: CardWriter | None = None,
+    write_report: ReportWriter | None = None,
     builder: Builder | None = None,
     evaluator: Evaluator | None = None,
 ) -> StudyResult:
     """Run (or resume) a study in `out`, which this process holds alone while it runs.
 
-    `write_card` writes the model card into best/ (api.optimize passes report's);
+    `write_card` writes the model card into best/ (api.optimize passes card's), `write_report`
+    report.html into the run folder (api.optimize passes report_html's);
     `builder` and `evaluator` replace the real models (tests)."""
     started = time.time()
     reporter = reporter or SilentReporter()
@@ -421,6 +447,7 @@ def run_study(
             builder=builder,
             evaluator=evaluator,
             write_card=write_card,
+            write_report=write_report,
             started=started,
         )
         try:
