@@ -29,23 +29,6 @@ class BlockLayout:
 
 
 @dataclass(frozen=True)
-class PostNormBlock:
-    """The modules of a post-LayerNorm encoder block (BERT), in the order they run:
-    x = attention_norm(x + attention_out(attend(query x, key x, value x)));
-    x = ffn_norm(x + ffn_out(activation(ffn_in(x))))."""
-
-    query: nn.Module
-    key: nn.Module
-    value: nn.Module
-    attention_out: nn.Module
-    attention_norm: nn.Module
-    ffn_in: nn.Module
-    activation: nn.Module
-    ffn_out: nn.Module
-    ffn_norm: nn.Module
-
-
-@dataclass(frozen=True)
 class EncoderBlock:
     """The modules of a bidirectional encoder block, for code that runs the block itself
     (token reduction). Post-norm (BERT):
@@ -196,8 +179,12 @@ class ModelAdapter:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
     # --- padding-free execution (families that support it override these) ---------------
-    def post_norm_block(self, block_index: int) -> PostNormBlock:
-        raise NotImplementedError(f"{self.family} blocks are not post-norm encoder blocks")
+    def post_norm_block(self, block_index: int) -> EncoderBlock:
+        """The block when it is post-norm (BERT): what padding-free execution runs."""
+        block = self.encoder_block(block_index)
+        if block.pre_norm:
+            raise NotImplementedError(f"{self.family} blocks are not post-norm encoder blocks")
+        return block
 
     def embeddings(self) -> nn.Module:
         raise NotImplementedError(f"{self.family} has no separate embedding module here")

@@ -1,11 +1,9 @@
 """BERT-family encoders: BERT, RoBERTa, XLM-R, ELECTRA, MiniLM (a BERT)."""
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from slimformer.adapters.base import BlockLayout, EncoderBlock, ModelAdapter, PostNormBlock
+from slimformer.adapters.base import BlockLayout, EncoderBlock, ModelAdapter
 from slimformer.adapters.registry import register_adapter
 
 
@@ -24,10 +22,10 @@ class BertAdapter(ModelAdapter):
         ffn_out="output.dense",
     )
 
-    def post_norm_block(self, block_index: int) -> PostNormBlock:
+    def encoder_block(self, block_index: int) -> EncoderBlock:
         block = self.blocks()[block_index]
         attention = self.attention_linears(block_index)
-        return PostNormBlock(
+        return EncoderBlock(
             query=attention["query"],
             key=attention["key"],
             value=attention["value"],
@@ -37,16 +35,11 @@ class BertAdapter(ModelAdapter):
             activation=block.get_submodule("intermediate.intermediate_act_fn"),
             ffn_out=block.get_submodule(self.layout.ffn_out),
             ffn_norm=block.get_submodule("output.LayerNorm"),
+            pre_norm=False,
         )
 
     def embeddings(self) -> nn.Module:
         return self.base.embeddings
-
-    def encoder_block(self, block_index: int) -> EncoderBlock:
-        parts = self.post_norm_block(block_index)
-        return EncoderBlock(
-            **{f.name: getattr(parts, f.name) for f in dataclasses.fields(parts)}, pre_norm=False
-        )
 
     def embed(
         self, inputs: dict[str, torch.Tensor | None]
