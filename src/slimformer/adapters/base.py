@@ -177,6 +177,18 @@ class ModelAdapter:
     def embeddings(self) -> nn.Module:
         raise NotImplementedError(f"{self.family} has no separate embedding module here")
 
+    # --- the modules around the projections (decoders written to other formats: GGUF) --
+    def block_norms(self, block_index: int) -> dict[str, nn.Module]:
+        """The norms of a pre-norm decoder block: "attention" (before attention), "ffn"."""
+        raise NotImplementedError(f"{self.family} blocks are not pre-norm decoder blocks")
+
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError(f"{self.family} has no final norm before an output head")
+
+    def output_head(self) -> nn.Module:
+        """The Linear that turns the last hidden states into logits (the LM head)."""
+        raise NotImplementedError(f"{self.family} has no LM head")
+
     # --- facts --------------------------------------------------------------------------
     def facts(self) -> ModelFacts:
         config = self.model.config

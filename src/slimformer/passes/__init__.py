@@ -25,6 +25,7 @@ from slimformer.passes import (  # noqa: F401  (each registers its pass)
     recover_distill,
     runtime_batching,
     runtime_compiled,
+    runtime_llamacpp,
     runtime_onnxruntime,
     runtime_openvino,
 )
