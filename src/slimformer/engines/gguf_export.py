@@ -268,6 +268,13 @@ def _write_tokenizer(writer: Any, model: SlimModel, rows: int) -> None:
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
+    if kind == "WordPiece":
+        # llama.cpp's WordPiece marks where a word starts (a leading "\u2581", as
+        # SentencePiece does) rather than where one continues ("##").
+        tokens = [
+            t if k == gguf.TokenType.CONTROL else t[2:] if t.startswith("##") else "\u2581" + t
+            for t, k in zip(tokens, types, strict=True)
+        ]
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory(prefix="slimformer-tokenizer-") as tmp:
