@@ -34,6 +34,7 @@ from slimformer.engines.gguf_export import (
     write_gguf,
 )
 from slimformer.engines.llamacpp import LlamaCppModule, installed_quant_types, quantize
+from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Interval, Pass, PassContext, Phase, register_pass
 from slimformer.passes.sensitivity import most_sensitive
@@ -106,7 +107,13 @@ class LlamaCppPass(Pass):
 
     @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
-        return gguf_refusal(model) is None
+        if gguf_refusal(model) is not None:
+            return False
+        try:  # not offered where llama-cpp-python is missing or built for another CPU
+            installed_quant_types()
+        except SlimformerError:
+            return False
+        return True
 
     def apply(self, model: SlimModel, config: LlamaCppConfig, ctx: PassContext) -> dict[str, Any]:
         check_gguf_exportable(model)
