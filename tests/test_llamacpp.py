@@ -126,7 +126,7 @@ def test_a_model_pruned_to_uneven_heads_is_written_as_deci_and_generates_like_ea
     assert greedy(served, ids, 12).tokens.tolist() == greedy(pruned, ids, 12).tokens.tolist()
 
 
-def test_qwen2_biases_are_carried():
+def test_qwen2_biases_and_rope_theta_are_carried():
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=30522,
@@ -135,6 +135,7 @@ def test_qwen2_biases_are_carried():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},  # Qwen2's, not 1e4
     )
     model = varied(tiny._wrap(Qwen2ForCausalLM(config), "causal-lm", tiny.tokenizer()))
     with torch.no_grad():

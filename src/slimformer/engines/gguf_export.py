@@ -93,8 +93,7 @@ def gguf_refusal(model: SlimModel) -> str | None:
             "the model holds layers quantized by a PyTorch pass, which GGUF cannot carry; "
             "quantize with runtime.llamacpp's quant setting instead"
         )
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = _rope(config).get("rope_type", _rope(config).get("type", "default"))
     if kind not in ("default", None):
         return f"rope scaling '{kind}' is not in slimformer's GGUF mapping"
     window = getattr(config, "sliding_window", None)
@@ -132,6 +131,15 @@ def _weight_modules(model: SlimModel) -> list[nn.Module]:
         if own and not list(module.children()):
             leaves.append(module)
     return [m for m in leaves if not type(m).__name__.endswith("RotaryEmbedding")]
+
+
+def _rope(config: Any) -> dict[str, Any]:
+    """The rotary settings: transformers 5 keeps them in `rope_parameters` (theta included),
+    older configs in `rope_theta` and `rope_scaling`."""
+    found = dict(getattr(config, "rope_scaling", None) or {})
+    if getattr(config, "rope_theta", None) is not None:
+        found["rope_theta"] = config.rope_theta
+    return found | dict(getattr(config, "rope_parameters", None) or {})
 
 
 def check_gguf_exportable(model: SlimModel) -> None:
@@ -177,7 +185,7 @@ def write_gguf(model: SlimModel, path: Path, name: str = "") -> GgufLayout:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(_rope(config).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     embedding = adapter.embeddings().weight
     writer.add_vocab_size(embedding.shape[0])
