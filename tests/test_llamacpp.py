@@ -170,6 +170,11 @@ def test_importance_matrix_is_the_mean_squared_input_and_changes_the_rounding(tm
     assert not torch.equal(got[0], got[1])
 
 
+def test_q8_0_with_an_importance_matrix_is_the_same_model_as_without():
+    config = get_pass("runtime.llamacpp").make_config({"quant": "Q8_0", "imatrix": True})
+    assert config == get_pass("runtime.llamacpp").make_config({"quant": "Q8_0"})
+
+
 def test_keep_sensitive_leaves_the_most_fragile_weights_at_q8_0():
     model = varied(tiny.tiny_llama())
     served = serve(model, quant="Q4_0", keep_sensitive=3)

@@ -18,6 +18,7 @@ the quantizer come from slimformer:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,13 @@ class LlamaCppPass(Pass):
         "quantize.smooth": "GGUF carries float weights; quantize with the quant setting",
         "runtime.batching:mode=unpadded": "llama.cpp runs the decoder itself",
     }
+
+    @classmethod
+    def normalize(cls, config: LlamaCppConfig) -> LlamaCppConfig:
+        # llama.cpp's Q8_0 rounding takes no importance weights: with or without, one model.
+        if config.quant == "Q8_0" and config.imatrix:
+            return dataclasses.replace(config, imatrix=False)
+        return config
 
     @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
