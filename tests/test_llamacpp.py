@@ -113,15 +113,24 @@ def test_rotary_rows_are_interleaved_per_head_for_llamas_pairwise_rope():
     assert permute_rotary(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
-def test_a_model_pruned_to_uneven_heads_is_written_as_deci_and_generates_like_eager():
+def test_a_model_pruned_to_uneven_widths_is_written_as_deci_and_generates_like_eager():
     model = varied(tiny.tiny_llama())
-    prune = Step("prune.heads", {"keep": 0.75, "criterion": "magnitude", "allocation": "global"})
-    pruned = apply_recipe(model, Recipe(steps=(prune,)), tiny.calibration(model))
+    prune = (
+        Step("prune.heads", {"keep": 0.75, "criterion": "magnitude", "allocation": "global"}),
+        Step(
+            "prune.ffn",
+            {"keep": 0.6, "criterion": "magnitude", "allocation": "global", "multiple": 1},
+        ),
+    )
+    pruned = apply_recipe(model, Recipe(steps=prune), tiny.calibration(model))
     adapter = pruned.adapter
-    heads = {adapter.attention_linears(i)["query"].out_features for i in range(4)}
-    assert len(heads) > 1  # uneven: llama.cpp's llama graph could not take it
+    heads = [adapter.attention_linears(i)["query"].out_features // 8 for i in range(4)]
+    widths = [adapter.ffn_linears(i)["out"].in_features for i in range(4)]
+    assert len(set(heads)) > 1 and len(set(widths)) > 1  # llama.cpp's llama graph: one each
     served = serve(pruned, quant="F32")
     assert served.recipe.steps[-1].resolved["architecture"] == "deci"
+    got, reference = masked_outputs(served, pruned)
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
     ids = prompt(model)
     assert greedy(served, ids, 12).tokens.tolist() == greedy(pruned, ids, 12).tokens.tolist()
 
