@@ -8,6 +8,23 @@ STAMP := $(VENV)/.installed
 	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint \
 	assets clean
 
+# llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
+# on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
+# another machine may have filled (--no-binary, --no-cache-dir). The stamp names the CPU's flags,
+# so a .venv that meets another CPU rebuilds it instead of crashing on an illegal instruction;
+# slimformer also refuses, with this hint, a library built for instructions this CPU lacks.
+# About 4 minutes of CPU on 2 cores (14.5 min wall on a loaded machine); LLAVA_BUILD=OFF skips
+# the multimodal library slimformer does not use.
+CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+LLAMACPP := $(VENV)/.llamacpp-built-for-cpu-$(CPU_ID)
+
+$(LLAMACPP): constraints.txt | $(STAMP)
+	rm -f $(VENV)/.llamacpp-built-for-cpu-*
+	$(BIN)/pip uninstall --quiet --yes llama-cpp-python
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt \
+		--no-binary llama-cpp-python --no-cache-dir llama-cpp-python
+	touch $@
+
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; everything after is held to it by the constraints file.
@@ -19,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 # Every offline asset; Fashion-MNIST (the vision task's built-in set) comes from Debian's
 # dataset-fashion-mnist package, unpacked into the cache without root (`apt-get download` +
 # `dpkg-deb -x`). vit-fashion trains on its first use (or `slimformer assets install vit-fashion`).
-assets: $(STAMP)
+assets: $(STAMP) $(LLAMACPP)
 	$(BIN)/slimformer assets install
 
 # The demo leaves out recover.distill (2-3 minutes a trial on 2 cores) to stay well inside
@@ -39,13 +56,14 @@ demo: assets
 # down to AVX2 (no AVX-512, VNNI or BF16), as on the AVX2-only CPUs users have: PyTorch's own
 # kernels (int4 packing), oneDNN (static int8 GEMM, bf16 matmuls), fbgemm (dynamic int8) and
 # OpenVINO's CPU plugin obey these caps; ONNX Runtime's MLAS reads the CPU itself and does not.
+# Nor does llama.cpp, compiled for this CPU (test_llamacpp then checks the capped torch side).
 FORCED_AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 \
 	OV_CPU_MAX_ISA=AVX2
 ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int4.py \
 	tests/test_static_int8.py tests/test_int8_saturation.py tests/test_sensitivity.py \
 	tests/test_cast.py tests/test_runtimes.py tests/test_runtimes_isa.py tests/test_batching.py \
 	tests/test_adapters_and_passes.py tests/test_checkpoint.py tests/test_dynamic_int8_range.py \
-	tests/test_lowrank.py tests/test_openvino_decoder.py
+	tests/test_lowrank.py tests/test_openvino_decoder.py tests/test_llamacpp.py
 
 test: test-native test-avx2
 
@@ -126,7 +144,7 @@ bench-crash: assets
 bench-lowrank: assets
 	$(BIN)/python bench/lowrank.py
 
-lint: $(STAMP)
+lint: $(STAMP) $(LLAMACPP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 

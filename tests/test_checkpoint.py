@@ -279,4 +279,10 @@ def test_saved_layer_kinds_and_runtime_names_stay_the_released_ones() -> None:
         "int8_weight_linear",
         "lowrank_linear",
     }
-    assert set(registered_served()) == {"compiled", "onnxruntime", "openvino", "unpadded"}
+    assert set(registered_served()) == {
+        "compiled",
+        "llamacpp",
+        "onnxruntime",
+        "openvino",
+        "unpadded",
+    }

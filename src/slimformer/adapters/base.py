@@ -202,12 +202,21 @@ class ModelAdapter:
         raise NotImplementedError(f"{self.family} is not an encoder slimformer runs blockwise")
 
     def final_norm(self) -> nn.Module | None:
-        """The norm applied after the last block (pre-norm encoders), if any."""
+        """The norm after the last block (pre-norm encoders and decoders), if any."""
         return None
 
     def pooler(self) -> nn.Module | None:
         """The base model's pooler (reads the class token), if it has one."""
         return getattr(self.base, "pooler", None)
+
+    # --- the modules around the projections (decoders written to other formats: GGUF) --
+    def block_norms(self, block_index: int) -> dict[str, nn.Module]:
+        """The norms of a pre-norm decoder block: "attention" (before attention), "ffn"."""
+        raise NotImplementedError(f"{self.family} blocks are not pre-norm decoder blocks")
+
+    def output_head(self) -> nn.Module:
+        """The Linear that turns the last hidden states into logits (the LM head)."""
+        raise NotImplementedError(f"{self.family} has no LM head")
 
     # --- facts --------------------------------------------------------------------------
     def facts(self) -> ModelFacts:

@@ -1,5 +1,7 @@
 """Llama-family decoders: Llama, SmolLM2 (a Llama), Mistral, Qwen2/3 (same block layout)."""
 
+from torch import nn
+
 from slimformer.adapters.base import BlockLayout, ModelAdapter
 from slimformer.adapters.registry import register_adapter
 
@@ -28,3 +30,16 @@ class LlamaAdapter(ModelAdapter):
             config.head_dim = head_dim
             config.num_attention_heads = heads.pop()
             config.num_key_value_heads = groups.pop()
+
+    def embeddings(self) -> nn.Module:
+        return self.base.embed_tokens
+
+    def block_norms(self, block_index: int) -> dict[str, nn.Module]:
+        block = self.blocks()[block_index]
+        return {"attention": block.input_layernorm, "ffn": block.post_attention_layernorm}
+
+    def final_norm(self) -> nn.Module:
+        return self.base.norm
+
+    def output_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from slimformer.engines import compiled, onnxruntime, openvino, unpadded  # noqa: F401
+from slimformer.engines import compiled, llamacpp, onnxruntime, openvino, unpadded  # noqa: F401
 from slimformer.engines.base import ServedModule, register_served, registered_served
 from slimformer.errors import SlimformerError
 

@@ -75,8 +75,8 @@ class ServedModule(nn.Module):
         if inputs.get("use_cache") or inputs.get("past_key_values") is not None:
             raise SlimformerError(
                 f"the {self.runtime} runtime serves full forward passes only; KV-cached "
-                "generation needs the eager or compiled runtime, or runtime.openvino for a "
-                "decoder"
+                "generation needs the eager or compiled runtime, or runtime.openvino or "
+                "runtime.llamacpp for a decoder"
             )
         missing = [n for n in self.input_names if n not in inputs and n != "attention_mask"]
         if missing:

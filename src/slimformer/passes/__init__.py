@@ -26,6 +26,7 @@ from slimformer.passes import (  # noqa: F401  (each registers its pass)
     reduce_tokens,
     runtime_batching,
     runtime_compiled,
+    runtime_llamacpp,
     runtime_onnxruntime,
     runtime_openvino,
 )
