@@ -7,15 +7,17 @@
 One run, four parts, every model scored on the movie reviews (the scored domain) and on the
 transfer domain (tweets and NYT editorial sentences, which no pass calibrates or trains on):
 
-1. candidates: fixed recipes scored in this process (quality only): int8 engines, the models
-   issue 17 found failing elsewhere (heads pruned to a quarter + 200 distillation steps; FFN
-   and heads halved + 400 steps), and the latter distilled four ways (task sentences with the
-   cosine loss as before; + half the steps on Wikipedia sentences; + similarity-matrix
-   matching; both). What the default guard's threshold rests on, and what each distillation
-   setting does to the transfer check.
-2. studies: `optimize default --max-drop 1% --objective throughput` with peers.py's passes and
-   start recipes (plus their general-corpus distillations), once with the task's default
-   guards and once with --no-default-guards; fronts and chosen models.
+1. candidates: fixed recipes scored in this process (quality only): the int8 engines, a model
+   issue 17 found failing elsewhere (heads pruned to a quarter + 200 distillation steps), FFN
+   and heads halved + 400 steps (the structure peers.py's study starts from), and the
+   portfolio's structured recipe (30% of the FFN removed) distilled on the task sentences
+   with the output loss alone and with the general corpus, hidden-state and similarity
+   matching. What the default guard's threshold rests on, and what each distillation setting
+   does to the transfer check.
+2. studies: the default study, `optimize default --max-drop 1% --objective throughput
+   --time-budget 20m` (every pass searched by default, the default warm start, no --start),
+   once with the task's default guards and once with --no-default-guards; fronts and chosen
+   models.
 3. ablation: the guarded study's chosen recipe again without the general corpus and the
    similarity loss (when it distils), to see what they contributed.
 4. peers (peers.py's rows) re-measured in this run, so the chosen models' throughput is
@@ -29,16 +31,18 @@ the best peer's throughput.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from common import machine, trial_summary, write_result
-from peers import HALVED_AND_DISTILLED, PEERS, STUDY_PASSES
+from peers import HALVED_AND_DISTILLED, PEERS
 
 import slimformer
 from slimformer.recipe import Recipe, Step
+from slimformer.search.portfolio import FFN_TRIMMED_AND_DISTILLED
 from slimformer.tasks import TaskSpec, make_task
 from slimformer.tasks.embedding import TRANSFER_DOMAINS
 
@@ -47,53 +51,45 @@ TRANSFER = "transfer_probe_accuracy"
 TARGET_TRANSFER_DROP = 0.01
 TARGET_VS_BEST_PEER = 1.5
 
-HALF_GENERAL = {"general_fraction": 0.5}
-SIMILARITY = {"similarity_weight": 10.0}
-MIXING = ("general_fraction", "similarity_weight")
+MIXING = ("general_fraction", "similarity_weight", "hidden_weight")
 # The candidates run every step they name, however busy the machine (a study's trials keep
 # the pass's 10-minute limit).
 UNTIMED = {"time_budget_s": 7200.0}
-DISTILL_VARIANTS = {
-    "task sentences, cosine (as before)": {},
-    "+ half the steps on Wikipedia": HALF_GENERAL,
-    "+ similarity-matrix matching": SIMILARITY,
-    "+ Wikipedia and similarity matching": HALF_GENERAL | SIMILARITY,
-}
 
 
-def halved(distill: dict) -> tuple:
-    """FFN and heads halved, then distilled with `distill` beside peers.py's settings."""
-    *structure, (name, config) = HALVED_AND_DISTILLED
-    return (*structure, (name, config | distill))
-
+(TRIMMED,) = FFN_TRIMMED_AND_DISTILLED
+*TRIMMED_STRUCTURE, (_, TRIMMED_DISTILL), _ = TRIMMED
+PLAIN_DISTILL = {k: v for k, v in TRIMMED_DISTILL.items() if k in ("steps", "lr")}
+OPENVINO_INT8 = ("runtime.openvino", {"int8": "nncf"})
 
 CANDIDATES = {
     "PyTorch dynamic int8": (("quantize.dynamic_int8", {}),),
-    "dynamic int8, 2 most sensitive layers fp32": (
-        ("quantize.dynamic_int8", {"keep_sensitive": 2}),
-    ),
     "ONNX Runtime int8": (("runtime.onnxruntime", {"int8": "dynamic"}),),
-    "OpenVINO + NNCF int8": (("runtime.openvino", {"int8": "nncf"}),),
+    "OpenVINO + NNCF int8": (OPENVINO_INT8,),
     "heads 1/4 + 200 distillation steps": (
         ("prune.heads", {"keep": 0.25}),
         ("recover.distill", {"steps": 200} | UNTIMED),
     ),
-    **{
-        f"FFN 1/2 + heads 1/2 + 400 steps, {k}": halved(v | UNTIMED)
-        for k, v in DISTILL_VARIANTS.items()
-    },
+    "FFN 1/2 + heads 1/2 + 400 steps, task sentences, cosine": (
+        *HALVED_AND_DISTILLED[:-1],
+        (HALVED_AND_DISTILLED[-1][0], HALVED_AND_DISTILLED[-1][1] | UNTIMED),
+    ),
+    "FFN 0.7 + 200 steps, task sentences, cosine, OpenVINO int8": (
+        *TRIMMED_STRUCTURE,
+        ("recover.distill", PLAIN_DISTILL | UNTIMED),
+        OPENVINO_INT8,
+    ),
+    "FFN 0.7 + 200 steps, + Wikipedia, hidden and similarity matching, OpenVINO int8": (
+        *TRIMMED_STRUCTURE,
+        ("recover.distill", TRIMMED_DISTILL | UNTIMED),
+        OPENVINO_INT8,
+    ),
 }
 SHORT_CANDIDATES = (
     "ONNX Runtime int8",
     "OpenVINO + NNCF int8",
-    "FFN 1/2 + heads 1/2 + 400 steps, task sentences, cosine (as before)",
-    "FFN 1/2 + heads 1/2 + 400 steps, + Wikipedia and similarity matching",
+    "FFN 0.7 + 200 steps, + Wikipedia, hidden and similarity matching, OpenVINO int8",
 )
-ENGINES = (("runtime.openvino", {"int8": "nncf"}), ("runtime.onnxruntime", {"int8": "dynamic"}))
-STARTS = tuple(
-    (*halved(variant), engine) for variant in ({}, HALF_GENERAL | SIMILARITY) for engine in ENGINES
-)
-SHORT_STARTS = ((("runtime.onnxruntime", {"int8": "dynamic"}),),)
 PARTS = ("candidates", "studies", "peers")
 
 
@@ -144,7 +140,7 @@ def score_candidates(names: tuple[str, ...]) -> list[dict]:
 
 
 # --- 2. studies --------------------------------------------------------------------------------
-def run_study(out: Path, budget: str, starts: tuple, default_guards: bool, confirm: int) -> dict:
+def run_study(out: Path, budget: str, default_guards: bool, confirm: int) -> dict:
     from slimformer.report import RichReporter
 
     with RichReporter() as reporter:
@@ -157,8 +153,6 @@ def run_study(out: Path, budget: str, starts: tuple, default_guards: bool, confi
             time_budget=budget,
             out=out,
             overwrite=True,
-            passes=STUDY_PASSES.split(","),
-            starts=[Recipe(steps=steps_of(s), task=SPEC) for s in starts],
             reporter=reporter,
             default_guards=default_guards,
             confirm_rounds=confirm,
@@ -191,6 +185,8 @@ def measure_saved(folder: Path, baseline: dict | None) -> dict:
     """A saved model scored and timed by `slimformer.benchmark` (a fresh process)."""
     result = slimformer.benchmark(folder, task=SPEC)
     return {
+        # Other work on the same cores skews timings: how busy they were just after.
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "recipe": Recipe.load(folder).describe(),
         **figures(result.quality, result.details, baseline),
         "measurement": result.measurement,
@@ -200,7 +196,8 @@ def measure_saved(folder: Path, baseline: dict | None) -> dict:
 
 # --- 3. ablation ---------------------------------------------------------------------------------
 def ablation(chosen_dir: Path, baseline: dict, workdir: Path) -> dict | None:
-    """The chosen recipe with plain distillation (no general corpus, no similarity loss)."""
+    """The chosen recipe with plain distillation (no general corpus, no hidden-state or
+    similarity matching)."""
     recipe = Recipe.load(chosen_dir)
     distill = next((s for s in recipe.steps if s.pass_name == "recover.distill"), None)
     plain = {k: v for k, v in (distill.config if distill else {}).items() if k not in MIXING}
@@ -224,7 +221,7 @@ def measure_peers(workdir: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--time-budget", default="25m", help="time for each of the two studies")
+    parser.add_argument("--time-budget", default="20m", help="time for each of the two studies")
     parser.add_argument("--short", action="store_true", help="a check: fewer candidates/starts")
     parser.add_argument(
         "--parts",
@@ -264,9 +261,8 @@ def main() -> None:
 
 def studies_and_peers(args: argparse.Namespace, with_peers: bool) -> dict:
     """Parts 2-4: both studies, the ablation of the guarded choice, the peers, the target."""
-    starts = SHORT_STARTS if args.short else STARTS
     studies = {
-        name: run_study(args.runs / name, args.time_budget, starts, guarded, args.confirm_rounds)
+        name: run_study(args.runs / name, args.time_budget, guarded, args.confirm_rounds)
         for name, guarded in (("guarded", True), ("unguarded", False))
     }
     with tempfile.TemporaryDirectory(prefix="slimformer-transfer-") as tmp:

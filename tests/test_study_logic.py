@@ -417,6 +417,27 @@ def test_the_warm_start_portfolio_takes_each_offered_engines_int8_and_this_cpus_
     assert warm_start_recipes([get_pass("prune.ffn")], {}, spec, 0) == []
 
 
+def test_an_embedding_study_warm_starts_with_a_trimmed_ffn_only_when_it_searches_its_passes():
+    from slimformer.search.portfolio import warm_start_recipes
+
+    names = ("prune.ffn", "recover.distill", "runtime.openvino", "runtime.onnxruntime")
+    offered = [get_pass(n) for n in names]
+    described = [r.describe() for r in warm_start_recipes(offered, {}, TaskSpec("embedding"), 0)]
+    assert described[:2] == ["runtime.openvino(int8=nncf)", "runtime.onnxruntime(int8=dynamic)"]
+    assert described[2].startswith("prune.ffn(keep=0.7) + recover.distill(")
+    assert described[2].endswith(" + runtime.openvino(int8=nncf)")
+    # Without VNNI the structure is still tried, served by OpenVINO at its defaults.
+    no_vnni = {"runtime.openvino": {("int8", "nncf")}}
+    described = [
+        r.describe() for r in warm_start_recipes(offered, no_vnni, TaskSpec("embedding"), 0)
+    ]
+    assert described[-1].endswith(" + runtime.openvino")
+    # Other tasks (no structured recipe measured there) and studies without distillation.
+    decoder = warm_start_recipes(offered, {}, TaskSpec("perplexity"), 0)
+    assert [r.describe() for r in decoder] == ["runtime.openvino(weights=int8_asym)"]
+    assert len(warm_start_recipes(offered[:1] + offered[2:], {}, TaskSpec("embedding"), 0)) == 2
+
+
 def test_a_decoder_study_warm_starts_with_int8_weights_not_int8_activations():
     from slimformer.search.portfolio import warm_start_recipes
 

@@ -3,9 +3,10 @@
 A sampler with a handful of trials spends them on random deep stacks; a short study then ends
 behind what one engine's int8 alone gives in a minute (issue 15: 1.4x after 20 minutes, where
 ONNX Runtime int8 alone gives about 3x). So a new study first measures each engine's int8
-alone, then the user's `--start` recipes, then lets the sampler explore. Only passes the study
-searches and the model takes are used; a setting this CPU would not profit from (`Withheld`:
-OpenVINO's NNCF int8 without VNNI) is left at the pass's default instead.
+alone (and, for tasks where one was measured, a structured recipe), then the user's `--start`
+recipes, then lets the sampler explore. A recipe is measured only when the study searches all
+its passes; a setting this CPU would not profit from (`Withheld`: OpenVINO's NNCF int8 without
+VNNI) is left at the pass's default instead.
 """
 
 from __future__ import annotations
@@ -18,34 +19,63 @@ from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import Withheld
 from slimformer.tasks import TaskSpec
 
-KnownGood = tuple[tuple[str, dict[str, Any]], ...]
+KnownGood = tuple[tuple[tuple[str, dict[str, Any]], ...], ...]  # recipes of (pass, config)
 
 # Each engine's int8 alone, the engines that usually pay off most on CPUs first.
-KNOWN_GOOD: KnownGood = (
-    ("runtime.openvino", {"int8": "nncf"}),
-    ("runtime.onnxruntime", {"int8": "dynamic"}),
-    ("quantize.dynamic_int8", {}),
+ENGINES_INT8: KnownGood = (
+    (("runtime.openvino", {"int8": "nncf"}),),
+    (("runtime.onnxruntime", {"int8": "dynamic"}),),
+    (("quantize.dynamic_int8", {}),),
 )
+# A sentence encoder's first structured recipe: 30% of the FFN neurons removed, 200 distillation
+# steps that mix in the general corpus and match hidden states and similarities, then OpenVINO's
+# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it measured 1.6x OpenVINO int8 alone at -0.3 pt on
+# the scored domain and -0.1 pt on the transfer domain after 150 steps (recall@10 0.68), where
+# halving FFN and heads lost 2 points on the transfer domain however long it was distilled
+# (bench/results/embedding_transfer.json). One trial (~5 minutes on 2 cores) that a short
+# study's sampler would seldom draw.
+FFN_TRIMMED_AND_DISTILLED: KnownGood = (
+    (
+        ("prune.ffn", {"keep": 0.7}),
+        (
+            "recover.distill",
+            {
+                "steps": 200,
+                "lr": 1e-4,
+                "general_fraction": 0.5,
+                "similarity_weight": 1.0,
+                "hidden_weight": 1.0,
+            },
+        ),
+        ("runtime.openvino", {"int8": "nncf"}),
+    ),
+)
+KNOWN_GOOD: KnownGood = ENGINES_INT8
 # Decoders are judged by batch-1 decoding, which reads every weight per token: int8 *weights*
 # (activations kept f32) quarter the bytes at +0.1% perplexity on SmolLM2, where PyTorch's
 # dynamic int8 (activations too) costs +200% (bench/results/openvino_decoder.json and
 # quantization_smollm2.json).
 KNOWN_GOOD_BY_TASK: dict[str, KnownGood] = {
-    "perplexity": (("runtime.openvino", {"weights": "int8_asym"}),),
+    "perplexity": ((("runtime.openvino", {"weights": "int8_asym"}),),),
+    "embedding": ENGINES_INT8 + FFN_TRIMMED_AND_DISTILLED,
 }
 
 
 def warm_start_recipes(
     pass_classes: Sequence[type[Pass]], withheld: Withheld, task: TaskSpec, seed: int
 ) -> list[Recipe]:
-    """The portfolio for this study: the known-good recipes for its task whose pass the study
-    offers."""
+    """The portfolio for this study: the known-good recipes for its task whose passes the study
+    all offers, each setting this CPU withholds left at its pass's default."""
     offered = {cls.name for cls in pass_classes}
     recipes = []
-    for name, config in KNOWN_GOOD_BY_TASK.get(task.name, KNOWN_GOOD):
-        gaps = withheld.get(name, ())
-        if name not in offered or ("", "") in gaps:
-            continue
-        kept = {key: value for key, value in config.items() if (key, str(value)) not in gaps}
-        recipes.append(Recipe(steps=(Step(name, kept),), task=task, seed=seed))
+    for known in KNOWN_GOOD_BY_TASK.get(task.name, KNOWN_GOOD):
+        steps = []
+        for name, config in known:
+            gaps = withheld.get(name, ())
+            if name not in offered or ("", "") in gaps:
+                break
+            kept = {key: value for key, value in config.items() if (key, str(value)) not in gaps}
+            steps.append(Step(name, kept))
+        else:
+            recipes.append(Recipe(steps=tuple(steps), task=task, seed=seed))
     return recipes

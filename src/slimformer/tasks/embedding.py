@@ -62,12 +62,12 @@ GENERAL_SIZE = 8192  # Wikipedia sentences distillation may mix in
 RECALL = f"recall@{NEIGHBOURS}"
 # The guard every embedding study gets beside its score unless told otherwise: the probe alone
 # let pruned and distilled models through whose embeddings had moved far from the original's.
-# Measured (bench/results/embedding_transfer_candidates_short.json, movie-review test split):
+# Measured on the movie-review test split (bench/results/embedding_transfer.json; Zen 4):
 # the int8 engines keep 0.83 (ONNX Runtime) and 0.91 (OpenVINO NNCF) of each sentence's 10
-# nearest neighbours; FFN and heads halved + 400 distillation steps keep 0.49 (0.44 with
-# Wikipedia and similarity matching) and lose 1.6-2.0 points on the transfer domain. 0.75 lies
-# between, with room for int8 rounding on CPUs without VNNI (7-bit weights).
-GEOMETRY_GUARD = f"{RECALL}>=0.75"
+# nearest neighbours; FFN and heads halved keep 0.44-0.53 however long they are distilled
+# (400-1000 steps) and lose 1.6-2.1 points on the transfer domain; 30% of the FFN removed and
+# distilled 150-400 steps keeps 0.68-0.72 and loses 0.05-0.1 point there. 0.6 lies between.
+GEOMETRY_GUARD = f"{RECALL}>=0.6"
 
 Rows = list[tuple[str, int]]
 METRICS = {
