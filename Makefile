@@ -81,7 +81,7 @@ browser:
 
 test-native: assets browser
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
