@@ -86,8 +86,10 @@ CANDIDATES = {
     ),
 }
 SHORT_CANDIDATES = (
+    "PyTorch dynamic int8",
     "ONNX Runtime int8",
     "OpenVINO + NNCF int8",
+    "FFN 0.7 + 200 steps, task sentences, cosine, OpenVINO int8",
     "FFN 0.7 + 200 steps, + Wikipedia, hidden and similarity matching, OpenVINO int8",
 )
 PARTS = ("candidates", "studies", "peers")
