@@ -21,7 +21,8 @@ LLAMACPP := $(VENV)/.llamacpp-built-for-cpu-$(CPU_ID)
 $(LLAMACPP): constraints.txt | $(STAMP)
 	rm -f $(VENV)/.llamacpp-built-for-cpu-*
 	$(BIN)/pip uninstall --quiet --yes llama-cpp-python
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+		$(BIN)/pip install --quiet -c constraints.txt \
 		--no-binary llama-cpp-python --no-cache-dir llama-cpp-python
 	touch $@
 
