@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-peers-vision bench-tokens bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank \
-	bench-embedding lint assets clean
+	bench-peers bench-peers-vision bench-tokens bench-isa bench-fuzz bench-deadline bench-crash \
+	bench-lowrank bench-embedding lint assets clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,8 +71,8 @@ test-avx2: assets
 # Every benchmark, one after another (about 11 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision, bench-tokens,
-# bench-isa, bench-lowrank, bench-embedding. Results: bench/results/*.json (bench/tables.py prints them);
-# bench-fuzz, bench-deadline and bench-crash are long tests that pass or fail.
+# bench-isa, bench-lowrank, bench-embedding. Results: bench/results/*.json (bench/tables.py prints
+# them); bench-fuzz, bench-deadline and bench-crash are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision bench-tokens \
 	bench-isa bench-lowrank bench-embedding bench-fuzz bench-deadline bench-crash
 
