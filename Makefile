@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint \
-	assets clean
+	bench-peers bench-peers-vision bench-tokens bench-isa bench-fuzz bench-deadline bench-crash \
+	bench-lowrank bench-embedding lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
 # on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
@@ -87,13 +87,13 @@ test-native: assets browser
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 9 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# Every benchmark, one after another (about 11 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
-# bench-default, bench-pruning, bench-quantization, bench-peers, bench-isa, bench-lowrank,
-# bench-embedding. Results: bench/results/*.json (bench/tables.py prints them); bench-fuzz,
-# bench-deadline and bench-crash are long tests that pass or fail.
-bench: bench-default bench-pruning bench-quantization bench-peers bench-isa bench-lowrank \
-	bench-embedding bench-fuzz bench-deadline bench-crash
+# bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision, bench-tokens,
+# bench-isa, bench-lowrank, bench-embedding. Results: bench/results/*.json (bench/tables.py prints
+# them); bench-fuzz, bench-deadline and bench-crash are long tests that pass or fail.
+bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision bench-tokens \
+	bench-isa bench-lowrank bench-embedding bench-fuzz bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -114,6 +114,20 @@ bench-quantization: assets
 # slimformer's study (25 min) against PyTorch, the Optimum recipe and OpenVINO+NNCF (~40 min).
 bench-peers: assets
 	$(BIN)/python bench/peers.py --study-budget 25m
+
+# vit-fashion: slimformer's 20-minute throughput study against PyTorch fp32 and int8, ONNX
+# Runtime fused + int8, OpenVINO + NNCF int8 and ToMe as its authors run it (~35 min, plus the
+# one-time vit-fashion training first, kept out of the timings). `python bench/peers_vision.py
+# --quick` checks the script on a tiny random ViT (~5 min).
+bench-peers-vision: assets
+	$(BIN)/slimformer assets install vit-fashion
+	$(BIN)/python bench/peers_vision.py --time-budget 20m
+
+# reduce.tokens on MiniLM: merging and pruning alone and on top of the halved, distilled, int8
+# structure, at the ~27-token sentences and at 128 tokens (NYT editorial passages); ~1 h, eight
+# distillations. `python bench/tokens.py --quick` checks the script on a tiny random BERT.
+bench-tokens: assets
+	$(BIN)/python bench/tokens.py
 
 # The default embedding study on the scored and a transfer domain, with and without its
 # guards, distillation variants, and the peers again (~2 h: two 25-minute studies, eight

@@ -60,6 +60,16 @@ def measure_baseline(model: str, spec: TaskSpec, threads: int | None = None) -> 
     return {"quality": result.quality, "details": result.details, **result.measurement}
 
 
+def baseline_result(baseline: dict) -> dict:
+    """`measure_baseline`'s figures in `measure_recipe`'s shape."""
+    measurement = {k: v for k, v in baseline.items() if k not in ("quality", "details")}
+    return {
+        "quality": baseline["quality"],
+        "details": baseline["details"],
+        "measurement": measurement,
+    }
+
+
 def summarize(baselines: list[dict], figures: tuple[str, ...]) -> dict:
     """Median of each figure over the baseline's measurements, with their spread."""
     return {key: statistics.median(b[key] for b in baselines) for key in figures} | {

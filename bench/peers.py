@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine, measure_baseline, measure_recipe, trial_summary, write_result
+from common import (
+    baseline_result,
+    machine,
+    measure_baseline,
+    measure_recipe,
+    trial_summary,
+    write_result,
+)
 
 import slimformer
 from slimformer.recipe import Recipe, Step
@@ -268,15 +275,6 @@ def main() -> None:
             f"x best peer {r['throughput_vs_best_peer']}"
         )
     print(f"wrote {path}")
-
-
-def baseline_result(baseline: dict) -> dict:
-    measurement = {k: v for k, v in baseline.items() if k not in ("quality", "details")}
-    return {
-        "quality": baseline["quality"],
-        "details": baseline["details"],
-        "measurement": measurement,
-    }
 
 
 if __name__ == "__main__":

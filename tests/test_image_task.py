@@ -19,6 +19,7 @@ import torch
 from inprocess import assert_one_error_line, run_cli
 from PIL import Image
 
+import slimformer
 from slimformer.assets.fashion_mnist import digits, fashion_mnist_dir
 from slimformer.assets.vit_fashion import TrainingPlan, ViTShape, accuracy, save_vit, train_vit
 from slimformer.checkpoint import load_model, save_model
@@ -26,6 +27,7 @@ from slimformer.errors import SlimformerError
 from slimformer.evaluate import run_request
 from slimformer.measure import MeasureSettings
 from slimformer.model import SlimModel
+from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec, make_task
 from slimformer.tasks.images import scan_image_folder
 
@@ -33,12 +35,14 @@ PER_CLASS = 12  # 120 images: 12 calibrate, 108 are scored
 FAST = MeasureSettings(batch_size=8, latency_requests=4, throughput_inputs=16, min_seconds=0.05)
 
 
-def _write_digits(root: Path, classes: range = range(10), size: int = 16) -> Path:
+def _write_digits(
+    root: Path, classes: range = range(10), size: int = 16, per_class: int = PER_CLASS
+) -> Path:
     images, labels = digits()
     for label in classes:
         folder = root / str(label)
         folder.mkdir(parents=True)
-        for n, index in enumerate(np.flatnonzero(labels == label)[:PER_CLASS]):
+        for n, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
             image = Image.fromarray(images[index]).resize((size, size), Image.NEAREST)
             image.convert("RGB").save(folder / f"{n}.png")
     return root
@@ -94,6 +98,18 @@ def test_examples_are_normalized_pixels_stacked_by_collate(ws: Path) -> None:
     assert torch.allclose(examples[0], (expected.float() / 255 - 0.5) / 0.5)
     batches = task.calibration_batches(model, batch_size=5)
     assert [b["pixel_values"].shape for b in batches] == [(5, 3, 16, 16)] * 2 + [(2, 3, 16, 16)]
+
+
+def test_distillation_of_an_image_model_trains_on_images_and_asks_for_no_general_text(
+    ws: Path, tmp_path: Path
+) -> None:
+    # 640 images: 64 calibrate (and train: two batches of 32), the rest are scored
+    spec = TaskSpec("image-classification", data=str(_write_digits(tmp_path, per_class=64)))
+    model = load_model(ws / "vit")
+    assert make_task(spec).general_batches(model) == []  # a ViT has no tokenizer for text
+    recipe = Recipe(steps=(Step("recover.distill", {"steps": 2}),), task=spec)
+    distilled = slimformer.apply(ws / "vit", recipe)
+    assert distilled.recipe.steps[0].pass_name == "recover.distill"
 
 
 def test_normalization_follows_the_source_checkpoints_preprocessor_config(

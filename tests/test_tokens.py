@@ -108,6 +108,25 @@ def test_proportional_attention_through_sdpa_equals_the_eager_formula():
     torch.testing.assert_close(fused[:1], unrolled, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_the_eager_attention_setting_computes_tomes_softmax_with_the_same_outputs(family):
+    """`attention=eager` (the benchmark's "ToMe as its authors apply it") runs the explicit
+    softmax in every block instead of the fused kernel, and agrees with the fused path."""
+    merge = {"r": 2, "schedule": "decreasing"}
+    fused = reduced(tiny.build(family), Step("reduce.tokens", merge))
+    eager = reduced(tiny.build(family), Step("reduce.tokens", merge | {"attention": "eager"}))
+    batch = batch_for(family, fused)
+    calls = kernel_calls(eager, batch)
+    assert calls[FUSED] == 0 and calls["aten::softmax"] == tiny.NUM_LAYERS
+    torch.testing.assert_close(
+        at_real(tiny.output(eager, batch), batch),
+        at_real(tiny.output(fused, batch), batch),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert eager.recipe.steps[-1].config["attention"] == "eager"
+
+
 def test_merged_tokens_are_size_weighted_and_unmerge_to_size_weighted_means():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 4, generator=generator)
@@ -187,8 +206,9 @@ def test_merging_changes_outputs_and_keeps_the_input_length():
             ),
         ),
         ("vit", (Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "criterion": "mean"}),)),
+        ("vit", (Step("reduce.tokens", {"r": 3, "attention": "eager"}),)),
     ],
-    ids=["bert-uneven-int8-merge", "vit-prune"],
+    ids=["bert-uneven-int8-merge", "vit-prune", "vit-eager-merge"],
 )
 def test_saved_models_reload_with_identical_outputs(family, steps, tmp_path):
     model = reduced(tiny.build(family), *steps)
@@ -247,6 +267,7 @@ def test_a_vit_with_merged_tokens_exports_to_onnx_runtime():
         ({"mode": "prune", "keep": 0}, "keep must be a number in"),
         ({"mode": "prune", "keep": 1.5}, "keep must be a number in"),
         ({"criterion": "max"}, "criterion=.max. is not one of cls | mean"),
+        ({"attention": "flash"}, "attention=.flash. is not one of sdpa | eager"),
         ({"rate": 2}, "unknown setting"),
     ],
 )

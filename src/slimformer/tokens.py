@@ -12,6 +12,11 @@
   `cls` takes the class token's query row only (softmax of one row per head, O(tokens·dim)),
   `mean` the full attention matrix averaged over real queries (one more QK^T, no PV).
 
+`attention="eager"` computes the same attention the way ToMe's own code does (the logits,
+the log-size bias and the softmax as separate ops, then the product with V). It is there so a
+benchmark can run "ToMe as its authors apply it" next to slimformer's fused path on the same
+model; it gives the same outputs up to float rounding and is never searched.
+
 The first token (the class token: BERT's [CLS], ViT's CLS) is never merged or pruned and stays
 first. Padding: a padded position is a token of size 0, so log(size) masks it as a key, a merge
 involving it leaves the real token's average unchanged, and matching prefers real pairs; real
@@ -51,6 +56,7 @@ from slimformer.errors import SlimformerError
 
 MODES = ("merge", "prune")
 CRITERIA = ("cls", "mean")
+ATTENTIONS = ("sdpa", "eager")
 # The attribute of the base model that holds its installed reduction.
 ATTRIBUTE = "slimformer_tokens"
 # Matching score of any pair that involves padding: below every cosine similarity (>= -1), so
@@ -66,6 +72,7 @@ class TokenReduction:
     mode: str
     amounts: tuple[float, ...]
     criterion: str = "cls"  # prune: which attention a token's score is
+    attention: str = "sdpa"  # eager: ToMe's own explicit softmax, for comparisons only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +80,10 @@ class TokenReduction:
         if self.criterion not in CRITERIA:
             raise SlimformerError(
                 f"token pruning criterion must be one of {CRITERIA}, got {self.criterion!r}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise SlimformerError(
+                f"token reduction attention must be one of {ATTENTIONS}, got {self.attention!r}"
             )
         for amount in self.amounts:
             bad = (
@@ -96,6 +107,7 @@ class TokenReduction:
                 mode=data["mode"],
                 amounts=tuple(data["amounts"]),
                 criterion=data.get("criterion", "cls"),
+                attention=data.get("attention", "sdpa"),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise SlimformerError(f"unreadable token reduction settings ({error})") from None
@@ -206,10 +218,11 @@ def reduce_blocks(
     x = hidden
     states = [hidden] if want_states else None
     biased = padded  # whether sizes other than 1 exist, so attention needs the log-size mask
+    eager = reduction.attention == "eager"
     for index, amount in enumerate(reduction.amounts):
         block = adapter.encoder_block(index)
         bias = size.log()[:, None, None, :].to(x.dtype) if biased else None
-        x, q, k = _attention(block, x, bias, head_dim)
+        x, q, k = _attention(block, x, bias, head_dim, eager)
         if reduction.mode == "merge" and amount >= 1:
             x, size, source = merge_tokens(x, size, source, k.mean(1), int(amount), padded)
             biased = True
@@ -224,7 +237,11 @@ def reduce_blocks(
 
 
 def _attention(
-    block: EncoderBlock, x: torch.Tensor, bias: torch.Tensor | None, head_dim: int
+    block: EncoderBlock,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    head_dim: int,
+    eager: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block's attention with its residual (and norm); also the heads' q and k."""
     h = block.attention_norm(x) if block.pre_norm else x
@@ -234,8 +251,14 @@ def _attention(
         return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
 
     q, k, v = heads(block.query(h)), heads(block.key(h)), heads(block.value(h))
-    # scale as transformers passes it, so no reduction reproduces the model bit for bit
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim**-0.5)
+    if eager:  # ToMe's ToMeAttention.forward: (q k^T)·scale + log(size), softmax, then V
+        logits = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+        if bias is not None:
+            logits = logits + bias
+        context = logits.softmax(dim=-1) @ v
+    else:
+        # scale as transformers passes it, so no reduction reproduces the model bit for bit
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim**-0.5)
     out = block.attention_out(context.transpose(1, 2).reshape(batch, tokens, -1))
     x = x + out if block.pre_norm else block.attention_norm(out + x)
     return x, q, k

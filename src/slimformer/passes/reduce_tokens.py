@@ -26,11 +26,20 @@ from slimformer.passes.base import (
     Pass,
     PassContext,
     Phase,
+    fixed,
     register_pass,
     searchable,
     setting_default,
 )
-from slimformer.tokens import CRITERIA, MODES, TokenReduction, check_supported, install, installed
+from slimformer.tokens import (
+    ATTENTIONS,
+    CRITERIA,
+    MODES,
+    TokenReduction,
+    check_supported,
+    install,
+    installed,
+)
 
 SCHEDULES = ("constant", "decreasing")
 UNPADDED_REFUSAL = (
@@ -74,6 +83,12 @@ class TokenConfig:
         0,
         IntRange(0, lambda facts: facts.num_layers - 1, label="0..layers-1"),
         "first block that reduces (the ones before it see every token)",
+    )
+    attention: str = fixed(
+        "sdpa",
+        "sdpa: the fused attention kernel with the log-size bias as its mask; eager: the "
+        "explicit softmax ToMe's own code computes (same outputs, slower; for comparisons)",
+        valid=Choice(ATTENTIONS),
     )
 
 
@@ -125,7 +140,10 @@ class TokenReductionPass(Pass):
             raise SlimformerError(f"{self.name}: this model already reduces its tokens")
         layers = check_supported(model.module).num_layers
         reduction = TokenReduction(
-            mode=config.mode, amounts=per_block(config, layers), criterion=config.criterion
+            mode=config.mode,
+            amounts=per_block(config, layers),
+            criterion=config.criterion,
+            attention=config.attention,
         )
         install(model.module, reduction)
         return {"per_block": list(reduction.amounts)}

@@ -147,7 +147,7 @@ def searched_now(config_class: type, name: str, values: dict[str, Any]) -> bool:
     return value in allowed and searched_now(config_class, other, values)
 
 
-def fixed(default: Any, help: str, valid: Interval | None = None) -> Any:
+def fixed(default: Any, help: str, valid: Choice | Interval | None = None) -> Any:
     """A config field the user may set but the study leaves alone (numbers: `valid`, else any
     positive value)."""
     return field(default=default, metadata={"help": help} | ({"valid": valid} if valid else {}))

@@ -104,7 +104,10 @@ class Task(ABC):
     def general_batches(
         self, model: SlimModel, batch_size: int | None = None
     ) -> list[dict[str, torch.Tensor]]:
-        examples = encode(model, self.general_texts(), self.seq_len)
+        texts = self.general_texts()
+        if not texts:  # also: a model without a tokenizer (a ViT) is never asked for one
+            return []
+        examples = encode(model, texts, self.seq_len)
         batch_size = batch_size or self.training_batch_size
         return [
             collate(model, examples[i : i + batch_size])
