@@ -59,6 +59,9 @@ from openvino_decoder import (
 )
 from openvino_decoder import build as openvino_build
 
+from slimformer.assets import resolve_path
+from slimformer.recipe import Recipe
+
 SCRIPT = __file__
 MAX_DROP = 0.05  # relative perplexity
 SPEEDUP_TARGET = 1.3
@@ -77,9 +80,19 @@ PEERS: dict[str, tuple[str, dict | None]] = {
         {"weights": "int4_asym", "group_size": 128},
     ),
 }
-# --quick: a study this short can only try the engines' own settings (no pruning or
-# distillation fits), and no confirmation rounds.
-QUICK_STUDY = ("--passes", "runtime.openvino,runtime.llamacpp", "--confirm-rounds", "0")
+# --quick, a check of the script: a study this short can only try the engines' own settings
+# (no pruning or distillation fits), no confirmation rounds, on one thread with short timed
+# inputs (the baseline's timing alone takes minutes on two threads of a shared machine).
+QUICK_STUDY = (
+    "--passes",
+    "runtime.openvino,runtime.llamacpp",
+    "--confirm-rounds",
+    "0",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "4",
+)
 
 
 # --- run in fresh processes (this script with a hidden flag) ------------------------------
@@ -88,6 +101,7 @@ def save_shipped_gguf(out: Path) -> dict:
     import slimformer
     from slimformer.assets.models import smollm2_gguf
     from slimformer.checkpoint import save_model
+    from slimformer.engines.llamacpp import file_type
 
     path = smollm2_gguf()
     if path is None:
@@ -97,7 +111,7 @@ def save_shipped_gguf(out: Path) -> dict:
     return {
         "build_seconds": round(time.perf_counter() - started, 1),
         "file": path.name,
-        "file_type": slimformer.load(out).module.quant,
+        "file_type": file_type(path),
     }
 
 
@@ -225,7 +239,7 @@ def run_study(budget: str, out: Path, quick: bool) -> Path:
         "--time-budget",
         budget,
         "--threads",
-        str(THREADS),
+        "1" if quick else str(THREADS),
         "--out",
         str(out),
         "--overwrite",
@@ -383,18 +397,12 @@ def main() -> None:
             folder = Path(tmp) / f"r{index}"
             row: dict = {"row": label, "kind": role, "config": config}
             if kind == "checkpoint":
-                from slimformer.assets import resolve_path
-
                 folder = resolve_path("smollm2")
             elif kind == "shipped-gguf":
                 row |= child("--save-gguf", str(folder), script=SCRIPT)
             elif kind == "chosen":
                 folder = chosen_folder(run)
-                row["recipe"] = (
-                    (folder / "recipe.yaml").read_text()
-                    if (folder / "recipe.yaml").is_file()
-                    else None
-                )
+                row["recipe"] = Recipe.load(folder).describe()
             else:
                 row |= child(f"--build-{kind}", json.dumps(config), str(folder), script=SCRIPT)
             row |= child("--measure", str(folder), str(prompts), script=SCRIPT)
