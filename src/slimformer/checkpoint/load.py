@@ -130,9 +130,11 @@ def load_gguf(path: str | os.PathLike[str], context: int | None = None) -> SlimM
     from slimformer.adapters import adapter_class_for
     from slimformer.engines.llamacpp import DEFAULT_CONTEXT, LlamaCppModule, file_type
 
-    file = Path(path).expanduser()
+    file = Path(path).expanduser().resolve()  # served from where it is: no copy is made
     if not file.is_file():
         raise SlimformerError(f"GGUF file not found: {file}")
+    if context is not None and context < 1:
+        raise SlimformerError(f"context={context}: give a positive number of tokens")
     try:
         with quiet_transformers():
             config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
@@ -152,8 +154,6 @@ def load_gguf(path: str | os.PathLike[str], context: int | None = None) -> SlimM
         )
     config.architectures = [architecture]  # the head a saved copy reloads with
     trained = getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT
-    if context is not None and context < 1:
-        raise SlimformerError(f"context={context}: give a positive number of tokens")
     module = LlamaCppModule(
         config, "causal-lm", file, file_type(file), context or min(DEFAULT_CONTEXT, trained)
     )
