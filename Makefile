@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-peers-vision bench-tokens bench-isa bench-fuzz bench-deadline bench-crash \
-	bench-lowrank bench-embedding lint assets clean
+	bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa bench-fuzz \
+	bench-deadline bench-crash bench-lowrank bench-embedding lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
 # on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
@@ -87,13 +87,15 @@ test-native: assets browser
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 11 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# Every benchmark, one after another (about 12 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
-# bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision, bench-tokens,
-# bench-isa, bench-lowrank, bench-embedding. Results: bench/results/*.json (bench/tables.py prints
-# them); bench-fuzz, bench-deadline and bench-crash are long tests that pass or fail.
-bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision bench-tokens \
-	bench-isa bench-lowrank bench-embedding bench-fuzz bench-deadline bench-crash
+# bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
+# bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding. Results:
+# bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash
+# are long tests that pass or fail.
+bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
+	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding bench-fuzz \
+	bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -129,11 +131,19 @@ bench-peers-vision: assets
 bench-tokens: assets
 	$(BIN)/python bench/tokens.py
 
-# The default embedding study on the scored and a transfer domain, with and without its
-# guards, distillation variants, and the peers again (~2 h: two 25-minute studies, eight
-# distillations). `python bench/embedding_transfer.py --short --time-budget 4m` is a check.
+# SmolLM2 decoding: slimformer's decode study (25 min) against llama.cpp (the shipped GGUF, Q8_0,
+# Q4_K_M) and OpenVINO (int8, int4 weights), each row in a fresh process, with each row's share
+# of the measured memory bandwidth (~45 min in all). `python bench/peers_decoder.py --quick --out
+# DIR` is a check (a 4-minute study, one prompt a row); `--chosen RUN` measures a finished run.
+bench-peers-decoder: assets
+	$(BIN)/python bench/peers_decoder.py --study-budget 25m
+
+# The default embedding study (20 minutes, as a new user runs it) on the scored and a transfer
+# domain, with and without its guards, distillation variants, and the peers again (~80 min on
+# an idle machine: two studies, four distillations). `python bench/embedding_transfer.py
+# --short --time-budget 4m` is a check.
 bench-embedding: assets
-	$(BIN)/python bench/embedding_transfer.py --time-budget 25m
+	$(BIN)/python bench/embedding_transfer.py --time-budget 20m
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets

@@ -39,8 +39,9 @@ ROWS: dict[str, dict | None] = {
 }
 
 
-def measure(model_ref: str) -> dict:
-    """Run in a fresh process: load, then time and score through whatever serves the model."""
+def measure(model_ref: str, prompts: int = PROMPTS) -> dict:
+    """Run in a fresh process: load, then time and score through whatever serves the model
+    (the median over the first `prompts` held-out prompts)."""
     import torch
 
     import slimformer
@@ -57,9 +58,9 @@ def measure(model_ref: str) -> dict:
     load_seconds = time.perf_counter() - started
     task = make_task(TaskSpec(name="perplexity"))
     windows = task.examples(model, "test")
-    prompts = [torch.tensor([w[:PROMPT_TOKENS]]) for w in windows[:PROMPTS]]
-    greedy(model, prompts[0], 4)  # warm-up (compilation, first allocations)
-    runs = [greedy(model, prompt, NEW_TOKENS + 1) for prompt in prompts]
+    inputs = [torch.tensor([w[:PROMPT_TOKENS]]) for w in windows[:prompts]]
+    greedy(model, inputs[0], 4)  # warm-up (compilation, first allocations)
+    runs = [greedy(model, prompt, NEW_TOKENS + 1) for prompt in inputs]
     score = task.score(model, task.prepare(model))
     return {
         "time_to_first_token_ms": round(statistics.median(r.first_token_s for r in runs) * 1e3, 1),
@@ -88,10 +89,11 @@ def build(config: dict, out: Path) -> dict:
     }
 
 
-def child(*args: str) -> dict:
-    """This script in a fresh process; its last stdout line is the JSON answer."""
+def child(*args: str, script: str = __file__) -> dict:
+    """A bench script (this one unless named) in a fresh process; its last stdout line is the
+    JSON answer."""
     done = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+        [sys.executable, script, *args], capture_output=True, text=True, check=False
     )
     if done.returncode:
         raise SystemExit(f"child {args} failed:\n{done.stderr[-3000:]}")

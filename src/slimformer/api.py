@@ -13,6 +13,7 @@ from slimformer import assets
 from slimformer.assets import resolve_path
 from slimformer.checkpoint import (
     check_out_folder,
+    load_gguf,
     load_model,
     natural_head,
     save_model,
@@ -34,7 +35,10 @@ ModelRef = str | os.PathLike[str] | SlimModel
 
 
 def load(path: str | os.PathLike[str], *, trust_remote_code: bool = False) -> SlimModel:
-    """Load a model slimformer saved (or any supported Hugging Face checkpoint folder)."""
+    """Load a model slimformer saved (or any supported Hugging Face checkpoint folder), or a
+    `.gguf` file, served as it is by llama.cpp (its config and tokenizer read from the file)."""
+    if Path(path).suffix.lower() == ".gguf":
+        return load_gguf(path)
     return load_model(resolve_path(path), trust_remote_code=trust_remote_code)
 
 

@@ -28,7 +28,7 @@ from slimformer.checkpoint.folder import (
     source_of,
     weights_size_bytes,
 )
-from slimformer.checkpoint.load import load_model
+from slimformer.checkpoint.load import load_gguf, load_model
 from slimformer.checkpoint.save import save_model
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "SLIM_WEIGHTS",
     "check_out_folder",
     "checked_folder",
+    "load_gguf",
     "load_model",
     "natural_head",
     "read_config",

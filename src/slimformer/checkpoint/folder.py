@@ -36,6 +36,12 @@ def checked_folder(path: str | os.PathLike[str], aliases: Sequence[str] = ()) ->
         raise SlimformerError(
             f"model not found: {path} — give a local Hugging Face checkpoint folder{names}"
         )
+    if not folder.is_dir() and folder.suffix.lower() == ".gguf":
+        raise SlimformerError(
+            f"{folder} is a GGUF file: slimformer.load() serves it through llama.cpp as it is; "
+            "here give a checkpoint folder (the Hugging Face one it was made from, or one "
+            "saved by slimformer)"
+        )
     if not folder.is_dir():
         raise SlimformerError(f"{folder} is a file; give the checkpoint folder that contains it")
     if not (folder / "config.json").is_file():

@@ -118,6 +118,48 @@ def load_model(
     )
 
 
+def load_gguf(path: str | os.PathLike[str], context: int | None = None) -> SlimModel:
+    """A GGUF file (llama.cpp's format, any type llama.cpp reads: Q4_1, Q8_0, Q4_K_M, ...)
+    served as it is by llama.cpp, as a causal LM. Its config and tokenizer are read from the
+    file's own metadata by transformers' GGUF support; `context` (default 2048, at most the
+    model's trained length) is the llama.cpp context given to it. Saved, it is a llama.cpp
+    runtime-form folder like any `runtime.llamacpp` result."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from slimformer.adapters import adapter_class_for
+    from slimformer.engines.llamacpp import DEFAULT_CONTEXT, LlamaCppModule, file_type
+
+    file = Path(path).expanduser().resolve()  # served from where it is: no copy is made
+    if not file.is_file():
+        raise SlimformerError(f"GGUF file not found: {file}")
+    if context is not None and context < 1:
+        raise SlimformerError(f"context={context}: give a positive number of tokens")
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise SlimformerError(
+            f"cannot read {file} as a GGUF decoder ({type(error).__name__}: {first}); give a "
+            "GGUF file of a Llama-family decoder with its tokenizer in the file"
+        ) from None
+    adapter_class_for(config.model_type)  # a clear refusal for families slimformer lacks
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+    if architecture is None:
+        raise SlimformerError(
+            f"{file} holds a {config.model_type} model, not a causal language model; "
+            "llama.cpp serves decoders here"
+        )
+    config.architectures = [architecture]  # the head a saved copy reloads with
+    trained = getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    module = LlamaCppModule(
+        config, "causal-lm", file, file_type(file), context or min(DEFAULT_CONTEXT, trained)
+    )
+    return SlimModel(module=module, head="causal-lm", tokenizer=tokenizer, source=str(file))
+
+
 def _served(
     path: Path, runtime: dict[str, Any], config: Any, head: str, module: nn.Module | None = None
 ) -> nn.Module:

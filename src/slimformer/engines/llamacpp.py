@@ -31,6 +31,7 @@ from slimformer.engines.base import ServedModule, register_served
 from slimformer.errors import SlimformerError
 
 GGUF_FILE = "model.gguf"
+DEFAULT_CONTEXT = 2048  # tokens of context (KV cache) a served model is given unless told
 INSTALL_HINT = (
     "install it with `make test` (or: CMAKE_ARGS='-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF' pip "
     "install -c constraints.txt --no-binary llama-cpp-python --no-cache-dir "
@@ -172,6 +173,18 @@ def quantize(
     if code != 0:
         target.unlink(missing_ok=True)
         raise SlimformerError(f"llama.cpp could not quantize to {quant}{last_errors()}")
+
+
+def file_type(path: Path) -> str:
+    """llama.cpp's name of a GGUF file's type (its `general.file_type`: Q4_1, Q8_0, F32, ...),
+    "unknown" where the file does not say or the installed llama.cpp has no name for it."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    names = {value: name for name, value in installed_quant_types().items()}
+    return names.get(int(field.contents()), "unknown")
 
 
 class LlamaCppCache:

@@ -34,7 +34,12 @@ from slimformer.engines.gguf_export import (
     gguf_refusal,
     write_gguf,
 )
-from slimformer.engines.llamacpp import LlamaCppModule, installed_quant_types, quantize
+from slimformer.engines.llamacpp import (
+    DEFAULT_CONTEXT,
+    LlamaCppModule,
+    installed_quant_types,
+    quantize,
+)
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import Choice, Interval, Pass, PassContext, Phase, register_pass
@@ -71,7 +76,9 @@ class LlamaCppConfig:
         valid=Interval(0, None),
         when=("quant", QUANTIZED),
     )
-    context: int = fixed(2048, "tokens of context (KV cache) llama.cpp is given", Interval(1, None))
+    context: int = fixed(
+        DEFAULT_CONTEXT, "tokens of context (KV cache) llama.cpp is given", Interval(1, None)
+    )
 
     def __post_init__(self) -> None:
         installed = installed_quant_types()
