@@ -230,6 +230,11 @@ def main() -> None:
         default=",".join(PARTS),
         help=f"comma-separated, of {', '.join(PARTS)} (studies includes the ablation)",
     )
+    parser.add_argument(
+        "--studies",
+        default="guarded,unguarded",
+        help="which of the two studies to run (a check: guarded alone)",
+    )
     parser.add_argument("--confirm-rounds", type=int, default=3)
     parser.add_argument("--runs", type=Path, default=Path("runs/embedding-transfer"))
     parser.add_argument("--out", type=Path, default=None, help="results folder")
@@ -253,6 +258,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="slimformer-transfer-") as tmp:
             result["peers"] = measure_peers(Path(tmp))
     name = "_".join(["embedding_transfer", *([] if parts == list(PARTS) else parts)])
+    if args.studies != "guarded,unguarded" and "studies" in parts:
+        name += "_" + args.studies.replace(",", "_")
     path = write_result(
         name + ("_short" if args.short else ""),
         result | {"wall_seconds": round(time.time() - started, 1)},
@@ -266,12 +273,13 @@ def studies_and_peers(args: argparse.Namespace, with_peers: bool) -> dict:
     studies = {
         name: run_study(args.runs / name, args.time_budget, guarded, args.confirm_rounds)
         for name, guarded in (("guarded", True), ("unguarded", False))
+        if name in args.studies.split(",")
     }
     with tempfile.TemporaryDirectory(prefix="slimformer-transfer-") as tmp:
         peers = measure_peers(Path(tmp)) if with_peers else []
-        baseline = peers[0] if peers else studies["guarded"]["baseline"]
+        baseline = peers[0] if peers else next(iter(studies.values()))["baseline"]
         plain = None
-        if studies["guarded"]["chosen"] is not None:
+        if "guarded" in studies and studies["guarded"]["chosen"] is not None:
             plain = ablation(args.runs / "guarded" / "best", baseline, Path(tmp))
     result = {"studies": studies, "ablation_of_guarded_choice": plain}
     if not peers:
