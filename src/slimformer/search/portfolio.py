@@ -29,11 +29,11 @@ ENGINES_INT8: KnownGood = (
 )
 # A sentence encoder's first structured recipe: 30% of the FFN neurons removed, 200 distillation
 # steps that mix in the general corpus and match hidden states and similarities, then OpenVINO's
-# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it measured 1.6x OpenVINO int8 alone at -0.3 pt on
-# the scored domain and -0.1 pt on the transfer domain after 150 steps (recall@10 0.68), where
+# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it served 1.6x OpenVINO int8 alone's throughput
+# and kept the probe within a point on both domains (-0.05 / +0.8 pt, recall@10 0.70), where
 # halving FFN and heads lost 2 points on the transfer domain however long it was distilled
-# (bench/results/embedding_transfer.json). One trial (~5 minutes on 2 cores) that a short
-# study's sampler would seldom draw.
+# (bench/results/embedding_transfer_candidates_short.json). One trial (~5-10 minutes on 2
+# cores) that a short study's sampler would seldom draw.
 FFN_TRIMMED_AND_DISTILLED: KnownGood = (
     (
         ("prune.ffn", {"keep": 0.7}),
