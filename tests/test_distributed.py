@@ -105,7 +105,7 @@ def test_two_workers_on_postgres_one_killed_mid_trial_lose_nothing_and_finish(
 ):
     url = _database(postgres, "two_workers")
     run = tmp_path / "run"
-    trials = 5
+    trials = 4
     study_cmd = [*CLI, "optimize", str(tiny_encoder), "--out", str(run), "--storage", url]
     main = subprocess.Popen(
         [*study_cmd, "--workers", "1", "--trials", str(trials), *STUDY],
@@ -146,8 +146,10 @@ def test_two_workers_on_postgres_one_killed_mid_trial_lose_nothing_and_finish(
             "the second worker never ran a trial: "
             + (second.stderr.read() if second.poll() else "")
         )
-        time.sleep(1.0)  # into its build or evaluation
         killed = second_mid_trial()
+        # Into its build child: the trial's request is written.
+        logs = tmp_path / "second" / "logs" / f"trial-{killed.number:03d}"
+        assert _wait_for(lambda: any(logs.glob("*-request.json")), 120, every=0.2)
         finished_before = {
             t.number: t.values for t in study().get_trials(states=(TrialState.COMPLETE,))
         }
@@ -318,7 +320,20 @@ def test_bad_storage_urls_workers_and_worker_targets_are_one_error_line(tiny_enc
     assert not (tmp_path / "r0").exists() and not (tmp_path / "r1").exists()
 
 
-def test_a_journal_study_is_joined_by_a_worker_that_stops_at_the_shared_budget(tmp_path):
+@pytest.fixture()
+def cores_given_back() -> Iterator[None]:
+    """A worker run in this process pins it to its cores: give them back after the test."""
+    from slimformer.search.cores import release_cores
+
+    try:
+        yield
+    finally:
+        release_cores()
+
+
+def test_a_journal_study_is_joined_by_a_worker_that_stops_at_the_shared_budget(
+    tmp_path, cores_given_back
+):
     """Fake models (fakes.py), in this process: the journal file holds the study, a worker
     joining it reads the settings from it and respects the trial budget the study spent."""
     from fakes import PASSES, FakeBuilder, FakeEvaluator

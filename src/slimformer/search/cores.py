@@ -20,6 +20,8 @@ from slimformer.cpu import MACHINE_CORES
 from slimformer.errors import SlimformerError
 
 _HELD: list[int] = []  # the lock files' descriptors, open for the life of the process
+_CLAIMED: list[int] = []  # the cores they lock
+_BEFORE: list[set[int]] = []  # the affinity before the claim
 
 
 def available_cores() -> list[int]:
@@ -29,6 +31,9 @@ def available_cores() -> list[int]:
 def claim_cores(count: int, wait_s: float = 600.0) -> list[int]:
     """Pin this process to `count` cores no other worker holds, waiting up to `wait_s` for
     them; the fingerprint keeps the machine's core count (cpu.MACHINE_CORES)."""
+    if len(_CLAIMED) >= count:  # a second worker in one process (tests): the same cores
+        os.sched_setaffinity(0, _CLAIMED[:count])
+        return _CLAIMED[:count]
     cores = available_cores()
     if count > len(cores):
         raise SlimformerError(
@@ -52,9 +57,11 @@ def claim_cores(count: int, wait_s: float = 600.0) -> list[int]:
                 break
         if len(held) == count:
             os.environ.setdefault(MACHINE_CORES, str(len(cores)))
+            _BEFORE[:] = [set(cores)]
             os.sched_setaffinity(0, [core for core, _ in held])
             _HELD.extend(fd for _, fd in held)
-            return [core for core, _ in held]
+            _CLAIMED[:] = [core for core, _ in held]
+            return list(_CLAIMED)
         for _, fd in held:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -64,3 +71,16 @@ def claim_cores(count: int, wait_s: float = 600.0) -> list[int]:
                 "hold them; start fewer workers or lower --threads"
             )
         time.sleep(1.0)
+
+
+def release_cores() -> None:
+    """Give the claimed cores back and run on all cores again (a process that goes on after
+    its worker, such as a test's)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+    _CLAIMED.clear()
+    if _BEFORE:
+        os.sched_setaffinity(0, _BEFORE.pop())
+        os.environ.pop(MACHINE_CORES, None)

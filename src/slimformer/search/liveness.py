@@ -79,11 +79,13 @@ def _is(worker: Any, me: dict[str, Any]) -> bool:
     return isinstance(worker, dict) and all(worker.get(k) == me[k] for k in ("host", "pid"))
 
 
-def running_on(study: optuna.Study, machine: str, description: str) -> bool:
+def running_on(study: optuna.Study, machine: str, description: str, before: int) -> bool:
     """Whether a live worker on a machine of this kind (`optuna_study.machine_key`) is
-    measuring this recipe now."""
+    measuring this recipe now, in a trial asked before trial `before` (only earlier ones:
+    two trials of one recipe never wait for each other)."""
     return any(
-        t.user_attrs.get("description") == description
+        t.number < before
+        and t.user_attrs.get("description") == description
         and (t.user_attrs.get(WORKER) or {}).get("machine") == machine
         and alive(t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

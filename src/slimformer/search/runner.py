@@ -189,12 +189,16 @@ class Study:
         description = recipe.describe()
         trial.set_user_attr("description", description)
         trial.set_user_attr("recipe", recipe.to_dict())
+        # Another worker of this machine kind measuring the same recipe now: its result is
+        # this trial's too, once it is told.
+        self._wait_while_measured(trial, description)
         earlier = optuna_study.completed_with(trial.study, description, self.cpu)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             return optuna_study.reuse(trial, earlier, self.settings.max_drop)
         baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
-            baseline = self._wait_for_baseline(trial.study)
+            self._wait_while_measured(trial, "baseline")
+            baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
             # Queued ahead of the baseline's rerun, or a worker on a machine kind that has
             # no baseline yet: this trial goes after one measured here.
@@ -248,12 +252,10 @@ class Study:
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
 
-    def _wait_for_baseline(self, study: optuna.Study) -> FrozenTrial | None:
-        """The baseline of this machine kind, once another worker of this kind that is
-        measuring it now has finished (None: nobody is)."""
-        while liveness.running_on(study, self.machine, "baseline"):
+    def _wait_while_measured(self, trial: optuna.Trial, description: str) -> None:
+        """Until no other live worker of this machine kind is measuring `description`."""
+        while liveness.running_on(trial.study, self.machine, description, trial.number):
             time.sleep(1.0)
-        return optuna_study.completed_with(study, "baseline", self.cpu)
 
     def _build_and_evaluate(
         self,
@@ -577,8 +579,9 @@ def run_worker(
         folder.write_run(settings, runner.cpu, runner.withheld, storage_url)
     counted = [r for r in runner.records(study) if r.counts and not r.stale]
     reporter.study_started(settings, settings.trials, len(counted))
+    before = distributed.trials_of_this_process(study)
     runner.run_trials(study, None)
-    return distributed.trials_of_this_process(study)
+    return distributed.trials_of_this_process(study) - before
 
 
 def ray_worker(storage_url: str, run_path: str) -> dict[str, Any]:
