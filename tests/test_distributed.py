@@ -374,3 +374,79 @@ def test_a_journal_study_is_joined_by_a_worker_that_stops_at_the_shared_budget(
     assert (tmp_path / "w" / "run.json").is_file() and (tmp_path / "w" / "trials.jsonl").is_file()
     counted = [t for t in optuna_study.records(study, runner.fingerprint(1)) if t.counts]
     assert len(counted) == 6
+
+
+# --- the pieces, in this process -------------------------------------------------------------
+def _cpu(model: str) -> dict:
+    from slimformer.cpu import fingerprint
+
+    return fingerprint(1).to_dict() | {"model": model}
+
+
+def _trial(description: str, cpu: dict | None, latency: float, **attrs) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        state=TrialState.COMPLETE,
+        values=[0.9, latency],
+        user_attrs={"description": description, "cpu": cpu, **attrs},
+    )
+
+
+def test_the_choice_compares_the_machine_that_measured_a_baseline_and_the_most_trials():
+    from slimformer.cpu import CpuFingerprint
+    from slimformer.search import optuna_study
+
+    here = CpuFingerprint.from_dict(_cpu("head node CPU"))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for description, model, latency in [
+        ("baseline", "worker CPU A", 10.0),
+        ("int8", "worker CPU A", 6.0),
+        ("prune", "worker CPU A", 8.0),
+        ("baseline", "worker CPU B", 30.0),
+        ("int8", "worker CPU B", 1.0),  # faster, but on another kind of machine
+        ("prune", "head node CPU", 0.5),  # no baseline on the head: not comparable
+    ]:
+        study.add_trial(_trial(description, _cpu(model), latency))
+    reference = optuna_study.reference_machine(study, here)
+    assert reference.model == "worker CPU A"
+    records = optuna_study.records(study, reference)
+    assert [r.number for r in records if not r.stale] == [0, 1, 2]
+    # With a baseline of its own, the study's machine is the reference.
+    study.add_trial(_trial("baseline", _cpu("head node CPU"), 5.0))
+    assert optuna_study.reference_machine(study, here).same_machine(here)
+
+
+def test_a_running_trial_is_dead_when_its_worker_process_is_gone_or_silent():
+    import socket
+
+    from slimformer.search import liveness
+
+    study = optuna.create_study()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = time.time()
+    mine, ended, elsewhere = (
+        liveness.identity(),
+        {"host": socket.gethostname(), "pid": gone.pid, "start": "1"},
+        {"host": "elsewhere", "pid": 1, "start": "1"},
+    )
+    for worker in (mine, ended, elsewhere):
+        trial = study.ask()
+        trial.set_user_attr(liveness.WORKER, worker)
+        trial.set_user_attr(liveness.ALIVE, now)
+    assert {t.number for t in liveness.dead_trials(study)} == {1}  # its pid is gone
+    assert liveness.running_elsewhere(study) == 1  # the other host's
+    # Later, with no new stamp: a worker on this host is judged by its process, one on
+    # another host by its stamps.
+    later = now + liveness.GRACE_S + 1
+    running = study.get_trials(states=(TrialState.RUNNING,))
+    assert [liveness.alive(t, later) for t in running] == [True, False, False]
+
+
+def test_keeping_the_front_spares_the_folders_of_running_trials(tmp_path):
+    from slimformer.search.run_folder import RunFolder
+
+    candidates = tmp_path / "candidates"
+    for name in ("trial-001", "trial-004", ".trial-002.abc", ".trial-003.xyz"):
+        (candidates / name).mkdir(parents=True)
+    RunFolder(tmp_path).keep_candidates({1, 2})  # 1 on the front, 2 being saved by a worker
+    assert sorted(p.name for p in candidates.iterdir()) == [".trial-002.abc", "trial-001"]

@@ -72,12 +72,18 @@ def locate(target: str | os.PathLike[str], out: Path | None) -> tuple[str, Path]
 
 
 def trials_of_this_process(study: optuna.Study) -> int:
-    """The finished trials this process worked on."""
+    """The trials of the budget this process measured (repeats told at no cost, and trials
+    put back in the queue, left out)."""
     me = identity()
     return sum(
         1
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
         if all((t.user_attrs.get(WORKER) or {}).get(k) == me[k] for k in ("host", "pid"))
+        and (
+            "duplicate_of" not in t.user_attrs
+            if t.state == TrialState.COMPLETE
+            else "error" in t.user_attrs
+        )
     )
 
 
