@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
+.PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning bench-quantization \
 	bench-peers bench-isa bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint \
 	assets clean
 
@@ -62,7 +62,17 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
 	else echo "no apt-get: the browser test of report.html will be skipped"; fi
 
-test-native: assets browser
+# The distributed test starts its own PostgreSQL server (initdb + pg_ctl in a temp folder);
+# Debian's postgresql package where none is installed (as for the browser above).
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
+	else echo "no apt-get: the PostgreSQL part of tests/test_distributed.py will be skipped"; fi
+
+test-native: assets browser postgres
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q
 

@@ -396,7 +396,14 @@ class Study:
                 cpu=reference.to_dict(),
             )
             best_dir = self.folder.save_best(best, self._rebuild(chosen), self.write_card)
-            if not chosen.is_baseline and self.settings.confirm_rounds:
+            elsewhere = not reference.same_machine(self.cpu)
+            if elsewhere and not chosen.is_baseline and self.settings.confirm_rounds:
+                # Timing here would confirm nothing about the machines that measured it.
+                note = "the ratios were not confirmed: the trials were measured on another "
+                note += f"kind of machine ({reference.label}) than this one"
+                self.notes.append(note)
+                self.reporter.note(note)
+            elif not chosen.is_baseline and self.settings.confirm_rounds:
                 confirmed = self._confirm(best, best_dir)
         self._report(study)
         return StudyResult(
