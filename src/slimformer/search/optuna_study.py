@@ -157,11 +157,13 @@ def requeue_interrupted(
         study.set_user_attr("requeued", sorted(requeued))
 
 
-def reap(study: optuna.Study) -> None:
-    """A worker's look before it asks: trials whose worker died are queued again."""
+def reap(study: optuna.Study) -> int:
+    """A worker's look before it asks: trials whose worker died are queued again; returns
+    how many."""
     dead = liveness.dead_trials(study)
     if dead:
         requeue_interrupted(study, dead, scan_failed=False)
+    return len(dead)
 
 
 def requeue_measured_elsewhere(study: optuna.Study, cpu: CpuFingerprint) -> None:

@@ -307,7 +307,7 @@ class Study:
         done = repeats = 0
         while remaining is None or done < remaining:
             optuna_study.reap(study)
-            if self._trials_spent(study):
+            if self.trials_spent(study):
                 break
             left, quickest = self.budget.left(), estimate([], self.timings(study))
             if left <= quickest:
@@ -342,7 +342,9 @@ class Study:
             done += 1
             self.after_trial(study, frozen)
 
-    def _trials_spent(self, study: optuna.Study) -> bool:
+    def trials_spent(self, study: optuna.Study) -> bool:
+        """Whether the trial budget is used up: by the trials of every worker of this machine
+        kind that count, and those other workers are running now."""
         if self.settings.trials is None:
             return False
         counted = [r for r in self.records(study) if r.counts and not r.stale]
@@ -537,12 +539,23 @@ def run_study(
         reporter.study_started(settings, settings.trials, len(counted))
         if ray_address is not None or workers is not None:
             follow = Follower(study, lambda: runner.records(study), reporter)
-            if ray_address is not None:
-                threads = settings.measure.resolved_threads()
-                run_ray_workers(ray_address, storage, folder, threads, workers, follow, ray_worker)
-            else:
-                run_local_workers(folder, workers or 1, follow)
-            optuna_study.reap(study)  # a worker killed mid-trial: its recipe waits in the queue
+            # Again while the workers left a dead worker's trial queued (they counted it as
+            # running when they stopped) and the budget is not spent; a few rounds at most.
+            rounds = 0
+            while rounds == 0 or (
+                optuna_study.reap(study)
+                and not runner.trials_spent(study)
+                and runner.budget.left() > 0
+                and rounds < 3
+            ):
+                rounds += 1
+                if ray_address is not None:
+                    threads = settings.measure.resolved_threads()
+                    run_ray_workers(
+                        ray_address, storage, folder, threads, workers, follow, ray_worker
+                    )
+                else:
+                    run_local_workers(folder, workers or 1, follow)
         else:
             runner.run_trials(study, remaining)
         return runner.finish(study)
