@@ -100,6 +100,7 @@ def _database(server: str, name: str) -> str:
     return f"{server}/{name}"
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgres_one_killed_mid_trial_lose_nothing_and_finish(
     postgres, tiny_encoder, tmp_path
 ):
@@ -242,6 +243,7 @@ def ray_cluster() -> Iterator[str]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_ray_cluster_runs_the_trials_as_tasks_each_on_its_own_core(
     ray_cluster, tiny_encoder, tmp_path
 ):
