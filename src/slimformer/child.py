@@ -138,7 +138,7 @@ def child_main(argv: list[str], handle: Callable[[dict[str, Any]], dict[str, Any
     reason, its traceback goes to the log."""
     warnings.simplefilter("ignore")
     request = json.loads(Path(argv[1]).read_text())
-    _die_with_parent(request.get("parent"))
+    die_with_parent(request.get("parent"))
     try:
         answer, code = handle(request), 0
     except SlimformerError as error:
@@ -151,7 +151,7 @@ def child_main(argv: list[str], handle: Callable[[dict[str, Any]], dict[str, Any
     return code
 
 
-def _die_with_parent(parent: int | None) -> None:
+def die_with_parent(parent: int | None) -> None:
     """Ask the kernel to kill this process when its parent dies (Linux; elsewhere a no-op)."""
     if parent is None or not sys.platform.startswith("linux"):
         return

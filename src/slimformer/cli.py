@@ -250,6 +250,28 @@ def optimize(
             help="--resume a run measured on another machine: its trials are measured again here"
         ),
     ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="where the study lives, an Optuna storage URL that workers on other machines "
+            "join: postgresql://USER@HOST/DB, journal:///SHARED/PATH.log (a file on a shared "
+            "filesystem) or sqlite:///PATH (default: study.db in the run folder)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="run the trials in N worker processes on this machine, each on its own cores "
+            "(--threads each; default: the cores shared out); with --ray-address, N Ray tasks"
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="run the trials as Ray tasks on this cluster (e.g. ray://HEAD:10001 or auto), "
+            "each reserving --threads CPUs"
+        ),
+    ] = None,
 ) -> None:
     """Search techniques jointly; save the Pareto front and the fastest model within budget."""
     from slimformer import api
@@ -286,6 +308,9 @@ def optimize(
                 guards=list(guard or ()),
                 default_guards=default_guards,
                 warm_start=warm_start,
+                storage=storage,
+                workers=workers,
+                ray_address=ray_address,
             )
     except KeyboardInterrupt:
         err.print(
@@ -296,6 +321,33 @@ def optimize(
         )
         raise typer.Exit(130) from None
     print_study(result, out)
+
+
+@app.command()
+def worker(
+    study: Annotated[
+        str,
+        typer.Argument(
+            help="the run folder of `slimformer optimize` (this machine or a shared "
+            "filesystem), or the study's --storage URL"
+        ),
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="this worker's folder for its candidates and logs (default: the run folder, "
+            "or runs/worker-HOST for a URL)",
+        ),
+    ] = None,
+) -> None:
+    """Join a study from another process or machine; run its trials until its budget is spent."""
+    from slimformer import api
+    from slimformer.report import RichReporter
+
+    with RichReporter(err) as reporter:
+        ran = api.worker(study, out=out_dir, reporter=reporter)
+    out.print(f"this worker ran {ran} trials; the study's process saves the chosen model")
 
 
 @app.command("apply")

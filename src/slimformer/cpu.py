@@ -47,6 +47,9 @@ _ONEDNN_CAPS = {
     "all": 6,
 }
 LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "transformers")
+# Set by a worker pinned to its own cores (search/cores.py): the cores of the machine it was
+# given, which its fingerprint keeps, so that its timings compare with the unpinned study's.
+MACHINE_CORES = "SLIMFORMER_MACHINE_CORES"
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ def fingerprint(threads: int | None = None) -> CpuFingerprint:
     """This process's machine: CPU model, effective and native instruction sets, cores,
     the thread count measurements use (default: every core), forced caps, engine versions."""
     model, native, cores, versions = _static_facts()
+    given = os.environ.get(MACHINE_CORES, "")
+    cores = int(given) if given.isdigit() and int(given) > 0 else cores
     forced = forced_caps()
     return CpuFingerprint(
         model=model,

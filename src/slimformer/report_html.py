@@ -52,9 +52,10 @@ from slimformer.report import failed_guards, format_drop, format_quality
 from slimformer.search.confirm import unsteady
 from slimformer.search.optuna_study import STUDY_NAME, measured_here
 from slimformer.search.records import TrialRecord
-from slimformer.search.run_folder import RunFolder, read_best, read_facts, read_run
+from slimformer.search.run_folder import RunFolder, read_best, read_facts, read_run, read_storage
 from slimformer.search.selection import pareto_front
 from slimformer.search.settings import StudySettings
+from slimformer.search.storage import open_storage
 from slimformer.tasks import make_task
 
 REPORT_FILE = "report.html"
@@ -145,12 +146,12 @@ def read_view(run: Path, study: optuna.Study | None = None) -> RunView:
 
 def _stored_study(folder: RunFolder) -> optuna.Study | str:
     """The run's Optuna study as stored, or why it cannot be read (never creates one)."""
-    url = folder.storage_url
+    url = read_storage(folder.run_file) or folder.storage_url
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
         return "the run folder has no study.db"
     try:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        return optuna.load_study(study_name=STUDY_NAME, storage=url)
+        return optuna.load_study(study_name=STUDY_NAME, storage=open_storage(url))
     except Exception as error:  # a damaged or foreign storage: the rest of the page stands
         return f"its study could not be read ({type(error).__name__}: {error})"
 

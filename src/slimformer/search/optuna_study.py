@@ -1,15 +1,21 @@
-"""The Optuna side of a study: its SQLite storage, what reruns on resume, trials as records.
+"""The Optuna side of a study: its storage (storage.py), what reruns on resume or when a
+worker dies, the settings workers read, trials as records.
 
 A trial's facts live in its Optuna user attributes (description, recipe, quality, drop,
 feasible, constraints, guards, details, measurement, cpu, error, duration_s, timings,
-duplicate_of); `to_record` reads them back as a TrialRecord. Only trials measured on this
-machine (`measured_here`) are compared.
+duplicate_of, and while it runs its worker: liveness.py); `to_record` reads them back as a
+TrialRecord. Only trials measured on one machine (`measured_here`) are compared.
+
+The study's own user attributes hold what a worker joining it from another process or
+machine needs (`share`/`shared`): the settings, the search space's CPU gaps as first decided
+(Optuna's spaces cannot change within a study) and when its time budget started.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
@@ -18,13 +24,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.cpu import CpuFingerprint
+from slimformer.errors import SlimformerError
 from slimformer.passes import Pass
 from slimformer.recipe import Recipe
-from slimformer.search import guards
+from slimformer.search import guards, liveness
 from slimformer.search.portfolio import warm_start_recipes
 from slimformer.search.records import TrialRecord
 from slimformer.search.settings import StudySettings, Withheld
 from slimformer.search.space import START_VALUES, baseline_params, recipe_params, start_values
+from slimformer.search.storage import open_storage, shown
 
 STUDY_NAME = "slimformer"
 # What a repeated recipe takes over from the trial that measured it.
@@ -45,20 +53,16 @@ def open_study(
     profit from) and the start recipes."""
     withheld = withheld or {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(storage_url)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=settings.seed, n_startup_trials=6, multivariate=True, group=True
-        )
     study = optuna.create_study(
         study_name=STUDY_NAME,
-        storage=storage,
-        sampler=sampler,
+        storage=open_storage(storage_url),
+        sampler=_sampler(settings),
         directions=directions,
         load_if_exists=True,
     )
-    requeue_interrupted(study)
+    # The folder's holder opens it: a trial naming no worker is one its own killed process
+    # left (workers name themselves as soon as they ask).
+    requeue_interrupted(study, liveness.dead_trials(study, unnamed_alive=False))
     requeue_measured_elsewhere(study, cpu)
     if not study.trials:
         study.enqueue_trial(baseline_params(pass_classes))
@@ -76,19 +80,90 @@ def open_study(
     return study
 
 
-def requeue_interrupted(study: optuna.Study) -> None:
-    """Trials cut off by a crash or Ctrl-C run again; finished ones are kept as they are."""
-    requeued = set(study.user_attrs.get("requeued", []))
-    for trial in study.trials:
-        if trial.state == TrialState.RUNNING:  # its process died mid-trial
-            study.tell(trial.number, state=TrialState.FAIL)
-        interrupted = trial.state in (TrialState.RUNNING, TrialState.FAIL) and (
-            "error" not in trial.user_attrs
+def _sampler(settings: StudySettings) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=settings.seed, n_startup_trials=6, multivariate=True, group=True
         )
+
+
+def join_study(storage_url: str) -> optuna.Study:
+    """An existing study, for a worker; a storage holding none is said in one line."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except KeyError:
+        raise SlimformerError(
+            f"{shown(storage_url)} holds no slimformer study; start one with `slimformer "
+            "optimize ... --storage URL` first"
+        ) from None
+    if "settings" not in study.user_attrs:
+        raise SlimformerError(
+            f"the study in {shown(storage_url)} was started by a slimformer without workers; "
+            "resume it once with `slimformer optimize --resume` before workers join"
+        )
+    # The study's own sampler, seeded per worker: workers sampling one point alike would
+    # only measure it twice (the second told the first's result at no cost).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        seed = shared(study)[0].seed
+        study.sampler = optuna.samplers.TPESampler(
+            seed=seed + 1000 + os.getpid(), n_startup_trials=6, multivariate=True, group=True
+        )
+    return study
+
+
+def share(study: optuna.Study, settings: StudySettings, withheld: Withheld, started: float) -> None:
+    """What a worker joining the study needs, in the study itself."""
+    study.set_user_attr("settings", settings.to_dict())
+    study.set_user_attr("withheld", {n: sorted(map(list, p)) for n, p in withheld.items()})
+    study.set_user_attr("started", started)
+
+
+def shared(study: optuna.Study) -> tuple[StudySettings, dict[str, set[tuple[str, str]]], float]:
+    """The settings, the search space's gaps and when the time budget started (`share`)."""
+    attrs = study.user_attrs
+    withheld = {
+        str(name): {(str(setting), str(value)) for setting, value in pairs}
+        for name, pairs in (attrs.get("withheld") or {}).items()
+    }
+    return StudySettings.from_dict(attrs["settings"]), withheld, float(attrs["started"])
+
+
+def requeue_interrupted(
+    study: optuna.Study, dead: Sequence[FrozenTrial] = (), scan_failed: bool = True
+) -> None:
+    """Trials cut off by a crash, Ctrl-C or a killed worker (`dead`: running trials whose
+    worker is gone) run again; finished ones are kept as they are. `scan_failed`: also queue
+    trials closed as interrupted and not queued yet (by the folder's holder when it opens
+    the study; a worker only reaps the dead, as others may be closing and queueing now)."""
+    requeued = set(study.user_attrs.get("requeued", []))
+    for trial in dead:
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # another worker closed it first, and queues it again
+        requeued.add(trial.number)
+        enqueue_again(study, trial)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if scan_failed else ()
+    for trial in failed:
+        interrupted = "error" not in trial.user_attrs
         if interrupted and trial.number not in requeued:
             requeued.add(trial.number)
             enqueue_again(study, trial)
-    study.set_user_attr("requeued", sorted(requeued))
+    if scan_failed or dead:
+        study.set_user_attr("requeued", sorted(requeued))
+
+
+def reap(study: optuna.Study) -> int:
+    """A worker's look before it asks: trials whose worker died are queued again; returns
+    how many."""
+    dead = liveness.dead_trials(study)
+    if dead:
+        requeue_interrupted(study, dead, scan_failed=False)
+    return len(dead)
 
 
 def requeue_measured_elsewhere(study: optuna.Study, cpu: CpuFingerprint) -> None:
@@ -165,6 +240,27 @@ def reuse(trial: optuna.Trial, earlier: FrozenTrial, max_drop: float) -> tuple[f
     guards.record(trial, constraints)
     trial.set_user_attr("duplicate_of", earlier.number)
     return tuple(earlier.values)  # type: ignore[return-value]
+
+
+def reference_machine(study: optuna.Study, here: CpuFingerprint) -> CpuFingerprint:
+    """The machine whose trials the front and the choice compare: this one when it measured
+    the baseline; else (trials measured by workers on other kinds of machine: a Ray cluster
+    seen from its head) the machine with a baseline that measured the most trials."""
+    groups: list[list] = []  # [fingerprint, trials, has a baseline]
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get("cpu") is None or "duplicate_of" in trial.user_attrs:
+            continue
+        cpu = CpuFingerprint.from_dict(trial.user_attrs["cpu"])
+        group = next((g for g in groups if g[0].same_machine(cpu)), None)
+        if group is None:
+            group = [cpu, 0, False]
+            groups.append(group)
+        group[1] += 1
+        group[2] = group[2] or trial.user_attrs.get("description") == "baseline"
+    with_baseline = [g for g in groups if g[2]]
+    if not with_baseline or any(g[0].same_machine(here) for g in with_baseline):
+        return here
+    return max(with_baseline, key=lambda g: g[1])[0]
 
 
 def records(study: optuna.Study, cpu: CpuFingerprint) -> list[TrialRecord]:

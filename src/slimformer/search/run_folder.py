@@ -1,7 +1,9 @@
 """The run folder on disk: what a study writes, what `--resume` checks, what `show` reads.
 
-study.db                Optuna's SQLite storage, the source of truth
-run.json                settings, the CPU it runs on, the search space's CPU gaps
+study.db                Optuna's SQLite storage, the source of truth (unless --storage
+                        names another: storage.py)
+run.json                settings, the CPU it runs on, the search space's CPU gaps, the
+                        storage URL when it is not study.db
 trials.jsonl            one TrialRecord a line, rewritten after every trial
 pareto.json             the current front, rewritten after every trial
 report.html             the page a person reads: the front, every trial, the machines
@@ -13,6 +15,7 @@ candidates/trial-NNN/   the models on the current front
 best/                   the chosen model, metrics.json and the model card
 logs/trial-NNN/         the trial's build and evaluation children: request, result and log
                         (a failed trial's traceback is there)
+logs/worker-N.log       what each local worker (`--workers N`) printed
 study.pid               the process holding the folder (lock.py)
 
 Every file is replaced whole (written beside, then renamed), so a study killed at any moment
@@ -63,7 +66,8 @@ class RunFolder:
 
     @property
     def storage_url(self) -> str:
-        return f"sqlite:///{self.path / 'study.db'}"
+        # Absolute: a worker started from another folder finds the same file.
+        return f"sqlite:///{self.path.resolve() / 'study.db'}"
 
     @property
     def best_dir(self) -> Path:
@@ -117,13 +121,22 @@ class RunFolder:
             clear_folder(out)  # a folder left by a run that died before run.json
         return settings, None
 
-    def write_run(self, settings: StudySettings, cpu: CpuFingerprint, withheld: Gaps) -> None:
+    def write_run(
+        self,
+        settings: StudySettings,
+        cpu: CpuFingerprint,
+        withheld: Gaps,
+        storage: str | None = None,
+    ) -> None:
         """run.json: the settings, the CPU it runs on now (a run resumed elsewhere continues
-        as that machine's), and the search space's CPU-dependent gaps as first decided."""
+        as that machine's), the search space's CPU-dependent gaps as first decided, and the
+        storage URL when the study is not in study.db (workers and --resume find it there)."""
         facts = {
             "cpu": cpu.to_dict(),
             "withheld": {n: sorted(map(list, pairs)) for n, pairs in withheld.items()},
         }
+        if storage is not None and storage != self.storage_url:
+            facts["storage"] = storage
         write_atomic(self.run_file, json.dumps(settings.to_dict() | facts, indent=2))
 
     # --- after each trial ---------------------------------------------------------------
@@ -151,12 +164,15 @@ class RunFolder:
 
     def keep_candidates(self, numbers: set[int]) -> None:
         """Remove the saved candidates that are not (any longer) among `numbers`, and what
-        a build killed while saving left half-written."""
+        a build killed while saving left half-written (`.trial-NNN.*`; those of trials among
+        `numbers`, running in another worker, may be being saved now)."""
         for path in (self.path / "candidates").glob("trial-*"):
             if int(path.name.split("-")[1]) not in numbers:
                 shutil.rmtree(path, ignore_errors=True)
         for path in (self.path / "candidates").glob(".trial-*"):
-            shutil.rmtree(path, ignore_errors=True)
+            number = path.name[len(".trial-") :].split(".")[0]
+            if not (number.isdigit() and int(number) in numbers):
+                shutil.rmtree(path, ignore_errors=True)
 
     # --- the chosen model ---------------------------------------------------------------
     def save_best(
@@ -253,6 +269,15 @@ def read_facts(run_file: Path) -> tuple[CpuFingerprint | None, Gaps]:
         return (None if cpu is None else CpuFingerprint.from_dict(cpu)), gaps
     except (ValueError, TypeError, AttributeError) as error:
         raise _damaged(run_file, f"its cpu or withheld entry: {error}") from None
+
+
+def read_storage(run_file: Path) -> str | None:
+    """The storage URL run.json names (None: the folder's study.db)."""
+    try:
+        storage = read_json(run_file).get("storage")
+    except (ValueError, AttributeError) as error:
+        raise _damaged(run_file, str(error)) from None
+    return storage if isinstance(storage, str) else None
 
 
 def read_run(out: Path) -> tuple[StudySettings, list[TrialRecord]]:

@@ -17,7 +17,10 @@ a capability this CPU lacks (bf16 math, VNNI int8) are not offered unless the us
 them. When the study ends, the baseline and the chosen model are timed again in alternating
 fresh processes (`confirm.py`), and those ratios are the ones printed and saved.
 
-The Optuna side (the storage, requeues, trials <-> records) is in optuna_study.py.
+The Optuna side (the storage, requeues, trials <-> records) is in optuna_study.py. Other
+processes and machines may work on the same study (`slimformer worker`, distributed.py): the
+trial budget counts their trials too, a trial whose worker died is queued again before the
+next one is asked (liveness.py), and each machine kind measures its own baseline.
 
 Over 350 lines on purpose: one trial's life (sample, reuse, build, evaluate, fail alone, stop
 at the deadline) and the study's end (choice, best/, confirmation) read as one sequence here.
@@ -25,7 +28,10 @@ at the deadline) and the study's end (choice, best/, confirmation) read as one s
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -42,10 +48,17 @@ from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
-from slimformer.search import guards, optuna_study
+from slimformer.search import distributed, guards, liveness, optuna_study
 from slimformer.search.budget import TimeBudget, Timings, estimate
 from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
 from slimformer.search.confirm import confirm_ratios
+from slimformer.search.cores import claim_cores
+from slimformer.search.distributed import (
+    Follower,
+    check_workers,
+    run_local_workers,
+    run_ray_workers,
+)
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
@@ -54,11 +67,13 @@ from slimformer.search.run_folder import (
     Gaps,
     ReportWriter,
     RunFolder,
+    read_storage,
     write_best_facts,
 )
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import StudySettings
 from slimformer.search.space import baseline_params, sample_recipe
+from slimformer.search.storage import open_storage
 from slimformer.tasks import make_task, quality_drop
 
 MAX_REPEATS = 25  # proposals in a row that repeat measured recipes before we stop
@@ -104,13 +119,15 @@ class Study:
         write_card: CardWriter | None = None,
         write_report: ReportWriter | None = None,
         started: float | None = None,
+        storage_url: str | None = None,
     ):
         """`withheld`: the search space's CPU-dependent gaps as first decided for this run
         (a resumed study keeps them: Optuna's spaces cannot change within a study).
         `builder`, `evaluator`: the models behind the loop (default: the real ones).
         `write_card`: writes best/README.md beside the chosen model; `write_report`:
         report.html in the run folder, after each trial and at the end. `started`: when the
-        study began (epoch seconds, default now), where its time budget starts."""
+        study began (epoch seconds, default now), where its time budget starts.
+        `storage_url`: where the study lives (default: SQLite in the run folder)."""
         self.settings = settings
         self.folder = folder
         self.reporter = reporter
@@ -120,7 +137,10 @@ class Study:
         if withheld is None:
             withheld, self.notes = settings.withheld(self.cpu)
         self.withheld = withheld
-        self.budget = TimeBudget(settings.time_budget_s, started)
+        self.started = time.time() if started is None else started
+        self.budget = TimeBudget(settings.time_budget_s, self.started)
+        self.storage_url = storage_url or folder.storage_url
+        self.machine = optuna_study.machine_key(self.cpu)
         self.builder = builder or ModelBuilder(
             settings.model, settings.task, folder.batches_path, settings.measure.threads
         )
@@ -141,14 +161,16 @@ class Study:
         )
 
     def open_study(self) -> optuna.Study:
-        return optuna_study.open_study(
-            self.folder.storage_url,
+        study = optuna_study.open_study(
+            self.storage_url,
             self.settings,
             [self.task.direction, self.settings.cost_direction],
             self.pass_classes,
             self.cpu,
             self.withheld,
         )
+        optuna_study.share(study, self.settings, self.withheld, self.started)
+        return study
 
     def records(self, study: optuna.Study) -> list[TrialRecord]:
         return optuna_study.records(study, self.cpu)
@@ -167,14 +189,23 @@ class Study:
         description = recipe.describe()
         trial.set_user_attr("description", description)
         trial.set_user_attr("recipe", recipe.to_dict())
+        # Another worker of this machine kind measuring the same recipe now: its result is
+        # this trial's too, once it is told.
+        self._wait_while_measured(trial, description)
         earlier = optuna_study.completed_with(trial.study, description, self.cpu)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             return optuna_study.reuse(trial, earlier, self.settings.max_drop)
         baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
-            if optuna_study.is_waiting(trial.study, baseline_params(self.pass_classes)):
-                raise _BaselineFirst  # queued ahead of the baseline's rerun: after it
-            raise SlimformerError("the baseline trial has not finished; rerun with --resume")
+            self._wait_while_measured(trial, "baseline")
+            baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
+        if baseline is None and recipe.steps:
+            # Queued ahead of the baseline's rerun, or a worker on a machine kind that has
+            # no baseline yet: this trial goes after one measured here.
+            params = baseline_params(self.pass_classes)
+            if not optuna_study.is_waiting(trial.study, params):
+                trial.study.enqueue_trial(params)
+            raise _BaselineFirst
         history = self.timings(trial.study)
         needed = estimate([step.pass_name for step in recipe.steps], history)
         if needed > self.budget.left():
@@ -221,6 +252,11 @@ class Study:
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
 
+    def _wait_while_measured(self, trial: optuna.Trial, description: str) -> None:
+        """Until no other live worker of this machine kind is measuring `description`."""
+        while liveness.running_on(trial.study, self.machine, description, trial.number):
+            time.sleep(1.0)
+
     def _build_and_evaluate(
         self,
         recipe: Recipe,
@@ -265,9 +301,14 @@ class Study:
 
         A proposal that repeats a measured recipe is told the earlier result at no cost and
         does not count against the budget; a long run of repeats means the space is exhausted.
+        The trial budget counts the trials of every worker of the study, running ones
+        included; before each trial, those whose worker died are queued again.
         """
         done = repeats = 0
         while remaining is None or done < remaining:
+            optuna_study.reap(study)
+            if self.trials_spent(study):
+                break
             left, quickest = self.budget.left(), estimate([], self.timings(study))
             if left <= quickest:
                 detail = f": {left:.0f} s are left, a trial needs about {quickest:.0f} s"
@@ -275,7 +316,8 @@ class Study:
                 break
             trial = study.ask()
             try:
-                values = self.objective(trial)
+                with liveness.working_on(trial, self.machine):
+                    values = self.objective(trial)
             except _BaselineFirst:
                 optuna_study.defer(study, trial)
                 continue
@@ -300,14 +342,24 @@ class Study:
             done += 1
             self.after_trial(study, frozen)
 
+    def trials_spent(self, study: optuna.Study) -> bool:
+        """Whether the trial budget is used up: by the trials of every worker of this machine
+        kind that count, and those other workers are running now."""
+        if self.settings.trials is None:
+            return False
+        counted = [r for r in self.records(study) if r.counts and not r.stale]
+        return len(counted) + liveness.running_elsewhere(study) >= self.settings.trials
+
     # --- after each trial ---------------------------------------------------------------
     def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         kill_point("trial-told")
         records = self.records(study)
         front = self._write_outputs(records)
         # The front's models stay on disk (the baseline's too): the chosen one is copied to
-        # best/ at the end, not rebuilt after the deadline.
-        self.folder.keep_candidates(set(front))
+        # best/ at the end, not rebuilt after the deadline. So do those of running trials
+        # (other workers', in a shared folder).
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self.folder.keep_candidates(set(front) | {t.number for t in running})
         self._report(study)
         self.reporter.trial_finished(find(records, trial.number))
 
@@ -323,15 +375,17 @@ class Study:
                 self.report_failed = True
                 self.reporter.note(f"report.html could not be written: {error}"[:300])
 
-    def _write_outputs(self, records: list[TrialRecord]) -> list[int]:
+    def _write_outputs(self, records: list[TrialRecord], cpu: Any = None) -> list[int]:
         front = pareto_front(records, self.task.direction, self.settings.objective)
-        self.folder.write_trials(records, front, self.settings, self.task.metric, self.cpu)
+        self.folder.write_trials(records, front, self.settings, self.task.metric, cpu or self.cpu)
         return front
 
     # --- the end ------------------------------------------------------------------------
     def finish(self, study: optuna.Study) -> StudyResult:
-        records = self.records(study)
-        front = self._write_outputs(records)
+        # Only one machine's timings are compared: this one's, or where workers measured.
+        reference = optuna_study.reference_machine(study, self.cpu)
+        records = optuna_study.records(study, reference)
+        front = self._write_outputs(records, reference)
         chosen, met = choose(records, front, self.task.direction, self.settings.objective)
         best_dir, confirmed = None, None
         if chosen is not None:
@@ -341,10 +395,17 @@ class Study:
                 settings=self.settings,
                 metric=self.task.metric,
                 met_budget=met,
-                cpu=self.cpu.to_dict(),
+                cpu=reference.to_dict(),
             )
             best_dir = self.folder.save_best(best, self._rebuild(chosen), self.write_card)
-            if not chosen.is_baseline and self.settings.confirm_rounds:
+            elsewhere = not reference.same_machine(self.cpu)
+            if elsewhere and not chosen.is_baseline and self.settings.confirm_rounds:
+                # Timing here would confirm nothing about the machines that measured it.
+                note = "the ratios were not confirmed: the trials were measured on another "
+                note += f"kind of machine ({reference.label}) than this one"
+                self.notes.append(note)
+                self.reporter.note(note)
+            elif not chosen.is_baseline and self.settings.confirm_rounds:
                 confirmed = self._confirm(best, best_dir)
         self._report(study)
         return StudyResult(
@@ -417,12 +478,18 @@ def run_study(
     write_report: ReportWriter | None = None,
     builder: Builder | None = None,
     evaluator: Evaluator | None = None,
+    storage: str | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
 ) -> StudyResult:
     """Run (or resume) a study in `out`, which this process holds alone while it runs.
 
     `write_card` writes the model card into best/ (api.optimize passes card's), `write_report`
     report.html into the run folder (api.optimize passes report_html's);
-    `builder` and `evaluator` replace the real models (tests)."""
+    `builder` and `evaluator` replace the real models (tests). `storage`: the study's Optuna
+    storage URL (default: study.db in `out`; a resumed run keeps its own). `workers`: run the
+    trials in that many worker processes on this machine instead of here; `ray_address`: as
+    Ray tasks on that cluster (`workers` of them, default as many as its CPUs hold)."""
     started = time.time()
     reporter = reporter or SilentReporter()
     out = Path(out)
@@ -433,6 +500,12 @@ def run_study(
         folder = RunFolder(out)
         try:
             settings, withheld = folder.open(settings, resume, overwrite, allow_other_cpu)
+            if folder.has_run():
+                storage = storage or read_storage(folder.run_file)
+            storage = storage or folder.storage_url
+            if workers is not None and ray_address is None:
+                check_workers(workers, settings.measure.resolved_threads())
+            open_storage(storage)  # an unreachable server is said before anything is written
         except BaseException:
             if created:
                 shutil.rmtree(out, ignore_errors=True)
@@ -449,6 +522,7 @@ def run_study(
             write_card=write_card,
             write_report=write_report,
             started=started,
+            storage_url=storage,
         )
         try:
             runner.prepare()  # bad data or a wrong model fails here, before any run exists
@@ -456,14 +530,86 @@ def run_study(
             if created or new_run:  # nothing of a run was in it yet (or --overwrite emptied it)
                 shutil.rmtree(out, ignore_errors=True)
             raise
-        folder.write_run(settings, runner.cpu, runner.withheld)
+        folder.write_run(settings, runner.cpu, runner.withheld, storage)
         for note in runner.notes:
             reporter.note(note)
         study = runner.open_study()
         counted = [r for r in runner.records(study) if r.counts and not r.stale]
         remaining = None if settings.trials is None else max(0, settings.trials - len(counted))
         reporter.study_started(settings, settings.trials, len(counted))
-        runner.run_trials(study, remaining)
+        if ray_address is not None or workers is not None:
+            follow = Follower(study, lambda: runner.records(study), reporter)
+            # Again while the workers left a dead worker's trial queued (they counted it as
+            # running when they stopped) and the budget is not spent; a few rounds at most.
+            rounds = 0
+            while rounds == 0 or (
+                optuna_study.reap(study)
+                and not runner.trials_spent(study)
+                and runner.budget.left() > 0
+                and rounds < 3
+            ):
+                rounds += 1
+                if ray_address is not None:
+                    threads = settings.measure.resolved_threads()
+                    run_ray_workers(
+                        ray_address, storage, folder, threads, workers, follow, ray_worker
+                    )
+                else:
+                    run_local_workers(folder, workers or 1, follow)
+        else:
+            runner.run_trials(study, remaining)
         return runner.finish(study)
     finally:
         lock.release()
+
+
+def run_worker(
+    target: str | os.PathLike[str],
+    out: Path | None = None,
+    reporter: Reporter | None = None,
+    *,
+    write_report: ReportWriter | None = None,
+    builder: Builder | None = None,
+    evaluator: Evaluator | None = None,
+) -> int:
+    """Join the study at `target` (a run folder or a storage URL: distributed.py) from this
+    process and run its trials until the study's budget is spent, on cores of its own;
+    returns how many it ran. The study's own process makes the choice and saves best/."""
+    distributed.die_with_study()
+    storage_url, path = distributed.locate(target, out)
+    study = optuna_study.join_study(storage_url)
+    settings, withheld, started = optuna_study.shared(study)
+    claim_cores(settings.measure.resolved_threads())  # before the fingerprint is taken
+    path.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(path)
+    reporter = reporter or SilentReporter()
+    runner = Study(
+        settings,
+        folder,
+        reporter,
+        withheld,
+        builder=builder,
+        evaluator=evaluator,
+        write_report=write_report,
+        started=started,
+        storage_url=storage_url,
+    )
+    runner.prepare()
+    if not folder.has_run():  # a worker's own folder: `slimformer show` reads it
+        folder.write_run(settings, runner.cpu, runner.withheld, storage_url)
+    counted = [r for r in runner.records(study) if r.counts and not r.stale]
+    reporter.study_started(settings, settings.trials, len(counted))
+    before = distributed.trials_of_this_process(study)
+    runner.run_trials(study, None)
+    return distributed.trials_of_this_process(study) - before
+
+
+def ray_worker(storage_url: str, run_path: str) -> dict[str, Any]:
+    """A Ray task: a worker in the run folder where its node sees it (the same machine, or a
+    shared filesystem), else in a folder of its own on the node."""
+    path = Path(run_path)
+    if not RunFolder(path).has_run():
+        key = hashlib.sha1(storage_url.encode()).hexdigest()[:12]
+        path = Path.home() / ".cache" / "slimformer" / "workers" / key
+    trials = run_worker(storage_url, path)
+    return {"host": socket.gethostname(), "pid": os.getpid(), "trials": trials}
