@@ -29,11 +29,11 @@ ENGINES_INT8: KnownGood = (
 )
 # A sentence encoder's first structured recipe: 30% of the FFN neurons removed, 200 distillation
 # steps that mix in the general corpus and match hidden states and similarities, then OpenVINO's
-# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it served 1.6x OpenVINO int8 alone's throughput
+# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it served 1.25x OpenVINO int8 alone's throughput
 # and kept the probe within a point on both domains (-0.05 / +0.8 pt, recall@10 0.70), where
 # halving FFN and heads lost 2 points on the transfer domain however long it was distilled
-# (bench/results/embedding_transfer_candidates_short.json). One trial (~5-10 minutes on 2
-# cores) that a short study's sampler would seldom draw.
+# (bench/results/embedding_transfer_candidates_short.json, _studies_peers_guarded.json). One
+# trial (~5-10 minutes on 2 cores) that a short study's sampler would seldom draw.
 FFN_TRIMMED_AND_DISTILLED: KnownGood = (
     (
         ("prune.ffn", {"keep": 0.7}),
