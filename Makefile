@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
 	bench-quantization bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa \
-	bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding lint assets clean
+	bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding bench-embedding-curves \
+	lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
 # on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
@@ -101,11 +102,13 @@ test-avx2: assets
 # Every benchmark, one after another (about 12 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
-# bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding. Results:
+# bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding,
+# bench-embedding-curves. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash
 # are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
-	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding bench-fuzz \
+	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding \
+	bench-embedding-curves bench-fuzz \
 	bench-deadline bench-crash
 
 bench-default: assets
@@ -155,6 +158,11 @@ bench-peers-decoder: assets
 # --short --time-budget 4m` is a check.
 bench-embedding: assets
 	$(BIN)/python bench/embedding_transfer.py --time-budget 20m
+
+# Which pruned structure of the encoder stays within a point on both domains once distilled, and
+# how fast each is served by OpenVINO int8 (~60 min idle).
+bench-embedding-curves: assets
+	$(BIN)/python bench/embedding_curves.py
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets

@@ -1,0 +1,130 @@
+"""How far can structure go on the sentence encoder before the transfer domain gives way?
+
+For each structure (pruned FFN neurons, removed layers, ...) on all-MiniLM-L6-v2: apply it, then
+distil it (`recover.distill` with the general-corpus mix and hidden/similarity matching, the
+warm-start recipe's settings) and, at each mark of the step count, score the student in fp32 and
+served by OpenVINO + NNCF int8: probe drop on the scored and the transfer domain, recall@10 of the
+original's neighbours, cosine fidelity. Then time each structure served by OpenVINO int8 against
+OpenVINO int8 of the unpruned model (the best peer of bench/embedding_transfer.py), fresh process
+each, in the same run. Answers issue 17's question: which structure reaches 1.5x the best peer
+while staying within a point on both domains?
+
+    python bench/embedding_curves.py                    # every structure, ~60 min on 2 idle cores
+    python bench/embedding_curves.py --only ffn0.7      # one structure; merged into the results
+    python bench/embedding_curves.py --speed-only       # only the throughput rows
+
+Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
+replaced when rerun), with the machine of each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+import slimformer
+from slimformer.passes.base import PassContext
+from slimformer.passes.recover_distill import Distill, DistillConfig
+from slimformer.recipe import Recipe, Step
+from slimformer.tasks import TaskSpec, make_task
+
+SPEC = TaskSpec(name="embedding")
+OUT = RESULTS / "embedding_structure_curves.json"
+DISTILL = {"lr": 1e-4, "general_fraction": 0.5, "similarity_weight": 1.0, "hidden_weight": 1.0}
+STRUCTURES: dict[str, list[tuple[str, dict]]] = {
+    "ffn0.7": [("prune.ffn", {"keep": 0.7})],
+    "ffn0.5+heads0.5": [("prune.ffn", {"keep": 0.5}), ("prune.heads", {"keep": 0.5})],
+    "ffn0.3": [("prune.ffn", {"keep": 0.3})],
+    "layers-2": [("prune.layers", {"count": 2})],
+    "layers-1+ffn0.5": [("prune.layers", {"count": 1}), ("prune.ffn", {"keep": 0.5})],
+}
+OPENVINO_INT8 = Step("runtime.openvino", {"int8": "nncf"})
+
+
+def drops(score, baseline) -> dict:
+    d = score.details
+    return {
+        "drop_pt": round((baseline.value - score.value) * 100, 2),
+        "transfer_drop_pt": round(
+            (baseline.details["transfer_probe_accuracy"] - d["transfer_probe_accuracy"]) * 100, 2
+        ),
+        "recall@10": round(d["recall@10"], 3),
+        "cosine_fidelity": round(d["cosine_fidelity"], 3),
+        "transfer_cosine_fidelity": round(d["transfer_cosine_fidelity"], 3),
+    }
+
+
+def curve(structure: list[tuple[str, dict]], marks: list[int]) -> list[dict]:
+    task = make_task(SPEC)
+    original = slimformer.load("default")
+    state = task.prepare(original)
+    baseline = task.score(original, state)
+    steps = tuple(Step(name, config) for name, config in structure)
+    model = slimformer.apply(original, Recipe(steps=steps, task=SPEC))
+    training, general = task.training_batches(original), task.general_batches(original)
+    rows, done, started = [], 0, time.time()
+    for index, mark in enumerate(marks):
+        # Distillation continues from the previous mark (a fresh optimizer each chunk).
+        config = DistillConfig(**DISTILL, steps=mark - done, time_budget_s=1e9)
+        context = PassContext(
+            training=training, general=general, teacher=original, seed=100 + index
+        )
+        report = Distill().apply(model, config, context)
+        done = mark
+        served = slimformer.apply(model, Recipe(steps=(OPENVINO_INT8,), task=SPEC))
+        rows.append(
+            {
+                "steps": done,
+                "seconds": round(time.time() - started),
+                "held_out_loss": report["held_out_loss_after"],
+                "fp32": drops(task.score(model, state), baseline),
+                "openvino_int8": drops(task.score(served, state), baseline),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def throughput(structure: list[tuple[str, dict]], workdir: Path) -> float:
+    steps = tuple(Step(name, config) for name, config in structure) + (OPENVINO_INT8,)
+    slimformer.apply("default", Recipe(steps=steps, task=SPEC), out=workdir)
+    return slimformer.benchmark(workdir, task=SPEC).measurement["throughput_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(STRUCTURES), default=list(STRUCTURES))
+    parser.add_argument("--marks", default="200,400", help="distillation steps to score at")
+    parser.add_argument("--speed-only", action="store_true")
+    args = parser.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.exists() else {"structures": {}}
+    results["distill"] = DISTILL
+    if not args.speed_only:
+        for name in args.only:
+            rows = curve(STRUCTURES[name], [int(m) for m in args.marks.split(",")])
+            results["structures"][name] = {"structure": STRUCTURES[name], "curve": rows}
+            results["curves_machine"] = machine()
+            OUT.write_text(json.dumps(results, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        peer = throughput([], Path(tmp) / "peer")
+        speed = {"openvino_int8_unpruned_per_s": round(peer, 1), "load_average_1min": []}
+        for name in args.only:
+            rate = throughput(STRUCTURES[name], Path(tmp) / name)
+            entry = results["structures"].setdefault(name, {"structure": STRUCTURES[name]})
+            entry["openvino_int8_per_s"] = round(rate, 1)
+            entry["vs_openvino_int8_unpruned"] = round(rate / peer, 3)
+            speed["load_average_1min"].append(round(os.getloadavg()[0], 2))
+            print(f"{name:<20} {rate:8.1f}/s  {rate / peer:.2f}x", flush=True)
+    results["speed"] = speed | {"machine": machine()}
+    OUT.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
