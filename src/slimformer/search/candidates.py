@@ -37,10 +37,14 @@ class Evaluator(Protocol):
         score: bool = True,
         on_stage: Stage | None = None,
         kill_at: float | None = None,
+        screen: dict[str, float] | None = None,
     ) -> EvaluationResult:
         """Load, time and (unless `score` is false: timing only) score a saved model, keeping
         what the evaluation leaves (its log) in `workdir`; raise `child.CandidateFailed` with
-        the reason when it cannot be evaluated, or is still at it at `kill_at` (epoch s)."""
+        the reason when it cannot be evaluated, or is still at it at `kill_at` (epoch s).
+        `screen`: the drop allowed per figure; a candidate over one of them on a subset of
+        the scored split, with confidence, stops there (`EvaluationResult.stopped`). Only
+        passed when given (evaluators that never screen need not take it)."""
         ...
 
 
@@ -89,6 +93,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
         score: bool = True,
         on_stage: Stage | None = None,
         kill_at: float | None = None,
+        screen: dict[str, float] | None = None,
     ) -> EvaluationResult:
         return evaluate_isolated(
             model_dir,
@@ -99,6 +104,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
             on_stage=on_stage,
             score=score,
             kill_at=kill_at,
+            screen=screen,
         )
 
     return evaluate

@@ -88,6 +88,11 @@ class _DoesNotFit(Exception):
     """The sampled trial would not finish in the time left: it is not started."""
 
 
+class _Pruned(Exception):
+    """The trial stopped early, shown over budget before its evaluation ended (or a repeat of
+    such a recipe): it is told to Optuna as pruned, with its constraints violated."""
+
+
 class Reporter(Protocol):
     def study_started(self, settings: StudySettings, total: int | None, done: int) -> None: ...
     def trial_started(self, number: int, description: str) -> None: ...
@@ -195,6 +200,10 @@ class Study:
         earlier = optuna_study.completed_with(trial.study, description, self.cpu)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             return optuna_study.reuse(trial, earlier, self.settings.max_drop)
+        stopped = optuna_study.pruned_with(trial.study, description, self.cpu)
+        if stopped is not None and self.settings.early_stop:
+            optuna_study.reuse_pruned(trial, stopped)
+            raise _Pruned
         baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
             self._wait_while_measured(trial, "baseline")
@@ -231,6 +240,11 @@ class Study:
             trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
             raise CandidateFailed(reason) from None
         trial.set_user_attr("recipe", built.recipe.to_dict())  # with resolved decisions
+        if result.screening is not None:
+            trial.set_user_attr("early_stop", {"by": "subset", **result.screening})
+        if result.stopped:
+            shutil.rmtree(candidate_dir, ignore_errors=True)  # never on the front
+            self._stopped(trial, result.screening or {}, result.cpu, timings, started)
         cost = result.measurement[self.settings.cost_field]
         if cost is None:  # decoding speed, from an engine that serves no KV cache
             reason = f"its runtime does not measure {self.settings.objective} (no KV cache)"
@@ -251,6 +265,44 @@ class Study:
         trial.set_user_attr("timings", timings)
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
+
+    def _screen(self, recipe: Recipe) -> dict[str, float] | None:
+        """The drop each figure may have, for staged scoring (tasks/staging.py): the score's
+        --max-drop and every guard on a figure's drop; None when early stopping is off, and
+        for the baseline (the reference every drop is measured from)."""
+        if not self.settings.early_stop or not recipe.steps:
+            return None
+        allowed = {self.task.metric: self.settings.max_drop}
+        for guard in map(guards.parse_guard, self.settings.guards):
+            if guard.of_drop and guard.figure not in allowed:
+                allowed[guard.figure] = guard.threshold
+        return allowed
+
+    def _stopped(
+        self,
+        trial: optuna.Trial,
+        screening: dict[str, Any],
+        cpu: dict[str, Any] | None,
+        timings: dict[str, Any],
+        started: float,
+    ) -> None:
+        """Record a trial staged scoring stopped, its constraints at the subset's estimates
+        (violated: the sampler learns to avoid its region), and end it as pruned."""
+        of_drops = [g for g in map(guards.parse_guard, self.settings.guards) if g.of_drop]
+        names = {self.task.metric: guards.MAX_DROP} | {g.figure: f"guard {g}" for g in of_drops}
+        guards.record(
+            trial,
+            {
+                names[figure]: facts["estimate"] - facts["allowed"]
+                for figure, facts in screening.get("figures", {}).items()
+                if figure in names
+            },
+        )
+        trial.set_user_attr("feasible", False)
+        trial.set_user_attr("cpu", cpu or self.cpu.to_dict())
+        trial.set_user_attr("timings", timings)
+        trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+        raise _Pruned
 
     def _wait_while_measured(self, trial: optuna.Trial, description: str) -> None:
         """Until no other live worker of this machine kind is measuring `description`."""
@@ -284,10 +336,17 @@ class Study:
             passes=built.pass_seconds,
         )
         began = time.monotonic()
+        screen = self._screen(recipe)
         result = self.evaluate(
-            candidate_dir, workdir, on_stage=self.reporter.stage, kill_at=self.budget.trials_end
+            candidate_dir,
+            workdir,
+            on_stage=self.reporter.stage,
+            kill_at=self.budget.trials_end,
+            **({"screen": screen} if screen else {}),
         )
         timings["evaluate_s"] = round(time.monotonic() - began, 3)
+        if result.stopped:
+            return built, result
         if not result.scored or result.direction is None:
             raise CandidateFailed("the evaluation returned no score")
         return built, result
@@ -327,6 +386,14 @@ class Study:
                 break
             except CandidateFailed:
                 frozen = study.tell(trial, state=TrialState.FAIL)
+            except _Pruned:
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+                if "duplicate_of" in frozen.user_attrs:
+                    repeats += 1
+                    if repeats >= MAX_REPEATS:
+                        self.reporter.message("every recipe in the search space was measured")
+                        break
+                    continue
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)  # interrupted: rerun on --resume
                 raise
