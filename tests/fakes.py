@@ -13,7 +13,7 @@ from typing import Any
 
 from slimformer.adapters import ModelFacts
 from slimformer.build import Built
-from slimformer.child import CandidateFailed
+from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
@@ -70,6 +70,11 @@ class FakeBuilder:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     # The deadlines each build was given: (passes_deadline, kill_at).
     deadlines: list[tuple[float | None, float | None]] = field(default_factory=list)
+    # The held-out losses a distilling recipe reports (step -> loss), by a piece of its
+    # description; a recipe whose description holds none of them reports `losses_default`.
+    losses: dict[str, dict[int, float]] = field(default_factory=dict)
+    losses_default: dict[int, float] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)  # builds a listener stopped
 
     def __post_init__(self) -> None:
         self.facts = ModelFacts(
@@ -99,9 +104,18 @@ class FakeBuilder:
         on_stage=None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value=None,
     ) -> Built:
         if recipe.describe() == self.fail:  # as a pass's own assert would, in this process
             raise AssertionError("the pass broke")
+        description = recipe.describe()
+        if on_value is not None and "recover.distill" in description:
+            found = [v for k, v in self.losses.items() if k in description]
+            for step, loss in (found[0] if found else self.losses_default).items():
+                reason = on_value(step, loss)
+                if reason:  # as run_child does: the child is killed
+                    self.stopped.append(description)
+                    raise Stopped(reason, step, loss)
         for stage in self.stages if on_stage else ():
             on_stage(stage)
         folder.mkdir(parents=True, exist_ok=True)

@@ -274,3 +274,92 @@ def test_a_resumed_study_keeps_its_pruned_trial_and_its_early_stop_setting(tmp_p
     assert OVER_TEXT not in [description for description, _ in evaluator.calls]  # not rerun
     assert sum(t.counts for t in again.trials) == 5
     assert all(screen is not None for screen in evaluator.screens)
+
+
+# --- distillation stopped by the pruner ---------------------------------------------------------
+def distill(count: int, lr: float) -> dict[str, Any]:
+    return start(
+        ("prune.layers", {"count": count, "criterion": "block_influence"}),
+        ("recover.distill", {"steps": 100, "lr": lr}),
+    )
+
+
+GOOD_LOSSES = {0: 1.0, 25: 0.5, 50: 0.3, 75: 0.2, 100: 0.1}
+BAD_LOSSES = {0: 2.0, 25: 1.5, 50: 1.2, 75: 1.1, 100: 1.0}  # far from its teacher throughout
+
+
+def distill_settings(root: Path, **kwargs: Any) -> StudySettings:
+    starts = (distill(1, 2e-5), distill(1, 5e-5), distill(1, 1e-4), distill(2, 5e-5))
+    return StudySettings(
+        model=str(root / "original"),
+        task=TaskSpec("embedding"),
+        max_drop=0.01,
+        trials=5,
+        passes=("prune.layers", "recover.distill"),
+        starts=starts,
+        warm_start=False,
+        measure=MeasureSettings(threads=1, batch_size=8),
+        confirm_rounds=0,
+        **kwargs,
+    )
+
+
+def test_a_distillation_whose_held_out_loss_falls_behind_is_pruned_by_the_pruner(tmp_path):
+    builder = FakeBuilder(tmp_path, losses={"count=2": BAD_LOSSES}, losses_default=GOOD_LOSSES)
+    evaluator = FakeEvaluator()
+    result = runner.run_study(
+        distill_settings(tmp_path), tmp_path / "run", builder=builder, evaluator=evaluator
+    )
+
+    bad = next(t for t in result.trials if "count=2" in t.description)
+    assert bad.state == "pruned" and bad.measurement == {}
+    assert bad.early_stop["by"] == "distillation"
+    # Stopped at the first step past the warm-up, with the last value it reported.
+    assert bad.early_stop["step"] == 50 and bad.early_stop["held_out_loss"] == 1.2
+    assert bad.description not in [description for description, _ in evaluator.calls]
+    assert bad.number not in result.pareto and result.chosen.number != bad.number
+    good = [t for t in result.trials if "count=1" in t.description]
+    assert len(good) == 3 and all(t.state == "complete" for t in good)
+    # The pruner's companion study holds each distillation, the stopped one pruned.
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    companion = optuna.load_study(study_name="slimformer-distill", storage=url)
+    states = [t.state for t in companion.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3
+    assert states.count(optuna.trial.TrialState.PRUNED) == 1
+
+
+def test_without_early_stop_no_distillation_is_watched_or_stopped(tmp_path):
+    builder = FakeBuilder(tmp_path, losses={"count=2": BAD_LOSSES}, losses_default=GOOD_LOSSES)
+    result = runner.run_study(
+        distill_settings(tmp_path, early_stop=False),
+        tmp_path / "run",
+        builder=builder,
+        evaluator=FakeEvaluator(),
+    )
+    assert all(t.state == "complete" for t in result.trials) and builder.stopped == []
+
+
+def test_a_child_reporting_values_is_stopped_when_the_listener_says_so(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from slimformer.child import Stopped, run_child
+
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    seen: list[tuple[int, float]] = []
+
+    def listen(step: int, value: float) -> str | None:
+        seen.append((step, value))
+        return "too slow" if value > 1 else None
+
+    values = [[0, 0.5], [25, 0.7], [50, 2.0]] + [[75 + i, 0.1] for i in range(100)]
+    request = {"do": "values", "values": values, "pid_file": str(tmp_path / "pid"), "answer": {}}
+    began = time.monotonic()
+    with pytest.raises(Stopped, match="too slow") as stop:
+        run_child("child_probe", request, tmp_path, "probe", on_value=listen)
+    assert (stop.value.step, stop.value.value) == (50, 2.0) and seen[-1] == (50, 2.0)
+    assert time.monotonic() - began < 8  # not the 10 s its values would take
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

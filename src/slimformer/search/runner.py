@@ -43,7 +43,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.build import Built
-from slimformer.child import CandidateFailed
+from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import EvaluationResult
@@ -59,6 +59,7 @@ from slimformer.search.distributed import (
     run_local_workers,
     run_ray_workers,
 )
+from slimformer.search.early_stop import DistillWatch, distill_study
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
@@ -155,6 +156,7 @@ class Study:
         self.write_card = write_card
         self.write_report = write_report
         self.report_failed = False
+        self.distill_study: optuna.Study | None = None  # the distillations' pruner (early_stop.py)
 
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -228,8 +230,11 @@ class Study:
         timings: dict[str, Any] = {}
         try:
             built, result = self._build_and_evaluate(
-                recipe, candidate_dir, workdir, history, timings
+                recipe, candidate_dir, workdir, history, timings, trial.number
             )
+        except Stopped as stop:  # the pruner stopped its distillation
+            shutil.rmtree(candidate_dir, ignore_errors=True)
+            self._distillation_stopped(trial, stop, timings, started)
         except Exception as error:  # anything a candidate does wrong fails its trial alone
             shutil.rmtree(candidate_dir, ignore_errors=True)
             reason = _reason(error, workdir)
@@ -304,6 +309,38 @@ class Study:
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         raise _Pruned
 
+    def _distillation_stopped(
+        self, trial: optuna.Trial, stop: Stopped, timings: dict[str, Any], started: float
+    ) -> None:
+        """Record a trial whose distillation the pruner stopped, with its last held-out loss,
+        and end it as pruned. Its drop is unknown; its budget's constraint is set violated
+        by the budget itself, so the sampler counts it among the infeasible, mildly."""
+        trial.set_user_attr(
+            "early_stop",
+            {
+                "by": "distillation",
+                "step": stop.step,
+                "held_out_loss": round(stop.value, 6),
+                "reason": str(stop),
+            },
+        )
+        guards.record(trial, {guards.MAX_DROP: max(self.settings.max_drop, 1e-3)})
+        trial.set_user_attr("cpu", self.cpu.to_dict())
+        trial.set_user_attr("timings", timings)
+        trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+        raise _Pruned
+
+    def _distill_watch(self, recipe: Recipe, number: int) -> DistillWatch | None:
+        """The pruner's watch over a distilling trial's held-out loss; None when early
+        stopping is off or the recipe does not distill."""
+        if not self.settings.early_stop:
+            return None
+        if not any(step.pass_name == "recover.distill" for step in recipe.steps):
+            return None
+        if self.distill_study is None:
+            self.distill_study = distill_study(self.storage_url)
+        return DistillWatch(self.distill_study, number)
+
     def _wait_while_measured(self, trial: optuna.Trial, description: str) -> None:
         """Until no other live worker of this machine kind is measuring `description`."""
         while liveness.running_on(trial.study, self.machine, description, trial.number):
@@ -316,19 +353,29 @@ class Study:
         workdir: Path,
         history: list[Timings],
         timings: dict[str, Any],
+        number: int,
     ) -> tuple[Built, EvaluationResult]:
         """Build the candidate, then evaluate it, both within the time budget; `timings`
-        collects where the time went (also when one of them fails)."""
+        collects where the time went (also when one of them fails). A distillation the
+        pruner stops raises `child.Stopped`."""
         self.reporter.stage("applying passes")
         began = time.monotonic()
-        built = self.builder.build(
-            recipe,
-            candidate_dir,
-            workdir,
-            on_stage=self.reporter.stage,
-            passes_deadline=self.budget.passes_deadline(history),
-            kill_at=self.budget.trials_end,
-        )
+        watch = self._distill_watch(recipe, number)
+        built = None
+        try:
+            built = self.builder.build(
+                recipe,
+                candidate_dir,
+                workdir,
+                on_stage=self.reporter.stage,
+                passes_deadline=self.budget.passes_deadline(history),
+                kill_at=self.budget.trials_end,
+                **({"on_value": watch} if watch else {}),
+            )
+        finally:
+            if watch is not None:  # a stopped build's time counts in the trial's
+                timings["build_s"] = round(time.monotonic() - began, 3)
+                watch.close(built is not None)
         timings.update(
             build_s=round(time.monotonic() - began, 3),
             load_s=built.load_s,
