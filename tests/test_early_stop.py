@@ -363,3 +363,24 @@ def test_a_child_reporting_values_is_stopped_when_the_listener_says_so(tmp_path,
     pid = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [([], True), (["--no-early-stop"], False)])
+def test_the_command_line_passes_early_stopping_on_unless_switched_off(
+    monkeypatch, tmp_path, flag, expected
+) -> None:
+    from typer.testing import CliRunner
+
+    from slimformer import api
+    from slimformer.cli import app
+
+    asked: dict[str, Any] = {}
+
+    def optimize(model: str, **kwargs: Any) -> None:
+        asked.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(api, "optimize", optimize)
+    out = str(tmp_path / "run")
+    CliRunner().invoke(app, ["optimize", "default", "--trials", "2", "--out", out, *flag])
+    assert asked["early_stop"] is expected
