@@ -384,3 +384,42 @@ def test_the_command_line_passes_early_stopping_on_unless_switched_off(
     out = str(tmp_path / "run")
     CliRunner().invoke(app, ["optimize", "default", "--trials", "2", "--out", out, *flag])
     assert asked["early_stop"] is expected
+
+
+def test_a_real_distillation_child_reports_its_held_out_loss_and_is_stopped(
+    tiny_encoder, tmp_path
+) -> None:
+    import tiny
+
+    from slimformer.build import build_isolated, save_batches
+    from slimformer.checkpoint import load_model
+    from slimformer.child import Stopped
+
+    model = load_model(tiny_encoder)
+    calibration, training = (tiny.calibration(model, batches=6) for _ in range(2))
+    save_batches(tmp_path / "batches.safetensors", calibration, training)
+    recipe = Recipe(
+        steps=(
+            Step("prune.heads", {"keep": 0.5, "criterion": "magnitude"}),
+            Step("recover.distill", {"steps": 10_000}),
+        )
+    )
+    seen: list[tuple[int, float]] = []
+
+    def listen(step: int, value: float) -> str | None:
+        seen.append((step, value))
+        return "falls behind" if step >= 25 else None
+
+    with pytest.raises(Stopped, match="falls behind"):
+        build_isolated(
+            tiny_encoder,
+            TaskSpec("embedding"),
+            recipe,
+            tmp_path / "out",
+            tmp_path / "work",
+            batches=tmp_path / "batches.safetensors",
+            threads=1,
+            on_value=listen,
+        )
+    assert [step for step, _ in seen] == [0, 25] and all(value > 0 for _, value in seen)
+    assert not (tmp_path / "out").exists()

@@ -74,12 +74,15 @@ class Builder(Protocol):
         on_stage: Stage | None = None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value: Callable[[int, float], str | None] | None = None,
     ) -> Built:
         """Apply `recipe` to the original and save the result in `folder`, keeping what the
         build leaves (its log) in `workdir`; return the recipe as applied (with the decisions
         its passes resolved) and the time its parts took. Long passes stop at
         `passes_deadline`; at `kill_at` the build is abandoned (epoch seconds). Raise
-        `child.CandidateFailed` with the reason when it fails."""
+        `child.CandidateFailed` with the reason when it fails. `on_value`: training passes'
+        intermediate values (step, held-out loss); a reason it returns stops the build with
+        `child.Stopped` (only passed when given)."""
         ...
 
 
@@ -156,6 +159,7 @@ class ModelBuilder:
         on_stage: Stage | None = None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value: Callable[[int, float], str | None] | None = None,
     ) -> Built:
         return build_isolated(
             self.reference_dir,
@@ -168,4 +172,5 @@ class ModelBuilder:
             passes_deadline=passes_deadline,
             kill_at=kill_at,
             threads=self.threads,
+            on_value=on_value,
         )
