@@ -227,8 +227,10 @@ def lines(root: Path) -> list[dict[str, Any]]:
 
 
 def test_a_candidate_clearly_over_budget_is_pruned_with_its_estimate_and_never_timed(tmp_path):
+    from slimformer.report_html import write_report
+
     evaluator = FakeEvaluator(staged=True)
-    result = run(tmp_path, settings(tmp_path), evaluator)
+    result = run(tmp_path, settings(tmp_path), evaluator, write_report=write_report)
 
     over = next(t for t in result.trials if t.description == OVER_TEXT)
     assert over.state == "pruned" and over.measurement == {} and over.quality is None
@@ -247,6 +249,8 @@ def test_a_candidate_clearly_over_budget_is_pruned_with_its_estimate_and_never_t
     told = optuna.load_study(study_name="slimformer", storage=url).trials[over.number]
     assert told.state == optuna.trial.TrialState.PRUNED
     assert told.constraints["max_drop"] > 0  # the sampler sees it infeasible
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "stopped early: probe_accuracy drop" in page
 
 
 def test_without_early_stop_every_candidate_is_timed_and_scored_in_full(tmp_path):
