@@ -427,3 +427,17 @@ def test_a_real_distillation_child_reports_its_held_out_loss_and_is_stopped(
         )
     assert [step for step, _ in seen] == [0, 25] and all(value > 0 for _, value in seen)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_time_budget_does_not_learn_a_full_trial_s_length_from_trials_stopped_early():
+    full = {"build_s": 20.0, "evaluate_s": 30.0, "save_s": 1.0, "passes": {"prune.layers": 5.0}}
+    screened = {"build_s": 20.0, "evaluate_s": 4.0, "save_s": 1.0, "passes": {"prune.layers": 5}}
+    records = [
+        TrialRecord(0, "complete", "baseline", timings=full),
+        TrialRecord(1, "pruned", "a", timings=screened, early_stop={"by": "subset"}),
+        TrialRecord(
+            2, "pruned", "b", timings={"build_s": 300.0}, early_stop={"by": "distillation"}
+        ),
+    ]
+    timings = runner.budget_timings(records)
+    assert timings == [full, {k: v for k, v in screened.items() if k != "evaluate_s"}]

@@ -400,7 +400,7 @@ class Study:
 
     def timings(self, study: optuna.Study) -> list[Timings]:
         """The timings of the trials measured on this machine, for the budget's estimates."""
-        return [r.timings for r in self.records(study) if r.timings and not r.stale]
+        return budget_timings(self.records(study))
 
     def run_trials(self, study: optuna.Study, remaining: int | None) -> None:
         """Ask, evaluate, tell — until the trial budget or the time budget is spent.
@@ -566,6 +566,24 @@ class Study:
         best = replace(best, confirmed=confirmed)
         write_best_facts(best_dir, best, self.write_card)
         return confirmed
+
+
+def budget_timings(records: list[TrialRecord]) -> list[Timings]:
+    """The timings the time budget estimates from (budget.py): those of this machine's trials.
+    A trial stopped early took less than a full one: one stopped by staged scoring counts
+    with its build (done in full) but not its evaluation; one whose build was stopped (a
+    distillation) not at all."""
+    timings: list[Timings] = []
+    for record in records:
+        if not record.timings or record.stale:
+            continue
+        if record.state == "pruned":
+            if (record.early_stop or {}).get("by") != "subset":
+                continue
+            timings.append({k: v for k, v in record.timings.items() if k != "evaluate_s"})
+        else:
+            timings.append(record.timings)
+    return timings
 
 
 def _reason(error: Exception, workdir: Path) -> str:
