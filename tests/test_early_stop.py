@@ -441,3 +441,20 @@ def test_the_time_budget_does_not_learn_a_full_trial_s_length_from_trials_stoppe
     ]
     timings = runner.budget_timings(records)
     assert timings == [full, {k: v for k, v in screened.items() if k != "evaluate_s"}]
+
+
+def test_the_embedding_task_scored_in_two_stages_is_its_full_score(tiny_encoder) -> None:
+    from slimformer.checkpoint import load_model
+    from slimformer.tasks import load_state, reference_state
+
+    spec = TaskSpec("embedding")
+    task, model = make_task(spec), load_model(tiny_encoder)
+    state = load_state(reference_state(tiny_encoder, spec))
+    staged = task.score_staged(model, state)
+    assert set(staged.figures) == {"probe_accuracy", "transfer_probe_accuracy"}
+    assert all(len(f.drops) == 500 and f.population == 2000 for f in staged.figures.values())
+    # The original against itself: the same answer on every sentence.
+    assert all(not f.drops.any() for f in staged.figures.values())
+    full, rest = task.score(model, state), task.score_rest(model, state, staged)
+    assert rest.value == pytest.approx(full.value, abs=1e-9)
+    assert rest.details == pytest.approx(full.details, abs=1e-5)
