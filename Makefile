@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
 	bench-quantization bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa \
 	bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding bench-embedding-curves \
+	bench-search-efficiency \
 	lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
@@ -99,17 +100,16 @@ test-native: assets browser postgres
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
 
-# Every benchmark, one after another (about 12 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# Every benchmark, one after another (about 13 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
 # bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding,
-# bench-embedding-curves. Results:
+# bench-embedding-curves, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash
 # are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
 	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding \
-	bench-embedding-curves bench-fuzz \
-	bench-deadline bench-crash
+	bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -163,6 +163,12 @@ bench-embedding: assets
 # how fast each is served by OpenVINO int8 (~60 min idle).
 bench-embedding-curves: assets
 	$(BIN)/python bench/embedding_curves.py
+
+# Early stopping's worth: the default 20-minute throughput study with --no-early-stop, then by
+# default, one after the other, trials evaluated per hour and the chosen model against the
+# best peer (~50 min on an idle machine). `python bench/search_efficiency.py --quick` is a check.
+bench-search-efficiency: assets
+	$(BIN)/python bench/search_efficiency.py --time-budget 20m
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
 bench-isa: assets

@@ -13,7 +13,7 @@ from typing import Any
 
 from slimformer.adapters import ModelFacts
 from slimformer.build import Built
-from slimformer.child import CandidateFailed
+from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
@@ -70,6 +70,11 @@ class FakeBuilder:
     pass_seconds: dict[str, float] = field(default_factory=dict)
     # The deadlines each build was given: (passes_deadline, kill_at).
     deadlines: list[tuple[float | None, float | None]] = field(default_factory=list)
+    # The held-out losses a distilling recipe reports (step -> loss), by a piece of its
+    # description; a recipe whose description holds none of them reports `losses_default`.
+    losses: dict[str, dict[int, float]] = field(default_factory=dict)
+    losses_default: dict[int, float] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)  # builds a listener stopped
 
     def __post_init__(self) -> None:
         self.facts = ModelFacts(
@@ -99,9 +104,18 @@ class FakeBuilder:
         on_stage=None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value=None,
     ) -> Built:
         if recipe.describe() == self.fail:  # as a pass's own assert would, in this process
             raise AssertionError("the pass broke")
+        description = recipe.describe()
+        if on_value is not None and "recover.distill" in description:
+            found = [v for k, v in self.losses.items() if k in description]
+            for step, loss in (found[0] if found else self.losses_default).items():
+                reason = on_value(step, loss)
+                if reason:  # as run_child does: the child is killed
+                    self.stopped.append(description)
+                    raise Stopped(reason, step, loss)
         for stage in self.stages if on_stage else ():
             on_stage(stage)
         folder.mkdir(parents=True, exist_ok=True)
@@ -120,6 +134,11 @@ class FakeEvaluator:
     fail: str | None = None  # a recipe description whose evaluation fails
     calls: list[tuple[str, bool]] = field(default_factory=list)
     kill_ats: list[float | None] = field(default_factory=list)  # the deadline of each call
+    # Whether it scores a subset first when asked (as the built-in tasks do); False: as a
+    # custom score function, always in full.
+    staged: bool = False
+    screens: list[dict[str, float] | None] = field(default_factory=list)  # staged scoring asked
+    timed: list[str] = field(default_factory=list)  # recipes timed
 
     def __call__(
         self,
@@ -129,18 +148,41 @@ class FakeEvaluator:
         score: bool = True,
         on_stage=None,
         kill_at: float | None = None,
+        screen: dict[str, float] | None = None,
     ) -> EvaluationResult:
         recipe = Recipe.load(model_dir)
         self.calls.append((recipe.describe(), score))
         self.kill_ats.append(kill_at)
+        self.screens.append(screen)
         if len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         if recipe.describe() == self.fail:
             raise CandidateFailed("the candidate crashed")
+        quality, latency = fake_scores(recipe)
+        screening = None
+        if screen and score and self.staged:
+            # As staged scoring would see it on a subset: the drop from the fake original
+            # (0.90), its bound half a point below.
+            drop = fake_scores(Recipe())[0] - quality
+            allowed = screen["probe_accuracy"]
+            figure = {"estimate": drop, "bound": drop - 0.005, "allowed": allowed}
+            figure |= {"examples": 500, "population": 2000}
+            over = drop - 0.005 > allowed
+            reason = f"probe_accuracy drop {drop:.4g}, over the {allowed:.4g} allowed"
+            screening = {
+                "over": over,
+                "confidence": 0.975,
+                "figures": {"probe_accuracy": figure},
+                "reason": reason if over else "",
+            }
+            if over:
+                return EvaluationResult(measurement={}, cpu=self.cpu, screening=screening)
         if on_stage:
             on_stage("timing")
-        quality, latency = fake_scores(recipe)
-        timed = EvaluationResult(measurement=measurement(latency), cpu=self.cpu)
+        self.timed.append(recipe.describe())
+        timed = EvaluationResult(
+            measurement=measurement(latency), cpu=self.cpu, screening=screening
+        )
         if not score:
             return timed
         return EvaluationResult(

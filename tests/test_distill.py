@@ -70,3 +70,25 @@ def test_a_distillation_stopped_early_records_the_steps_it_trained_so_the_recipe
     assert replayed.recipe.steps[-1].resolved["steps"] == step.resolved["steps"]
     batch = calibration[0]
     assert torch.equal(tiny.output(replayed, batch), tiny.output(stopped, batch))
+
+
+def test_a_listening_study_gets_the_held_out_loss_at_intervals_and_the_same_student():
+    from slimformer.passes.base import intermediate_values
+
+    model = tiny.build("bert")
+    recipe = Recipe(
+        steps=(
+            Step("prune.heads", {"keep": 0.5, "criterion": "magnitude"}),
+            Step("recover.distill", {"steps": 50, "lr": 1e-4}),
+        ),
+        seed=1,
+    )
+    calibration = tiny.calibration(model)
+    reported: list[tuple[int, float]] = []
+    with intermediate_values(lambda step, value: reported.append((step, value))):
+        watched = apply_recipe(model, recipe, calibration, training=training_batches(model))
+    plain = apply_recipe(model, recipe, calibration, training=training_batches(model))
+    assert [step for step, _ in reported] == [0, 25, 50]
+    assert reported[-1][1] < reported[0][1]  # the student nears its teacher
+    batch = calibration[0]
+    assert torch.equal(tiny.output(watched, batch), tiny.output(plain, batch))

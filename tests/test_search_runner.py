@@ -175,10 +175,10 @@ def test_a_whole_study_writes_its_trials_front_and_best_and_confirms_the_choice(
 class FailingConfirmation(FakeEvaluator):
     """Scores candidates, but every timing-only run (the confirmation) crashes."""
 
-    def __call__(self, model_dir, workdir, *, score=True, on_stage=None, kill_at=None):
+    def __call__(self, model_dir, workdir, *, score=True, **kwargs):
         if not score:
             raise CandidateFailed("the timing child crashed")
-        return super().__call__(model_dir, workdir, score=score, on_stage=on_stage, kill_at=kill_at)
+        return super().__call__(model_dir, workdir, score=score, **kwargs)
 
 
 def test_a_confirmation_that_fails_keeps_best_and_says_why(tmp_path):

@@ -210,6 +210,7 @@ def optimize(
     guards: list[str] | tuple[str, ...] = (),
     default_guards: bool = True,
     warm_start: bool = True,
+    early_stop: bool = True,
     storage: str | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
@@ -224,7 +225,10 @@ def optimize(
     must meet beside `max_drop` (e.g. "cosine_fidelity>=0.95"); the task's own default guards
     are added unless `default_guards` is false (a guard of yours on the same figure replaces
     the default one). `warm_start`: measure each engine's int8 alone first (search/portfolio.py),
-    so that a short study never ends behind a one-line recipe.
+    so that a short study never ends behind a one-line recipe. `early_stop`: multi-fidelity
+    trials — a candidate a subset of the scored split shows over budget with confidence stops
+    there (pruned, not timed), and so does a distillation the pruner finds falling behind;
+    false: every candidate is timed and scored in full (kept by --resume).
 
     `storage`: the study's Optuna storage URL — default SQLite in the run folder;
     `postgresql://USER@HOST/DB`, or `journal:///PATH` (a file on a filesystem every worker
@@ -261,6 +265,7 @@ def optimize(
         confirm_rounds=confirm_rounds,
         starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
         warm_start=warm_start,
+        early_stop=early_stop,
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     # Here: rendering loads rich, plotly and jinja2, which only a study needs.

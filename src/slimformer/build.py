@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimformer.child import child_main, report_stage, run_child
+from slimformer.child import child_main, report_stage, report_value, run_child
 from slimformer.passes import get_pass
 from slimformer.recipe import Recipe
 from slimformer.taskspec import TaskSpec
@@ -55,11 +55,14 @@ def build_isolated(
     passes_deadline: float | None = None,
     kill_at: float | None = None,
     threads: int | None = None,
+    on_value: Callable[[int, float], str | None] | None = None,
 ) -> Built:
     """Apply `recipe` to the model in `reference_dir` and save it in `out`, in a child whose
     request, answer and log are kept in `workdir`. Long passes stop at `passes_deadline`; the
     child is killed at `kill_at` (both epoch seconds). `threads`: torch's threads in the child
-    (None: torch's default). Raises `CandidateFailed` with the reason."""
+    (None: torch's default). `on_value`: the training passes report intermediate values to it
+    (step, held-out loss); a reason it returns stops the build (`child.Stopped`). Raises
+    `CandidateFailed` with the reason."""
     modules = {get_pass(step.pass_name).__module__ for step in recipe.steps}
     request = {
         "model": str(reference_dir),
@@ -70,9 +73,16 @@ def build_isolated(
         "passes_deadline": passes_deadline,
         "threads": threads,
         "pass_modules": sorted(m for m in modules if not m.startswith("slimformer.")),
+        "intermediate": on_value is not None,
     }
     answer = run_child(
-        "slimformer.build", request, workdir, "build", on_stage=on_stage, kill_at=kill_at
+        "slimformer.build",
+        request,
+        workdir,
+        "build",
+        on_stage=on_stage,
+        kill_at=kill_at,
+        on_value=on_value,
     )
     return Built(
         recipe=Recipe.from_dict(answer["recipe"]),
@@ -145,7 +155,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from slimformer.checkpoint import load_model, save_model
-    from slimformer.passes.base import passes_deadline
+    from slimformer.passes.base import intermediate_values, passes_deadline
     from slimformer.pipeline import apply_recipe, sorted_steps
     from slimformer.tasks import make_task
 
@@ -163,7 +173,8 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     )
     load_s = time.monotonic() - started
     clock = _PassClock([step.pass_name for step in sorted_steps(recipe)])
-    with passes_deadline(request["passes_deadline"]):
+    listener = report_value if request.get("intermediate") else None
+    with passes_deadline(request["passes_deadline"]), intermediate_values(listener):
         candidate = apply_recipe(original, recipe, calibration, clock.progress, training, general)
     clock.stop()
     report_stage("saving")

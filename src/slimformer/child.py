@@ -18,6 +18,7 @@ import ctypes
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from slimformer.errors import SlimformerError
 from slimformer.files import write_atomic
 
 STAGE_PREFIX = "@@slimformer-stage "
+VALUE_PREFIX = "@@slimformer-value "
+POLL_S = 0.5  # how often the parent looks at a child's intermediate values
 DEADLINE_REASON = "stopped at the study's deadline"
 _PR_SET_PDEATHSIG = 1
 
@@ -40,6 +43,14 @@ _PR_SET_PDEATHSIG = 1
 class CandidateFailed(Exception):
     """A candidate could not be built or evaluated; the message is the reason recorded for
     its trial."""
+
+
+class Stopped(CandidateFailed):
+    """The parent stopped the child on one of its intermediate values (`on_value`)."""
+
+    def __init__(self, reason: str, step: int, value: float):
+        super().__init__(reason)
+        self.step, self.value = step, value
 
 
 def run_child(
@@ -51,9 +62,12 @@ def run_child(
     on_stage: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
     kill_at: float | None = None,
+    on_value: Callable[[int, float], str | None] | None = None,
 ) -> dict[str, Any]:
     """Run `python -m module` on `request` and return its answer. The child is killed after
-    `timeout_s`, or at `kill_at` (epoch seconds: the study's deadline), whichever comes first."""
+    `timeout_s`, or at `kill_at` (epoch seconds: the study's deadline), whichever comes first.
+    `on_value`: called in this thread with each intermediate value (step, value) the child
+    reports (`report_value`); a reason returned stops the child, raising `Stopped`."""
     limit, limit_reason = _limit(name, timeout_s, kill_at)
     if limit is not None and limit <= 0:
         raise CandidateFailed(limit_reason)
@@ -69,10 +83,13 @@ def run_child(
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         assert process.stdout is not None
-        relay = threading.Thread(target=_relay, args=(process.stdout, on_stage), daemon=True)
+        values: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
+        relay = threading.Thread(
+            target=_relay, args=(process.stdout, on_stage, values), daemon=True
+        )
         relay.start()
         try:
-            returncode = process.wait(timeout=limit)
+            returncode = _wait(process, limit, values, on_value)
         except subprocess.TimeoutExpired:
             raise CandidateFailed(limit_reason) from None
         finally:  # also on Ctrl-C in the parent: no child outlives its request
@@ -99,10 +116,46 @@ def _limit(name: str, timeout_s: float | None, kill_at: float | None) -> tuple[f
     return by_timeout, f"the {name} process took longer than {by_timeout:.0f} s"
 
 
-def _relay(stream: IO[str], on_stage: Callable[[str], None] | None) -> None:
+def _wait(
+    process: subprocess.Popen,
+    limit: float | None,
+    values: queue.SimpleQueue[tuple[int, float]],
+    on_value: Callable[[int, float], str | None] | None,
+) -> int:
+    """The child's exit code; its intermediate values handed to `on_value` meanwhile (here,
+    not in the relay thread: the study's storage is used from one thread)."""
+    if on_value is None:
+        return process.wait(timeout=limit)
+    end = None if limit is None else time.monotonic() + limit
+    while True:
+        try:
+            wait = POLL_S if end is None else min(POLL_S, max(0.0, end - time.monotonic()))
+            returncode = process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            returncode = None
+            if end is not None and time.monotonic() >= end:
+                raise
+        while not values.empty():
+            step, value = values.get()
+            reason = on_value(step, value)
+            if reason:
+                raise Stopped(reason, step, value)
+        if returncode is not None:
+            return returncode
+
+
+def _relay(
+    stream: IO[str],
+    on_stage: Callable[[str], None] | None,
+    values: queue.SimpleQueue[tuple[int, float]] | None = None,
+) -> None:
     for line in stream:
         if line.startswith(STAGE_PREFIX) and on_stage:
             on_stage(line[len(STAGE_PREFIX) :].strip())
+        elif line.startswith(VALUE_PREFIX) and values is not None:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                message = json.loads(line[len(VALUE_PREFIX) :])
+                values.put((int(message["step"]), float(message["value"])))
 
 
 def _read_answer(path: Path) -> dict[str, Any]:
@@ -131,6 +184,11 @@ def _reason(name: str, returncode: int, log_path: Path) -> str:
 def report_stage(name: str) -> None:
     """Tell the parent which stage the child is in (relayed to the study's progress)."""
     print(STAGE_PREFIX + name, flush=True)
+
+
+def report_value(step: int, value: float) -> None:
+    """Tell the parent an intermediate value (a training pass's held-out loss at `step`)."""
+    print(VALUE_PREFIX + json.dumps({"step": step, "value": value}), flush=True)
 
 
 def child_main(argv: list[str], handle: Callable[[dict[str, Any]], dict[str, Any]]) -> int:

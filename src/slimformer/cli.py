@@ -204,6 +204,15 @@ def optimize(
             "recipes and the sampler",
         ),
     ] = True,
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            "--early-stop/--no-early-stop",
+            help="stop a candidate early when a subset of the scored data shows it over "
+            "--max-drop with 97.5% confidence (not timed, recorded as pruned), and a "
+            "distillation whose held-out loss falls behind the other trials'",
+        ),
+    ] = True,
     trials: Annotated[
         int | None,
         typer.Option(
@@ -308,6 +317,7 @@ def optimize(
                 guards=list(guard or ()),
                 default_guards=default_guards,
                 warm_start=warm_start,
+                early_stop=early_stop,
                 storage=storage,
                 workers=workers,
                 ray_address=ray_address,

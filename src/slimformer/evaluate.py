@@ -8,6 +8,9 @@ child.py). The child answers with an `EvaluationResult` as JSON.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,10 +34,19 @@ class EvaluationResult:
     direction: str | None = None  # maximize | minimize
     bounded: bool | None = None  # the score is a fraction (budgets in points)
     details: dict[str, float] = field(default_factory=dict)
+    # Staged scoring's verdict on a subset of the scored split (tasks/staging.py), when the
+    # request asked for it; with "over" true the evaluation stopped there: not timed, not
+    # scored in full (measurement empty, quality None).
+    screening: dict[str, Any] | None = None
 
     @property
     def scored(self) -> bool:
         return self.quality is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped early: the subset showed it over budget with confidence."""
+        return bool(self.screening and self.screening.get("over"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,16 +67,21 @@ def evaluate_isolated(
     timeout_s: float = 1800,
     score: bool = True,
     kill_at: float | None = None,
+    screen: dict[str, float] | None = None,
 ) -> EvaluationResult:
     """Load, time and (unless `score` is false: timing only) score `model_dir` in a child;
     the result holds quality, details, measurement and the measuring process's CPU. The child
-    is stopped after `timeout_s`, or at `kill_at` (epoch seconds), with `CandidateFailed`."""
+    is stopped after `timeout_s`, or at `kill_at` (epoch seconds), with `CandidateFailed`.
+    `screen`: the drop allowed per figure (the score's --max-drop, guards' drop limits): the
+    child first scores a subset and stops there when the candidate is over one of them with
+    confidence (`EvaluationResult.stopped`; tasks/staging.py)."""
     request = {
         "model_dir": str(model_dir),
         "task": task_spec.to_dict(),
         "state": str(state_path),
         "settings": asdict(settings),
         "score": score,
+        "screen": screen if score else None,
     }
     answer = run_child(
         "slimformer.evaluate",
@@ -86,11 +103,13 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     from slimformer.measure import (
         MeasureSettings,
         measure_loaded,
+        peak_memory_mb,
         reset_peak_memory,
         set_threads,
     )
     from slimformer.tasks import TaskSpec, load_state, make_task
     from slimformer.tasks.base import fixed_length_examples
+    from slimformer.tasks.staging import verdict
 
     settings = MeasureSettings(**request["settings"])
     set_threads(settings.resolved_threads())
@@ -99,6 +118,24 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     baseline_rss = reset_peak_memory()
     model_dir = Path(request["model_dir"])
     model = load_model(model_dir, head=task.head)
+    scoring = request.get("score", True)
+    state, staged, screening, loaded_peak = None, None, None, None
+    if request.get("screen") and scoring:
+        loaded_peak = peak_memory_mb()  # loading's, before the subset is scored
+        report_stage("scoring a subset")
+        state = load_state(Path(request["state"]))
+        staged = task.score_staged(model, state)
+        screening = verdict(staged, request["screen"]) if staged is not None else None
+        if screening is not None and screening["over"]:
+            cpu = fingerprint(settings.resolved_threads()).to_dict()
+            return EvaluationResult(measurement={}, cpu=cpu, screening=screening)
+        # The memory figure is loading and serving the model: loading's peak is kept, the
+        # subset's scoring (and the reference arrays, read again after the timing) handed
+        # back and left out of the timing's peak.
+        state = None
+        gc.collect()
+        release_free_memory()
+        reset_peak_memory()
     if settings.seq_len:
         examples = fixed_length_examples(
             model, task.texts("timing"), settings.seq_len, settings.throughput_inputs
@@ -106,16 +143,20 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     else:
         examples = task.examples(model, "timing")
     report_stage("timing")
-    measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir)
+    measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir).to_dict()
+    if loaded_peak is not None:
+        peak = max(loaded_peak - baseline_rss, measurement["peak_memory_mb"])
+        measurement["peak_memory_mb"] = round(peak, 1)
     timed = EvaluationResult(
-        measurement=measurement.to_dict(),
+        measurement=measurement,
         cpu=fingerprint(settings.resolved_threads()).to_dict(),
+        screening=screening,
     )
-    if not request.get("score", True):
+    if not scoring:
         return timed
     report_stage("scoring")
-    state = load_state(Path(request["state"]))
-    score = task.score(model, state)
+    state = state if state is not None else load_state(Path(request["state"]))
+    score = task.score(model, state) if staged is None else task.score_rest(model, state, staged)
     return replace(
         timed,
         quality=score.value,
@@ -124,6 +165,13 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
         bounded=score.bounded,
         details=score.details,
     )
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free memory back to the kernel (glibc), so that what an earlier
+    step freed is not counted in a later step's resident memory; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def main(argv: list[str]) -> int:

@@ -131,7 +131,8 @@ def trial_line(
 ) -> str:
     head = f"trial {record.number:>3}  {_clip(record.description, 70):<70}"
     if record.state != "complete":
-        return f"{escape(head)}  [red]{record.state}[/red] {escape(record.error or '')}"
+        why = record.error or (record.early_stop or {}).get("reason") or ""
+        return f"{escape(head)}  [red]{record.state}[/red] {escape(why)}"
     failed = failed_guards(record)
     over = not failed or (max_drop is not None and (record.drop or 0) > max_drop + 1e-12)
     problems = (["over budget"] if over else []) + [f"guard {g} failed" for g in failed]
@@ -185,7 +186,7 @@ def trials_table(
                 escape(_clip(r.description, 60)),
                 f"[red]{r.state}[/red]",
                 *blank,
-                escape((r.error or "")[:40]),
+                escape((r.error or (r.early_stop or {}).get("reason") or "")[:40]),
             )
             continue
         m = r.measurement

@@ -108,6 +108,14 @@ def category(record: TrialRecord) -> str:
     return record.state  # failed, pruned, interrupted, running
 
 
+def stopped_early(record: TrialRecord) -> list[str]:
+    """Why a pruned trial stopped before its evaluation ended (search/early_stop.py,
+    tasks/staging.py)."""
+    if record.state != "pruned" or not record.early_stop:
+        return []
+    return [f"stopped early: {record.early_stop.get('reason', '')}"]
+
+
 def problems(record: TrialRecord, max_drop: float) -> list[str]:
     """Why a finished trial is not feasible: over the drop budget, failed guards."""
     found = []
@@ -510,7 +518,7 @@ def trial_rows(view: RunView, front: set[int], machines: list[dict | None]) -> l
                 "ratio_v": _number(ratio),
                 "front": "★" if r.number in front else "",
                 "guards": ", ".join(f"{g} {'✓' if ok else '✗'}" for g, ok in r.guards.items()),
-                "notes": "; ".join([*notes, *([r.error] if r.error else [])]),
+                "notes": "; ".join([*notes, *([r.error] if r.error else []), *stopped_early(r)]),
                 "duration": "" if r.duration_s is None else f"{r.duration_s:.0f} s",
                 "duration_v": _number(r.duration_s),
                 "machine": machine,
@@ -741,7 +749,9 @@ timings do not compare.{% endif %}</p>
 <ul class="unplotted">
 {% for r in unplotted %}
 <li>trial {{ r.number }} · {{ r.state }} · <code>{{ r.description }}</code>
-{%- if r.error %}: {{ r.error }}{% endif %}</li>
+{%- if r.error %}: {{ r.error }}
+{%- elif r.state == "pruned" and r.early_stop %}: stopped early, {{ r.early_stop.reason }}
+{%- endif %}</li>
 {% endfor %}
 </ul>
 {% endif %}

@@ -55,6 +55,12 @@ if TYPE_CHECKING:
 # The deadline of the passes this process runs (epoch seconds), set by the study's build child
 # around `apply_recipe` (`passes_deadline`): every PassContext made meanwhile carries it.
 _DEADLINE: ContextVar[float | None] = ContextVar("passes_deadline", default=None)
+# Where a training pass's intermediate figures go (step, value), set by the study's build child
+# around `apply_recipe` when the study stops trials early (search/early_stop.py); None: nobody
+# listens, and the passes compute none.
+_INTERMEDIATE: ContextVar[Callable[[int, float], None] | None] = ContextVar(
+    "intermediate", default=None
+)
 T = TypeVar("T")
 
 
@@ -66,6 +72,16 @@ def passes_deadline(at: float | None) -> Iterator[None]:
         yield
     finally:
         _DEADLINE.reset(token)
+
+
+@contextmanager
+def intermediate_values(report: Callable[[int, float], None] | None) -> Iterator[None]:
+    """Passes run inside this block report their intermediate figures to `report`."""
+    token = _INTERMEDIATE.set(report)
+    try:
+        yield
+    finally:
+        _INTERMEDIATE.reset(token)
 
 
 class DeadlineReached(SlimformerError):
@@ -87,6 +103,10 @@ class PassContext:
     progress: Callable[[str], None] = lambda message: None
     # Epoch seconds by which the pass must be done (the study's time budget); None: no limit.
     deadline: float | None = field(default_factory=_DEADLINE.get)
+    # A training pass's intermediate figure (step, value; lower is better: a held-out loss),
+    # which a study may stop it on (the pass is then killed with its process); None: nobody
+    # listens, so the pass need not compute one.
+    report_value: Callable[[int, float], None] | None = field(default_factory=_INTERMEDIATE.get)
 
     def time_left(self) -> float:
         """Seconds until the deadline (infinite without one)."""

@@ -38,6 +38,11 @@ from slimformer.passes.base import (
 )
 
 HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
+# Intermediate values for a listening study (PassContext.report_value): the held-out loss on
+# the first few held-out batches, every so many steps — about 4 % more work at 25 steps and
+# 4 batches (a step is a forward of both models and a backward; a report 4 forwards of both).
+REPORT_EVERY = 25
+REPORT_BATCHES = 4
 STOPPED = "at the study's deadline"
 STOPPED_BY_OWN_BUDGET = "at its time budget (time_budget_s)"
 
@@ -180,8 +185,12 @@ class Distill(Pass):
         held = max(1, int(len(data) * HELD_OUT_FRACTION))
         train, held_out = data[:-held], data[-held:]
         measuring = time.monotonic()
-        before = self._held_out_loss(model, ctx.teacher, held_out, config)
+        losses = self._held_out_losses(model, ctx.teacher, held_out, config)
+        before = sum(losses) / len(losses)
         held_out_s = time.monotonic() - measuring
+        quick = held_out[:REPORT_BATCHES]
+        if ctx.report_value is not None:
+            ctx.report_value(0, sum(losses[: len(quick)]) / len(quick))
         torch.manual_seed(ctx.seed)
         order = random.Random(ctx.seed)
         parameters = [p for p in model.module.parameters() if p.requires_grad]
@@ -204,13 +213,20 @@ class Distill(Pass):
                 steps += 1
                 if steps % 25 == 0:
                     ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
+                if ctx.report_value is not None and steps % REPORT_EVERY == 0:
+                    quick_losses = self._held_out_losses(model, ctx.teacher, quick, config)
+                    ctx.report_value(steps, sum(quick_losses) / len(quick_losses))
         optimizer.zero_grad(set_to_none=True)
         # Measured again when there is the time it took the first time: past the deadline, the
         # trained model matters more than a figure about it.
         after: float | None = before
         if steps:
             enough = ctx.time_left() > held_out_s
-            after = self._held_out_loss(model, ctx.teacher, held_out, config) if enough else None
+            if enough:
+                after_losses = self._held_out_losses(model, ctx.teacher, held_out, config)
+                after = sum(after_losses) / len(after_losses)
+            else:
+                after = None
         resolved: dict[str, Any] = {
             "steps": steps,
             "seconds": round(time.monotonic() - started, 1),
@@ -235,10 +251,9 @@ class Distill(Pass):
         return replace(config, steps=done, time_budget_s=relaxed)
 
     @staticmethod
-    def _held_out_loss(
+    def _held_out_losses(
         model: SlimModel, teacher: SlimModel, batches: list[dict], config: DistillConfig
-    ) -> float:
+    ) -> list[float]:
+        """The loss on each held-out batch."""
         with torch.no_grad():
-            return sum(float(distillation_loss(model, teacher, b, config)) for b in batches) / len(
-                batches
-            )
+            return [float(distillation_loss(model, teacher, b, config)) for b in batches]

@@ -37,10 +37,14 @@ class Evaluator(Protocol):
         score: bool = True,
         on_stage: Stage | None = None,
         kill_at: float | None = None,
+        screen: dict[str, float] | None = None,
     ) -> EvaluationResult:
         """Load, time and (unless `score` is false: timing only) score a saved model, keeping
         what the evaluation leaves (its log) in `workdir`; raise `child.CandidateFailed` with
-        the reason when it cannot be evaluated, or is still at it at `kill_at` (epoch s)."""
+        the reason when it cannot be evaluated, or is still at it at `kill_at` (epoch s).
+        `screen`: the drop allowed per figure; a candidate over one of them on a subset of
+        the scored split, with confidence, stops there (`EvaluationResult.stopped`). Only
+        passed when given (evaluators that never screen need not take it)."""
         ...
 
 
@@ -70,12 +74,15 @@ class Builder(Protocol):
         on_stage: Stage | None = None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value: Callable[[int, float], str | None] | None = None,
     ) -> Built:
         """Apply `recipe` to the original and save the result in `folder`, keeping what the
         build leaves (its log) in `workdir`; return the recipe as applied (with the decisions
         its passes resolved) and the time its parts took. Long passes stop at
         `passes_deadline`; at `kill_at` the build is abandoned (epoch seconds). Raise
-        `child.CandidateFailed` with the reason when it fails."""
+        `child.CandidateFailed` with the reason when it fails. `on_value`: training passes'
+        intermediate values (step, held-out loss); a reason it returns stops the build with
+        `child.Stopped` (only passed when given)."""
         ...
 
 
@@ -89,6 +96,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
         score: bool = True,
         on_stage: Stage | None = None,
         kill_at: float | None = None,
+        screen: dict[str, float] | None = None,
     ) -> EvaluationResult:
         return evaluate_isolated(
             model_dir,
@@ -99,6 +107,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
             on_stage=on_stage,
             score=score,
             kill_at=kill_at,
+            screen=screen,
         )
 
     return evaluate
@@ -150,6 +159,7 @@ class ModelBuilder:
         on_stage: Stage | None = None,
         passes_deadline: float | None = None,
         kill_at: float | None = None,
+        on_value: Callable[[int, float], str | None] | None = None,
     ) -> Built:
         return build_isolated(
             self.reference_dir,
@@ -162,4 +172,5 @@ class ModelBuilder:
             passes_deadline=passes_deadline,
             kill_at=kill_at,
             threads=self.threads,
+            on_value=on_value,
         )

@@ -95,11 +95,11 @@ class Follower:
         self.study = study
         self.records = records
         self.reporter = reporter
-        self.seen = {r.number for r in records() if r.state in ("complete", "failed")}
+        self.seen = {r.number for r in records() if r.state in ("complete", "failed", "pruned")}
 
     def poll(self) -> None:
         for record in self.records():
-            if record.state in ("complete", "failed") and record.number not in self.seen:
+            if record.state in ("complete", "failed", "pruned") and record.number not in self.seen:
                 self.seen.add(record.number)
                 if record.counts:
                     self.reporter.trial_finished(record)

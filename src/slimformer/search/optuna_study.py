@@ -229,6 +229,24 @@ def completed_with(
     return None
 
 
+def pruned_with(study: optuna.Study, description: str, cpu: CpuFingerprint) -> FrozenTrial | None:
+    """The first trial of this recipe stopped early on this machine."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if trial.user_attrs.get("description") == description and measured_here(trial, cpu):
+            return trial
+    return None
+
+
+def reuse_pruned(trial: optuna.Trial, earlier: FrozenTrial) -> None:
+    """A repeated recipe that was stopped early is stopped again, at no cost."""
+    for key in ("early_stop", "cpu"):
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    guards.record(trial, earlier.user_attrs.get("constraints") or {})
+    trial.set_user_attr("feasible", False)
+    trial.set_user_attr("duplicate_of", earlier.number)
+
+
 def reuse(trial: optuna.Trial, earlier: FrozenTrial, max_drop: float) -> tuple[float, float]:
     """Tell a repeated recipe the earlier trial's result, at no cost."""
     for key in MEASURED_ATTRS:
@@ -277,6 +295,8 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         state = "complete"
     elif trial.state == TrialState.RUNNING:
         state = "running"
+    elif trial.state == TrialState.PRUNED:
+        state = "pruned"
     elif "error" in attrs:
         state = "failed"
     else:
@@ -297,4 +317,5 @@ def to_record(trial: FrozenTrial) -> TrialRecord:
         timings=attrs.get("timings", {}),
         duplicate_of=attrs.get("duplicate_of"),
         cpu=attrs.get("cpu"),
+        early_stop=attrs.get("early_stop"),
     )

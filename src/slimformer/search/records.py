@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from slimformer.search.settings import StudySettings
 
 
-STATES = ("complete", "failed", "interrupted", "running")
+# pruned: stopped early, shown over budget before its evaluation ended (early_stop says how).
+STATES = ("complete", "failed", "pruned", "interrupted", "running")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class TrialRecord:
     # Measured on another machine than the study's current one: kept as history, but its
     # timings take no part in the front or the choice (a resumed study measures it again).
     stale: bool = False
+    # Why and where a pruned trial stopped: "by" (subset: staged scoring's verdict, with each
+    # figure's estimate and bound; distillation: the pruner, with the last held-out loss
+    # reported), "reason"; a trial that went on keeps its subset verdict here too.
+    early_stop: dict[str, Any] | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -47,7 +52,9 @@ class TrialRecord:
     @property
     def counts(self) -> bool:
         """Whether it used a slot of the trial budget (repeats and interrupted runs don't)."""
-        return (self.state == "complete" and self.duplicate_of is None) or self.state == "failed"
+        if self.state in ("complete", "pruned"):
+            return self.duplicate_of is None
+        return self.state == "failed"
 
     @property
     def comparable(self) -> bool:
@@ -115,6 +122,7 @@ _RECORD_TYPES: dict[str, type] = {
     "duplicate_of": int,
     "cpu": dict,
     "stale": bool,
+    "early_stop": dict,
 }
 
 

@@ -43,7 +43,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.build import Built
-from slimformer.child import CandidateFailed
+from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import EvaluationResult
@@ -59,6 +59,7 @@ from slimformer.search.distributed import (
     run_local_workers,
     run_ray_workers,
 )
+from slimformer.search.early_stop import DistillWatch, distill_study
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
@@ -86,6 +87,11 @@ class _BaselineFirst(Exception):
 
 class _DoesNotFit(Exception):
     """The sampled trial would not finish in the time left: it is not started."""
+
+
+class _Pruned(Exception):
+    """The trial stopped early, shown over budget before its evaluation ended (or a repeat of
+    such a recipe): it is told to Optuna as pruned, with its constraints violated."""
 
 
 class Reporter(Protocol):
@@ -150,6 +156,7 @@ class Study:
         self.write_card = write_card
         self.write_report = write_report
         self.report_failed = False
+        self.distill_study: optuna.Study | None = None  # the distillations' pruner (early_stop.py)
 
     # --- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -195,6 +202,10 @@ class Study:
         earlier = optuna_study.completed_with(trial.study, description, self.cpu)
         if earlier is not None:  # the sampler proposed a recipe already measured: reuse it
             return optuna_study.reuse(trial, earlier, self.settings.max_drop)
+        stopped = optuna_study.pruned_with(trial.study, description, self.cpu)
+        if stopped is not None and self.settings.early_stop:
+            optuna_study.reuse_pruned(trial, stopped)
+            raise _Pruned
         baseline = optuna_study.completed_with(trial.study, "baseline", self.cpu)
         if baseline is None and recipe.steps:
             self._wait_while_measured(trial, "baseline")
@@ -219,8 +230,11 @@ class Study:
         timings: dict[str, Any] = {}
         try:
             built, result = self._build_and_evaluate(
-                recipe, candidate_dir, workdir, history, timings
+                recipe, candidate_dir, workdir, history, timings, trial.number
             )
+        except Stopped as stop:  # the pruner stopped its distillation
+            shutil.rmtree(candidate_dir, ignore_errors=True)
+            self._distillation_stopped(trial, stop, timings, started)
         except Exception as error:  # anything a candidate does wrong fails its trial alone
             shutil.rmtree(candidate_dir, ignore_errors=True)
             reason = _reason(error, workdir)
@@ -231,6 +245,11 @@ class Study:
             trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
             raise CandidateFailed(reason) from None
         trial.set_user_attr("recipe", built.recipe.to_dict())  # with resolved decisions
+        if result.screening is not None:
+            trial.set_user_attr("early_stop", {"by": "subset", **result.screening})
+        if result.stopped:
+            shutil.rmtree(candidate_dir, ignore_errors=True)  # never on the front
+            self._stopped(trial, result.screening or {}, result.cpu, timings, started)
         cost = result.measurement[self.settings.cost_field]
         if cost is None:  # decoding speed, from an engine that serves no KV cache
             reason = f"its runtime does not measure {self.settings.objective} (no KV cache)"
@@ -252,6 +271,76 @@ class Study:
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
         return quality, cost
 
+    def _screen(self, recipe: Recipe) -> dict[str, float] | None:
+        """The drop each figure may have, for staged scoring (tasks/staging.py): the score's
+        --max-drop and every guard on a figure's drop; None when early stopping is off, and
+        for the baseline (the reference every drop is measured from)."""
+        if not self.settings.early_stop or not recipe.steps:
+            return None
+        allowed = {self.task.metric: self.settings.max_drop}
+        for guard in map(guards.parse_guard, self.settings.guards):
+            if guard.of_drop and guard.figure not in allowed:
+                allowed[guard.figure] = guard.threshold
+        return allowed
+
+    def _stopped(
+        self,
+        trial: optuna.Trial,
+        screening: dict[str, Any],
+        cpu: dict[str, Any] | None,
+        timings: dict[str, Any],
+        started: float,
+    ) -> None:
+        """Record a trial staged scoring stopped, its constraints at the subset's estimates
+        (violated: the sampler learns to avoid its region), and end it as pruned."""
+        of_drops = [g for g in map(guards.parse_guard, self.settings.guards) if g.of_drop]
+        names = {self.task.metric: guards.MAX_DROP} | {g.figure: f"guard {g}" for g in of_drops}
+        guards.record(
+            trial,
+            {
+                names[figure]: facts["estimate"] - facts["allowed"]
+                for figure, facts in screening.get("figures", {}).items()
+                if figure in names
+            },
+        )
+        trial.set_user_attr("feasible", False)
+        trial.set_user_attr("cpu", cpu or self.cpu.to_dict())
+        trial.set_user_attr("timings", timings)
+        trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+        raise _Pruned
+
+    def _distillation_stopped(
+        self, trial: optuna.Trial, stop: Stopped, timings: dict[str, Any], started: float
+    ) -> None:
+        """Record a trial whose distillation the pruner stopped, with its last held-out loss,
+        and end it as pruned. Its drop is unknown; its budget's constraint is set violated
+        by the budget itself, so the sampler counts it among the infeasible, mildly."""
+        trial.set_user_attr(
+            "early_stop",
+            {
+                "by": "distillation",
+                "step": stop.step,
+                "held_out_loss": round(stop.value, 6),
+                "reason": str(stop),
+            },
+        )
+        guards.record(trial, {guards.MAX_DROP: max(self.settings.max_drop, 1e-3)})
+        trial.set_user_attr("cpu", self.cpu.to_dict())
+        trial.set_user_attr("timings", timings)
+        trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
+        raise _Pruned
+
+    def _distill_watch(self, recipe: Recipe, number: int) -> DistillWatch | None:
+        """The pruner's watch over a distilling trial's held-out loss; None when early
+        stopping is off or the recipe does not distill."""
+        if not self.settings.early_stop:
+            return None
+        if not any(step.pass_name == "recover.distill" for step in recipe.steps):
+            return None
+        if self.distill_study is None:
+            self.distill_study = distill_study(self.storage_url)
+        return DistillWatch(self.distill_study, number)
+
     def _wait_while_measured(self, trial: optuna.Trial, description: str) -> None:
         """Until no other live worker of this machine kind is measuring `description`."""
         while liveness.running_on(trial.study, self.machine, description, trial.number):
@@ -264,19 +353,29 @@ class Study:
         workdir: Path,
         history: list[Timings],
         timings: dict[str, Any],
+        number: int,
     ) -> tuple[Built, EvaluationResult]:
         """Build the candidate, then evaluate it, both within the time budget; `timings`
-        collects where the time went (also when one of them fails)."""
+        collects where the time went (also when one of them fails). A distillation the
+        pruner stops raises `child.Stopped`."""
         self.reporter.stage("applying passes")
         began = time.monotonic()
-        built = self.builder.build(
-            recipe,
-            candidate_dir,
-            workdir,
-            on_stage=self.reporter.stage,
-            passes_deadline=self.budget.passes_deadline(history),
-            kill_at=self.budget.trials_end,
-        )
+        watch = self._distill_watch(recipe, number)
+        built = None
+        try:
+            built = self.builder.build(
+                recipe,
+                candidate_dir,
+                workdir,
+                on_stage=self.reporter.stage,
+                passes_deadline=self.budget.passes_deadline(history),
+                kill_at=self.budget.trials_end,
+                **({"on_value": watch} if watch else {}),
+            )
+        finally:
+            if watch is not None:  # a stopped build's time counts in the trial's
+                timings["build_s"] = round(time.monotonic() - began, 3)
+                watch.close(built is not None)
         timings.update(
             build_s=round(time.monotonic() - began, 3),
             load_s=built.load_s,
@@ -284,17 +383,24 @@ class Study:
             passes=built.pass_seconds,
         )
         began = time.monotonic()
+        screen = self._screen(recipe)
         result = self.evaluate(
-            candidate_dir, workdir, on_stage=self.reporter.stage, kill_at=self.budget.trials_end
+            candidate_dir,
+            workdir,
+            on_stage=self.reporter.stage,
+            kill_at=self.budget.trials_end,
+            **({"screen": screen} if screen else {}),
         )
         timings["evaluate_s"] = round(time.monotonic() - began, 3)
+        if result.stopped:
+            return built, result
         if not result.scored or result.direction is None:
             raise CandidateFailed("the evaluation returned no score")
         return built, result
 
     def timings(self, study: optuna.Study) -> list[Timings]:
         """The timings of the trials measured on this machine, for the budget's estimates."""
-        return [r.timings for r in self.records(study) if r.timings and not r.stale]
+        return budget_timings(self.records(study))
 
     def run_trials(self, study: optuna.Study, remaining: int | None) -> None:
         """Ask, evaluate, tell — until the trial budget or the time budget is spent.
@@ -327,6 +433,14 @@ class Study:
                 break
             except CandidateFailed:
                 frozen = study.tell(trial, state=TrialState.FAIL)
+            except _Pruned:
+                frozen = study.tell(trial, state=TrialState.PRUNED)
+                if "duplicate_of" in frozen.user_attrs:
+                    repeats += 1
+                    if repeats >= MAX_REPEATS:
+                        self.reporter.message("every recipe in the search space was measured")
+                        break
+                    continue
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)  # interrupted: rerun on --resume
                 raise
@@ -452,6 +566,24 @@ class Study:
         best = replace(best, confirmed=confirmed)
         write_best_facts(best_dir, best, self.write_card)
         return confirmed
+
+
+def budget_timings(records: list[TrialRecord]) -> list[Timings]:
+    """The timings the time budget estimates from (budget.py): those of this machine's trials.
+    A trial stopped early took less than a full one: one stopped by staged scoring counts
+    with its build (done in full) but not its evaluation; one whose build was stopped (a
+    distillation) not at all."""
+    timings: list[Timings] = []
+    for record in records:
+        if not record.timings or record.stale:
+            continue
+        if record.state == "pruned":
+            if (record.early_stop or {}).get("by") != "subset":
+                continue
+            timings.append({k: v for k, v in record.timings.items() if k != "evaluate_s"})
+        else:
+            timings.append(record.timings)
+    return timings
 
 
 def _reason(error: Exception, workdir: Path) -> str:

@@ -113,6 +113,10 @@ class StudySettings:
     # Conditions on the task's figures a trial must meet beside max_drop (guards.py), the
     # task's defaults already merged in (api.optimize), so run.json holds all that applied.
     guards: tuple[str, ...] = ()
+    # Multi-fidelity trials: a candidate shown over budget on a subset of the scored split
+    # (tasks/staging.py), or whose distillation falls behind (search/early_stop.py), stops
+    # early as pruned. Off: every candidate is timed and scored in full.
+    early_stop: bool = True
 
     def __post_init__(self) -> None:
         if not _number(self.max_drop) or not (math.isfinite(self.max_drop) and self.max_drop >= 0):

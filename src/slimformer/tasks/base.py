@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.tasks.staging import Staged
 from slimformer.taskspec import TaskSpec
 
 if TYPE_CHECKING:
@@ -125,6 +126,20 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, model: SlimModel, state: State) -> Score: ...
+
+    # Examples the subset of staged scoring holds at least (tasks/staging.py).
+    stage_minimum: ClassVar[int] = 300
+
+    def score_staged(self, model: SlimModel, state: State) -> Staged | None:
+        """Score a seeded subset of the scored split, paired against the original's values
+        in `state` (tasks/staging.py); None where the task cannot (its own score function,
+        a split too small to save anything, a reference state from before staging)."""
+        return None
+
+    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
+        """The full split's score, reusing what `score_staged` computed on the subset: the
+        same figure as `score`."""
+        return self.score(model, state)
 
     def reported_figures(self) -> tuple[str, ...]:
         """The figures `score` reports (the score, then its details), which guards may name."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ import torch
 from slimformer.errors import SlimformerError
 from slimformer.files import parse_json
 from slimformer.tasks.base import Score, State, Task, batches_by_length, collate, seeded_shuffle
+from slimformer.tasks.staging import Paired, Staged, subset
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel
@@ -101,15 +102,56 @@ class ClassificationTask(Task):
                 )
         return np.array(ids)
 
+    # v2: the original's predictions, which staged scoring pairs a candidate's against.
+    state_version = 2
+
     def prepare(self, reference: SlimModel) -> State:
         self.check_model(reference)
-        return {"labels": self.label_ids(reference)}
+        examples = self.examples(reference, "test")
+        return {
+            "labels": self.label_ids(reference),
+            "reference_predicted": self._predict(reference, examples, range(len(examples))),
+        }
 
     @torch.inference_mode()
     def score(self, model: SlimModel, state: State) -> Score:
         self.check_model(model)
         examples = self.examples(model, "test")
-        predicted = np.zeros(len(examples), dtype=np.int64)
-        for indices, batch in batches_by_length(examples, 64):
-            predicted[indices] = model(**collate(model, batch)).logits.argmax(-1).numpy()
+        predicted = self._predict(model, examples, range(len(examples)))
         return self.make_score(float(np.mean(predicted == state["labels"])))
+
+    def score_staged(self, model: SlimModel, state: State) -> Staged | None:
+        """Accuracy on a seeded subset, paired against the original's predictions."""
+        if "reference_predicted" not in state:
+            return None
+        self.check_model(model)
+        examples = self.examples(model, "test")
+        picked = subset(len(examples), self.spec.seed, self.stage_minimum)
+        if picked is None:
+            return None
+        predicted = self._predict(model, examples, picked)
+        labels = state["labels"][picked]
+        original = (state["reference_predicted"][picked] == labels).astype(np.float64)
+        drops = original - (predicted == labels).astype(np.float64)
+        return Staged({self.metric: Paired(drops, len(examples))}, (picked, predicted))
+
+    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
+        picked, known = staged.carry
+        examples = self.examples(model, "test")
+        rest = np.setdiff1d(np.arange(len(examples)), picked)
+        predicted = np.zeros(len(examples), dtype=np.int64)
+        predicted[picked] = known
+        predicted[rest] = self._predict(model, examples, rest)
+        return self.make_score(float(np.mean(predicted == state["labels"])))
+
+    @staticmethod
+    @torch.inference_mode()
+    def _predict(model: SlimModel, examples: list[list[int]], which: Any) -> np.ndarray:
+        """The predicted label ids of the examples at `which`, in that order."""
+        chosen = [examples[i] for i in which]
+        predicted = np.zeros(len(chosen), dtype=np.int64)
+        if not chosen:
+            return predicted
+        for indices, batch in batches_by_length(chosen, 64):
+            predicted[indices] = model(**collate(model, batch)).logits.argmax(-1).numpy()
+        return predicted

@@ -93,13 +93,20 @@ def fit_probe(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarra
     }
 
 
-def probe_accuracy(
+def probe_correct(
     probe: dict[str, np.ndarray], embeddings: np.ndarray, labels: np.ndarray
-) -> float:
+) -> np.ndarray:
+    """Per sentence, 1.0 where the probe labels its embedding right, else 0.0."""
     logits = normalize(embeddings) @ probe["coef"].T + probe["intercept"]
     # Binary probes have one decision function: positive picks the second class.
     picked = (logits[:, 0] > 0).astype(int) if logits.shape[1] == 1 else logits.argmax(1)
-    return float(np.mean(probe["classes"][picked] == labels))
+    return (probe["classes"][picked] == labels).astype(np.float64)
+
+
+def probe_accuracy(
+    probe: dict[str, np.ndarray], embeddings: np.ndarray, labels: np.ndarray
+) -> float:
+    return float(np.mean(probe_correct(probe, embeddings, labels)))
 
 
 def pair_spearman(first: np.ndarray, second: np.ndarray, gold: np.ndarray) -> float:

@@ -9,12 +9,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from slimformer import assets
 from slimformer.errors import SlimformerError
 from slimformer.tasks.base import Score, State, Task, seeded_shuffle, tokenizer_of
+from slimformer.tasks.staging import Paired, Staged, subset
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel
@@ -73,23 +75,62 @@ class PerplexityTask(Task):
             raise SlimformerError(f"not enough text for one {self.seq_len}-token window")
         return windows
 
+    # v2: the original's per-window losses, which staged scoring pairs a candidate's against.
+    state_version = 2
+    # Windows, not tokens, are the unit of staging (a window's tokens are not independent).
+    stage_minimum = 8
+
     def prepare(self, reference: SlimModel) -> State:
         self.check_model(reference)
-        return {}
+        windows = self.examples(reference, "test")[:EVAL_WINDOWS]
+        return {"reference_window_nll": _window_nll(reference, windows)}
 
-    @torch.inference_mode()
     def score(self, model: SlimModel, state: State) -> Score:
         self.check_model(model)
         windows = self.examples(model, "test")[:EVAL_WINDOWS]
-        total_nll, total_tokens = 0.0, 0
-        for start in range(0, len(windows), 4):
-            ids = torch.tensor(windows[start : start + 4], dtype=torch.long)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-            total_nll += float(nll)
-            total_tokens += targets.numel()
-        perplexity = float(torch.exp(torch.tensor(total_nll / total_tokens)))
-        return self.make_score(perplexity, tokens=float(total_tokens))
+        return self._perplexity(windows, _window_nll(model, windows))
+
+    def score_staged(self, model: SlimModel, state: State) -> Staged | None:
+        """Perplexity on a seeded subset of the windows: per window, the candidate's mean
+        log-loss minus the original's (every window has as many tokens, so the relative drop
+        of the perplexity is exp of their mean − 1)."""
+        reference = state.get("reference_window_nll")
+        if reference is None:
+            return None
+        self.check_model(model)
+        windows = self.examples(model, "test")[:EVAL_WINDOWS]
+        picked = subset(len(windows), self.spec.seed, self.stage_minimum)
+        if picked is None or len(reference) != len(windows):
+            return None
+        nll = _window_nll(model, [windows[i] for i in picked])
+        tokens = len(windows[0]) - 1
+        drops = (nll - reference[picked]) / tokens
+        figure = Paired(drops, len(windows), relative=True)
+        return Staged({self.metric: figure}, (picked, nll))
+
+    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
+        picked, known = staged.carry
+        windows = self.examples(model, "test")[:EVAL_WINDOWS]
+        rest = np.setdiff1d(np.arange(len(windows)), picked)
+        nll = np.zeros(len(windows), dtype=np.float64)
+        nll[picked] = known
+        nll[rest] = _window_nll(model, [windows[i] for i in rest])
+        return self._perplexity(windows, nll)
+
+    def _perplexity(self, windows: list[list[int]], nll: np.ndarray) -> Score:
+        tokens = sum(len(w) - 1 for w in windows)
+        perplexity = float(np.exp(float(nll.sum()) / tokens))
+        return self.make_score(perplexity, tokens=float(tokens))
+
+
+@torch.inference_mode()
+def _window_nll(model: SlimModel, windows: list[list[int]]) -> np.ndarray:
+    """Each window's summed next-token log-loss."""
+    out = np.zeros(len(windows), dtype=np.float64)
+    for start in range(0, len(windows), 4):
+        ids = torch.tensor(windows[start : start + 4], dtype=torch.long)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        targets = ids[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        out[start : start + len(ids)] = nll.double().sum(1).numpy()
+    return out

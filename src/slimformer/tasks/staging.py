@@ -1,0 +1,111 @@
+"""Staged scoring: a candidate's quality first estimated on a seeded subset of the scored split,
+with a one-sided confidence bound on its drop against the original model, so that a candidate
+clearly over budget stops before the rest of its evaluation (the full split, the timing).
+
+The comparison is paired: for each example of the subset, the candidate's figure against the
+original's on the same example (an accuracy: whether each got it right; perplexity: the
+window's log-loss), from the original's values the task's reference state holds. Most examples
+agree, so the per-example differences vary far less than either model's figures do, and a few
+hundred examples bound the drop to about a point.
+
+The bound is on the drop over the *whole* scored split (what the study compares), of which the
+subset is a simple random sample drawn without replacement: hence the finite-population
+correction. The subset mean of bounded per-example differences is close to normal at a few
+hundred examples; Student's t covers the small samples of per-window perplexity.
+
+Confidence 97.5 % one-sided: a candidate exactly at the budget is stopped at most 2.5 % of the
+time, and one that would meet it, less (its true drop is further from the bound). A study of a
+few dozen trials then loses well under one good candidate to a wrong stop, and any it loses
+sat at the budget's edge, where the full-split figure itself is within noise of the budget.
+When several figures are checked (the score and a guard's drop), the level is split among them
+(Bonferroni), so the chance of any wrong stop stays within 2.5 %.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.stats import t as student_t
+
+SUBSET_FRACTION = 0.25
+CONFIDENCE = 0.975
+TOLERANCE = 1e-12  # as the guards': a bound exactly at the budget is not over it
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One figure on the subset: per-example drops of the candidate against the original."""
+
+    drops: np.ndarray  # original's value − candidate's (higher-is-better figures), per example
+    population: int  # examples in the whole scored split
+    # Per-example log-loss differences: the figure's drop is relative, exp(mean) − 1 (perplexity).
+    relative: bool = False
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What a task scored on the subset: the paired figures, and what it reuses to score the
+    rest of the split (`Task.score_rest`)."""
+
+    figures: dict[str, Paired]
+    carry: Any = None
+
+
+def subset(population: int, seed: int, minimum: int) -> np.ndarray | None:
+    """The sorted indices of the subset scored first: a fixed share of the split, at least
+    `minimum` examples; None when that leaves too little of the split to save."""
+    size = max(minimum, math.ceil(SUBSET_FRACTION * population))
+    if size * 2 > population:
+        return None
+    picked = np.random.default_rng(seed).choice(population, size, replace=False)
+    return np.sort(picked)
+
+
+def drop_bound(sample: Paired, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The subset's estimate of the whole split's drop, and its one-sided lower bound."""
+    drops = np.asarray(sample.drops, dtype=np.float64)
+    n = len(drops)
+    mean = float(drops.mean())
+    spread = float(drops.std(ddof=1)) if n > 1 else math.inf
+    finite = math.sqrt(max(0.0, (sample.population - n) / max(1, sample.population - 1)))
+    error = spread / math.sqrt(n) * finite
+    bound = mean - float(student_t.ppf(confidence, max(1, n - 1))) * error if error else mean
+    if sample.relative:
+        return math.expm1(mean), math.expm1(bound)
+    return mean, bound
+
+
+def verdict(
+    staged: Staged, allowed: Mapping[str, float], confidence: float = CONFIDENCE
+) -> dict[str, Any] | None:
+    """Whether the candidate is over budget with `confidence`: each figure the subset scored
+    that has an allowed drop (`allowed`: the score's --max-drop, guards' drop limits) is
+    bounded, at a level split among them. None when the subset scored none of them."""
+    checked = [name for name in staged.figures if name in allowed]
+    if not checked:
+        return None
+    level = 1 - (1 - confidence) / len(checked)
+    figures: dict[str, dict[str, float]] = {}
+    over = []
+    for name in checked:
+        estimate, bound = drop_bound(staged.figures[name], level)
+        figures[name] = {
+            "estimate": round(estimate, 6),
+            "bound": round(bound, 6),
+            "allowed": allowed[name],
+            "examples": len(staged.figures[name].drops),
+            "population": staged.figures[name].population,
+        }
+        if bound > allowed[name] + TOLERANCE:
+            over.append(name)
+    reason = "; ".join(
+        f"{name} drop {figures[name]['estimate']:.4g} on {figures[name]['examples']} of "
+        f"{figures[name]['population']} examples, at least {figures[name]['bound']:.4g} with "
+        f"{confidence:.1%} confidence, over the {figures[name]['allowed']:.4g} allowed"
+        for name in over
+    )
+    return {"over": bool(over), "confidence": confidence, "figures": figures, "reason": reason}
