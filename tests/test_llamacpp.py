@@ -22,7 +22,7 @@ from slimformer.generation import greedy
 from slimformer.measure import MeasureSettings, time_decode
 from slimformer.passes import get_pass
 from slimformer.passes.runtime_llamacpp import importance_matrix
-from slimformer.pipeline import apply_recipe
+from slimformer.pipeline import apply_recipe, check_recipe
 from slimformer.recipe import Recipe, Step
 
 NEW_TOKENS = 24
@@ -258,6 +258,21 @@ def test_gguf_export_of_an_unmapped_architecture_is_refused(family, tmp_path):
         write_gguf(model, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
     assert not get_pass("runtime.llamacpp").applies_to(model)
+
+
+def test_a_factorized_decoder_is_refused_by_gguf_and_never_paired_with_llama_cpp(tmp_path):
+    # Found by the decoder peers study: factorize.lowrank then runtime.llamacpp crashed the
+    # trial ("'LowRankLinear' object has no attribute 'bias'").
+    model = tiny.build("llama")
+    batches = tiny.calibration(model)
+    lowrank = Step("factorize.lowrank", {"budget": 0.3, "speed_check": False, "multiple": 8})
+    factorized = apply_recipe(model, Recipe(steps=(lowrank,)), batches, training=batches)
+    with pytest.raises(SlimformerError, match="projection is factorized"):
+        write_gguf(factorized, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    assert not get_pass("runtime.llamacpp").applies_to(factorized)
+    with pytest.raises(SlimformerError, match="runtime.llamacpp cannot follow factorize.lowrank"):
+        check_recipe(Recipe(steps=(lowrank, Step("runtime.llamacpp", {}))))
 
 
 def test_a_quantization_type_llama_cpp_lacks_is_refused():

@@ -446,7 +446,11 @@ def test_a_decoder_study_warm_starts_with_int8_weights_not_int8_activations():
     assert described == ["runtime.openvino(weights=int8_asym)"]
     offered.append(get_pass("runtime.llamacpp"))
     described = [r.describe() for r in warm_start_recipes(offered, {}, TaskSpec("perplexity"), 0)]
-    assert described == ["runtime.llamacpp(quant=Q8_0)", "runtime.openvino(weights=int8_asym)"]
+    assert described == [
+        "runtime.llamacpp(quant=Q8_0)",
+        "runtime.llamacpp(quant=Q4_K_M,imatrix=True)",
+        "runtime.openvino(weights=int8_asym)",
+    ]
 
 
 def test_a_new_study_measures_the_baseline_then_the_portfolio_then_the_starts(tmp_path) -> None:

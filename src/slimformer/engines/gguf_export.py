@@ -106,6 +106,14 @@ def gguf_refusal(model: SlimModel) -> str | None:
     head_dim = adapter.head_dim()
     for index in range(adapter.num_layers):
         attention, ffn = adapter.attention_linears(index), adapter.ffn_linears(index)
+        roles = [*attention.items(), *ffn.items()]
+        factorized = [role for role, m in roles if not isinstance(m, nn.Linear)]
+        if factorized:
+            return (
+                f"layer {index}'s {factorized[0]} projection is factorized (factorize.lowrank); "
+                "llama.cpp's graphs hold one matrix per projection: serve it with "
+                "runtime.onnxruntime or runtime.openvino"
+            )
         if attention["query"].out_features == 0 or ffn["out"].in_features == 0:
             return f"layer {index} has no attention heads or no FFN neurons left"
         if attention["query"].out_features % head_dim or attention["key"].out_features % head_dim:

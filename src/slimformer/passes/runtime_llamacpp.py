@@ -111,6 +111,8 @@ class LlamaCppPass(Pass):
         "quantize.weight_only": "GGUF carries float weights; quantize with the quant setting",
         "quantize.smooth": "GGUF carries float weights; quantize with the quant setting",
         "runtime.batching:mode=unpadded": "llama.cpp runs the decoder itself",
+        "factorize.lowrank": "llama.cpp's graphs hold one matrix per projection, not a "
+        "factorized pair",
     }
 
     @classmethod
