@@ -103,9 +103,16 @@ def verdict(
         if bound > allowed[name] + TOLERANCE:
             over.append(name)
     reason = "; ".join(
-        f"{name} drop {figures[name]['estimate']:.4g} on {figures[name]['examples']} of "
-        f"{figures[name]['population']} examples, at least {figures[name]['bound']:.4g} with "
-        f"{confidence:.1%} confidence, over the {figures[name]['allowed']:.4g} allowed"
+        f"{name} drop {_shown(figures[name]['estimate'], staged.figures[name])} on "
+        f"{figures[name]['examples']} of {figures[name]['population']} examples, at least "
+        f"{_shown(figures[name]['bound'], staged.figures[name])} with {confidence:.1%} "
+        f"confidence, over the {_shown(figures[name]['allowed'], staged.figures[name])} allowed"
         for name in over
     )
     return {"over": bool(over), "confidence": confidence, "figures": figures, "reason": reason}
+
+
+def _shown(drop: float, sample: Paired) -> str:
+    """A drop as the rest of the output shows it: percent for relative figures (perplexity),
+    points for the others (accuracies, fractions of 1)."""
+    return f"{drop:.2%}" if sample.relative else f"{drop * 100:.2f} pt"
