@@ -435,23 +435,18 @@ class Study:
                 frozen = study.tell(trial, state=TrialState.FAIL)
             except _Pruned:
                 frozen = study.tell(trial, state=TrialState.PRUNED)
-                if "duplicate_of" in frozen.user_attrs:
-                    repeats += 1
-                    if repeats >= MAX_REPEATS:
-                        self.reporter.message("every recipe in the search space was measured")
-                        break
-                    continue
             except BaseException:
                 study.tell(trial, state=TrialState.FAIL)  # interrupted: rerun on --resume
                 raise
             else:
                 frozen = study.tell(trial, values)
-                if "duplicate_of" in frozen.user_attrs:
-                    repeats += 1
-                    if repeats >= MAX_REPEATS:
-                        self.reporter.message("every recipe in the search space was measured")
-                        break
-                    continue
+            # A repeat of a measured (or pruned) recipe cost nothing; enough in a row end it.
+            if frozen.state != TrialState.FAIL and "duplicate_of" in frozen.user_attrs:
+                repeats += 1
+                if repeats >= MAX_REPEATS:
+                    self.reporter.message("every recipe in the search space was measured")
+                    break
+                continue
             repeats = 0
             done += 1
             self.after_trial(study, frozen)
