@@ -28,16 +28,6 @@ from slimformer.recipe import Recipe, Step
 NEW_TOKENS = 24
 
 
-def varied(model):
-    """Weights scaled up: at initialization (std 0.02) greedy decoding repeats one token,
-    which would let a broken cache or a wrong rotary layout pass; scaled, it varies."""
-    with torch.no_grad():
-        for name, parameter in model.module.named_parameters():
-            if "norm" not in name:
-                parameter.mul_(10)
-    return model
-
-
 def serve(model, **config):
     recipe = Recipe(steps=(Step("runtime.llamacpp", config),))
     return apply_recipe(model, recipe, tiny.calibration(model))
@@ -45,7 +35,7 @@ def serve(model, **config):
 
 @functools.lru_cache(maxsize=1)
 def served_f32():
-    return serve(varied(tiny.tiny_llama()), quant="F32")
+    return serve(tiny.varied(tiny.tiny_llama()), quant="F32")
 
 
 def prompt(model, text="The quick brown fox jumps over the lazy"):
@@ -68,7 +58,7 @@ def masked_outputs(served, model):
 
 
 def test_f32_gguf_gives_eager_logits_in_full_and_cached_passes():
-    model, served = varied(tiny.tiny_llama()), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     assert isinstance(served.module, LlamaCppModule)
     assert sum(p.numel() for p in served.module.parameters()) == 0  # llama.cpp holds them
     assert served.recipe.steps[-1].resolved["architecture"] == "llama"
@@ -87,7 +77,7 @@ def test_f32_gguf_gives_eager_logits_in_full_and_cached_passes():
 
 
 def test_f32_greedy_tokens_equal_eager_generate():
-    model, served = varied(tiny.tiny_llama()), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     ids = prompt(model)
     expected = eager_greedy(model, ids)
     assert len(set(expected[0].tolist())) > NEW_TOKENS // 2  # a test that can fail
@@ -97,7 +87,7 @@ def test_f32_greedy_tokens_equal_eager_generate():
 
 
 def test_q8_0_by_llamas_quantizer_stays_close_to_eager():
-    model = varied(tiny.tiny_llama())
+    model = tiny.varied(tiny.tiny_llama())
     served = serve(model, quant="Q8_0")
     resolved = served.recipe.steps[-1].resolved
     # 7 Linears in each of 4 blocks and the tied embedding in Q8_0; the norms stay f32.
@@ -114,7 +104,7 @@ def test_rotary_rows_are_interleaved_per_head_for_llamas_pairwise_rope():
 
 
 def test_a_model_pruned_to_uneven_widths_is_written_as_deci_and_generates_like_eager():
-    model = varied(tiny.tiny_llama())
+    model = tiny.varied(tiny.tiny_llama())
     prune = (
         Step("prune.heads", {"keep": 0.75, "criterion": "magnitude", "allocation": "global"}),
         Step(
@@ -146,7 +136,7 @@ def test_qwen2_biases_and_rope_theta_are_carried():
         num_key_value_heads=2,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},  # Qwen2's, not 1e4
     )
-    model = varied(tiny._wrap(Qwen2ForCausalLM(config), "causal-lm", tiny.tokenizer()))
+    model = tiny.varied(tiny._wrap(Qwen2ForCausalLM(config), "causal-lm", tiny.tokenizer()))
     with torch.no_grad():
         for name, parameter in model.module.named_parameters():
             if name.endswith("bias"):
@@ -158,7 +148,7 @@ def test_qwen2_biases_and_rope_theta_are_carried():
 
 
 def test_importance_matrix_is_the_mean_squared_input_and_changes_the_rounding(tmp_path):
-    model = varied(tiny.tiny_llama())
+    model = tiny.varied(tiny.tiny_llama())
     layout = write_gguf(model, tmp_path / "m.gguf")
     batches = tiny.calibration(model)
     matrix = importance_matrix(model, layout, batches)
@@ -185,7 +175,7 @@ def test_q8_0_with_an_importance_matrix_is_the_same_model_as_without():
 
 
 def test_keep_sensitive_leaves_the_most_fragile_weights_at_q8_0():
-    model = varied(tiny.tiny_llama())
+    model = tiny.varied(tiny.tiny_llama())
     served = serve(model, quant="Q4_0", keep_sensitive=3)
     resolved = served.recipe.steps[-1].resolved
     assert len(resolved["kept_sensitive"]) == 3
@@ -195,7 +185,7 @@ def test_keep_sensitive_leaves_the_most_fragile_weights_at_q8_0():
 
 
 def test_decode_speed_is_measured_through_llama_cpp():
-    model, served = varied(tiny.tiny_llama()), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     assert time_decode(served, [prompt(model)[0].tolist()], MeasureSettings(min_seconds=0.05)) > 0
 
 
@@ -203,7 +193,10 @@ def test_saved_gguf_loads_and_generates_and_opens_in_llama_cpp(tmp_path):
     import gguf
     import llama_cpp
 
-    model, served = varied(tiny.tiny_llama()), serve(varied(tiny.tiny_llama()), quant="Q8_0")
+    model, served = (
+        tiny.varied(tiny.tiny_llama()),
+        serve(tiny.varied(tiny.tiny_llama()), quant="Q8_0"),
+    )
     ids = prompt(model)
     before = greedy(served, ids, NEW_TOKENS).tokens
     save_model(served, tmp_path / "m")
@@ -225,7 +218,7 @@ def test_saved_gguf_loads_and_generates_and_opens_in_llama_cpp(tmp_path):
 
 
 def test_a_stale_or_foreign_cache_is_refused():
-    model, served = varied(tiny.tiny_llama()), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     ids = prompt(model)
     with torch.inference_mode():
         first = served(input_ids=ids, use_cache=True)
@@ -239,7 +232,7 @@ def test_a_stale_or_foreign_cache_is_refused():
 
 
 def test_a_prompt_longer_than_the_context_is_refused():
-    model = varied(tiny.tiny_llama())
+    model = tiny.varied(tiny.tiny_llama())
     served = serve(model, quant="F32", context=16)
     long = torch.tensor([list(range(1000, 1020))])
     with pytest.raises(SlimformerError, match="20 tokens do not fit .* context of 16"):
@@ -342,7 +335,7 @@ def test_a_gguf_file_loads_as_it_is_with_its_own_type_config_and_tokenizer(tmp_p
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = varied(tiny._wrap(LlamaForCausalLM(config), "causal-lm", tokenizer))
+    model = tiny.varied(tiny._wrap(LlamaForCausalLM(config), "causal-lm", tokenizer))
     write_gguf(model, tmp_path / "f32.gguf")
     quantize(tmp_path / "f32.gguf", tmp_path / "tiny.gguf", "Q8_0", 1)
 

@@ -27,17 +27,6 @@ from slimformer.tasks import TaskSpec
 NEW_TOKENS = 24
 
 
-def varied_llama():
-    """The tiny Llama with its weights scaled up: at initialization (std 0.02) greedy decoding
-    repeats one token, which would let a broken cache pass; scaled, it varies every step."""
-    model = tiny.tiny_llama()
-    with torch.no_grad():
-        for name, parameter in model.module.named_parameters():
-            if "norm" not in name:
-                parameter.mul_(10)
-    return model
-
-
 def serve(model, **config):
     recipe = Recipe(steps=(Step("runtime.openvino", config),))
     return apply_recipe(model, recipe, tiny.calibration(model))
@@ -45,7 +34,7 @@ def serve(model, **config):
 
 @functools.lru_cache(maxsize=1)
 def served_f32():
-    return serve(varied_llama())
+    return serve(tiny.varied(tiny.tiny_llama()))
 
 
 def prompt(model, text="The quick brown fox jumps over the lazy"):
@@ -53,7 +42,7 @@ def prompt(model, text="The quick brown fox jumps over the lazy"):
 
 
 def test_stateful_openvino_greedy_tokens_equal_eager_generate():
-    model, served = varied_llama(), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     ids = prompt(model)
     with torch.inference_mode():
         expected = model.module.generate(
@@ -68,7 +57,7 @@ def test_stateful_openvino_greedy_tokens_equal_eager_generate():
 
 
 def test_cached_steps_and_full_passes_give_eager_logits():
-    model, served = varied_llama(), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     ids = prompt(model)
     with torch.inference_mode():
         eager = model(input_ids=ids[:, :5], use_cache=True)
@@ -88,7 +77,7 @@ def test_cached_steps_and_full_passes_give_eager_logits():
 
 
 def test_a_stale_or_foreign_cache_is_refused():
-    model, served = varied_llama(), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     ids = prompt(model)
     with torch.inference_mode():
         first = served(input_ids=ids, use_cache=True)
@@ -102,13 +91,13 @@ def test_a_stale_or_foreign_cache_is_refused():
 
 
 def test_decode_speed_is_measured_through_the_engine():
-    model, served = varied_llama(), served_f32()
+    model, served = tiny.varied(tiny.tiny_llama()), served_f32()
     examples = [prompt(model)[0].tolist()]
     assert time_decode(served, examples, MeasureSettings(min_seconds=0.05)) > 0
 
 
 def test_int8_weights_round_trip_through_save_and_load(tmp_path):
-    model = varied_llama()
+    model = tiny.varied(tiny.tiny_llama())
     served = serve(model, weights="int8_asym")
     resolved = served.recipe.steps[-1].resolved
     # Every Linear of the 4 blocks (7 each) and the tied embedding/head: int8 codes.
@@ -128,7 +117,7 @@ def test_int8_weights_round_trip_through_save_and_load(tmp_path):
 
 
 def test_int4_with_awq_scale_estimation_and_an_int8_share():
-    model = varied_llama()
+    model = tiny.varied(tiny.tiny_llama())
     served = serve(
         model, weights="int4_asym", group_size=32, ratio=0.6, awq=True, scale_estimation=True
     )
@@ -178,7 +167,7 @@ def test_the_study_varies_int4_settings_only_with_int4_weights():
 
 
 def test_a_decoder_pruned_to_uneven_heads_generates_like_eager():
-    model = varied_llama()
+    model = tiny.varied(tiny.tiny_llama())
     recipe = Recipe(
         steps=(
             Step("prune.heads", {"keep": 0.75, "criterion": "magnitude", "allocation": "global"}),
