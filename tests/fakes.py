@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slimformer.adapters import ModelFacts
 from slimformer.build import Built
 from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
+from slimformer.tasks.staging import Paired, Staged, dominated
 
 PASSES = ("prune.layers", "quantize.dynamic_int8")
 SCOPE_EFFECT = {  # scope -> (quality lost, latency factor)
@@ -139,6 +142,9 @@ class FakeEvaluator:
     staged: bool = False
     screens: list[dict[str, float] | None] = field(default_factory=list)  # staged scoring asked
     timed: list[str] = field(default_factory=list)  # recipes timed
+    # Recipe description -> factor on its fake latency: a candidate slower than it should be.
+    slowdown: dict[str, float] = field(default_factory=dict)
+    fronts: list[dict[str, Any] | None] = field(default_factory=list)  # the probe's comparisons
 
     def __call__(
         self,
@@ -149,16 +155,19 @@ class FakeEvaluator:
         on_stage=None,
         kill_at: float | None = None,
         screen: dict[str, float] | None = None,
+        front: dict[str, Any] | None = None,
     ) -> EvaluationResult:
         recipe = Recipe.load(model_dir)
         self.calls.append((recipe.describe(), score))
         self.kill_ats.append(kill_at)
         self.screens.append(screen)
+        self.fronts.append(front)
         if len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
         if recipe.describe() == self.fail:
             raise CandidateFailed("the candidate crashed")
         quality, latency = fake_scores(recipe)
+        latency *= self.slowdown.get(recipe.describe(), 1.0)
         screening = None
         if screen and score and self.staged:
             # As staged scoring would see it on a subset: the drop from the fake original
@@ -177,6 +186,20 @@ class FakeEvaluator:
             }
             if over:
                 return EvaluationResult(measurement={}, cpu=self.cpu, screening=screening)
+            if front:  # the short timing reads the fake cost exactly
+                sample = Paired(drops=np.array([drop]), population=2000)
+                probe = measurement(latency)[front["cost_field"]]
+                beaten_by = dominated(
+                    Staged({"probe_accuracy": sample}),
+                    screening,
+                    front["figure"],
+                    probe,
+                    front["points"],
+                    front["higher_is_better"],
+                )
+                if beaten_by is not None:
+                    screening |= {"dominated": beaten_by, "reason": beaten_by["reason"]}
+                    return EvaluationResult(measurement={}, cpu=self.cpu, screening=screening)
         if on_stage:
             on_stage("timing")
         self.timed.append(recipe.describe())

@@ -5,7 +5,7 @@ clearly over budget before it is timed (recorded as pruned), or not at all with
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from slimformer.search.records import TrialRecord
 from slimformer.search.run_folder import read_run
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec, make_task, save_state
-from slimformer.tasks.staging import Paired, Staged, drop_bound, subset, verdict
+from slimformer.tasks.staging import Paired, Staged, dominated, drop_bound, subset, verdict
 
 
 # --- the bound ----------------------------------------------------------------------------------
@@ -96,6 +96,25 @@ def test_a_split_too_small_to_save_anything_is_not_staged() -> None:
 
 
 # --- a task and its child -----------------------------------------------------------------------
+def test_a_candidate_slower_than_a_trial_at_least_as_good_is_dominated_beyond_the_margin():
+    staged = Staged({"probe_accuracy": Paired(drops=np.zeros(500), population=2000)})
+    screening = {"figures": {"probe_accuracy": {"bound": 0.004}}}  # drop at least 0.4 pt
+    front = [{"trial": 0, "drop": 0.0, "cost": 100.0}, {"trial": 3, "drop": 0.008, "cost": 400.0}]
+
+    beaten = dominated(staged, screening, "probe_accuracy", 70.0, front, higher_is_better=True)
+    assert beaten is not None and beaten["trial"] == 0 and "trial 0" in beaten["reason"]
+    # Within the 25 % margin of trial 0; trial 3 is faster but may be worse in quality.
+    assert dominated(staged, screening, "probe_accuracy", 85.0, front, True) is None
+    # Latency: lower is better.
+    slow = [{"trial": 0, "drop": 0.0, "cost": 10.0}]
+    assert dominated(staged, screening, "probe_accuracy", 13.0, slow, False)["trial"] == 0
+    assert dominated(staged, screening, "probe_accuracy", 12.0, slow, False) is None
+    # A candidate that may be better than every measured trial is never dominated.
+    hopeful = {"figures": {"probe_accuracy": {"bound": -0.001}}}
+    assert dominated(staged, hopeful, "probe_accuracy", 1.0, front, True) is None
+    assert dominated(staged, screening, "perplexity", 1.0, front, True) is None
+
+
 @pytest.fixture()
 def perplexity_run(tmp_path: Path) -> dict[str, Any]:
     """A tiny decoder, its task's reference state and a much worse copy of it."""
@@ -185,6 +204,25 @@ def test_the_evaluation_of_a_candidate_within_budget_goes_on_to_the_full_score(
     assert "timing" in capsys.readouterr().out
 
 
+def test_a_candidate_a_short_timing_shows_dominated_stops_before_the_full_timing(
+    perplexity_run, capsys
+) -> None:
+    screen = {"perplexity": 0.01}
+    front = {"figure": "perplexity", "cost_field": "throughput_per_s", "higher_is_better": True}
+    unbeatable = front | {"points": [{"trial": 4, "drop": 0.0, "cost": 1e12}]}
+    stopped = run_request(request(perplexity_run, "original", screen) | {"front": unbeatable})
+    assert stopped.stopped and stopped.measurement == {} and stopped.quality is None
+    assert stopped.screening["dominated"]["trial"] == 4 and stopped.screening["over"] is False
+    assert 0 < stopped.screening["dominated"]["probe"] < 1e12
+    out = capsys.readouterr().out
+    assert "timing briefly" in out and "scoring\n" not in out.replace("scoring a subset", "")
+
+    beatable = front | {"points": [{"trial": 4, "drop": 0.0, "cost": 1e-9}]}
+    kept = run_request(request(perplexity_run, "original", screen) | {"front": beatable})
+    assert not kept.stopped and kept.quality is not None
+    assert kept.measurement["throughput_per_s"] > 0
+
+
 # --- the study ----------------------------------------------------------------------------------
 def start(*steps: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     return Recipe(steps=tuple(Step(name, config) for name, config in steps)).to_dict()
@@ -251,6 +289,28 @@ def test_a_candidate_clearly_over_budget_is_pruned_with_its_estimate_and_never_t
     assert told.constraints["max_drop"] > 0  # the sampler sees it infeasible
     page = (tmp_path / "run" / "report.html").read_text()
     assert "stopped early: probe_accuracy drop" in page
+
+
+SLOW = start(("quantize.dynamic_int8", {"scope": "ffn", **INT8}))
+SLOW_TEXT = Recipe.from_dict(SLOW).describe()
+
+
+def test_a_candidate_slower_than_the_baseline_and_no_better_is_pruned_by_its_short_timing(
+    tmp_path,
+):
+    evaluator = FakeEvaluator(staged=True, slowdown={SLOW_TEXT: 3.0})  # 18 ms against 10
+    chosen = replace(settings(tmp_path), starts=(FEASIBLE, SLOW))
+    result = run(tmp_path, chosen, evaluator)
+
+    slow = next(t for t in result.trials if t.description == SLOW_TEXT)
+    assert slow.state == "pruned" and slow.measurement == {} and slow.quality is None
+    assert slow.early_stop["by"] == "timing" and slow.early_stop["dominated"]["trial"] == 0
+    assert "dominated by trial 0" in slow.early_stop["reason"]
+    assert SLOW_TEXT not in evaluator.timed and slow.number not in result.pareto
+    # The probe compares with what was finished before it: the baseline and FEASIBLE.
+    points = evaluator.fronts[-1]["points"]
+    assert sorted(p["trial"] for p in points) == [0, 1]
+    assert evaluator.fronts[0] is None  # the baseline: nothing to compare with
 
 
 def test_without_early_stop_every_candidate_is_timed_and_scored_in_full(tmp_path):

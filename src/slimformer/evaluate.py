@@ -45,8 +45,10 @@ class EvaluationResult:
 
     @property
     def stopped(self) -> bool:
-        """Stopped early: the subset showed it over budget with confidence."""
-        return bool(self.screening and self.screening.get("over"))
+        """Stopped early: the subset showed it over budget with confidence, or a short
+        timing showed a measured trial better on both objectives ("dominated")."""
+        screening = self.screening or {}
+        return bool(screening.get("over") or screening.get("dominated"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,13 +70,16 @@ def evaluate_isolated(
     score: bool = True,
     kill_at: float | None = None,
     screen: dict[str, float] | None = None,
+    front: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Load, time and (unless `score` is false: timing only) score `model_dir` in a child;
     the result holds quality, details, measurement and the measuring process's CPU. The child
     is stopped after `timeout_s`, or at `kill_at` (epoch seconds), with `CandidateFailed`.
     `screen`: the drop allowed per figure (the score's --max-drop, guards' drop limits): the
     child first scores a subset and stops there when the candidate is over one of them with
-    confidence (`EvaluationResult.stopped`; tasks/staging.py)."""
+    confidence (`EvaluationResult.stopped`; tasks/staging.py). `front` (with `screen`): the
+    finished trials within budget the candidate is compared with after a short timing
+    ({"figure", "cost_field", "higher_is_better", "points"}); dominated, it stops there too."""
     request = {
         "model_dir": str(model_dir),
         "task": task_spec.to_dict(),
@@ -82,6 +87,7 @@ def evaluate_isolated(
         "settings": asdict(settings),
         "score": score,
         "screen": screen if score else None,
+        "front": front if score and screen else None,
     }
     answer = run_child(
         "slimformer.evaluate",
@@ -109,7 +115,7 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
     )
     from slimformer.tasks import TaskSpec, load_state, make_task
     from slimformer.tasks.base import fixed_length_examples
-    from slimformer.tasks.staging import verdict
+    from slimformer.tasks.staging import dominated, verdict
 
     settings = MeasureSettings(**request["settings"])
     set_threads(settings.resolved_threads())
@@ -142,6 +148,17 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
         )
     else:
         examples = task.examples(model, "timing")
+    front = request.get("front")
+    if screening is not None and staged is not None and front and front["points"]:
+        report_stage("timing briefly")
+        probe = probe_cost(model, examples, settings, front["cost_field"])
+        beaten_by = dominated(
+            staged, screening, front["figure"], probe, front["points"], front["higher_is_better"]
+        )
+        if beaten_by is not None:
+            cpu = fingerprint(settings.resolved_threads()).to_dict()
+            stopped = screening | {"dominated": beaten_by, "reason": beaten_by["reason"]}
+            return EvaluationResult(measurement={}, cpu=cpu, screening=stopped)
     report_stage("timing")
     measurement = measure_loaded(model, examples, settings, baseline_rss, model_dir).to_dict()
     if loaded_peak is not None:
@@ -165,6 +182,21 @@ def run_request(request: dict[str, Any]) -> EvaluationResult:
         bounded=score.bounded,
         details=score.details,
     )
+
+
+# The measurement fields a short timing can estimate (tasks/staging.py's `dominated`).
+PROBED_COSTS = ("throughput_per_s", "latency_ms_median")
+
+
+def probe_cost(model: Any, examples: list, settings: Any, cost_field: str) -> float:
+    """A quick reading of the cost the full timing measures: one pass over the same
+    throughput batches, or the first batch-1 requests, without the repeats."""
+    from slimformer.measure import time_latency, time_throughput
+
+    brief = replace(settings, min_seconds=0.0, warmup=1)
+    if cost_field == "throughput_per_s":
+        return time_throughput(model, examples, brief)
+    return time_latency(model, examples, brief)[0]
 
 
 def release_free_memory() -> None:

@@ -97,6 +97,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
         on_stage: Stage | None = None,
         kill_at: float | None = None,
         screen: dict[str, float] | None = None,
+        front: dict[str, Any] | None = None,
     ) -> EvaluationResult:
         return evaluate_isolated(
             model_dir,
@@ -108,6 +109,7 @@ def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) 
             score=score,
             kill_at=kill_at,
             screen=screen,
+            front=front,
         )
 
     return evaluate

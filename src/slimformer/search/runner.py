@@ -46,7 +46,7 @@ from slimformer.build import Built
 from slimformer.child import CandidateFailed, Stopped
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.evaluate import EvaluationResult
+from slimformer.evaluate import PROBED_COSTS, EvaluationResult
 from slimformer.recipe import Recipe
 from slimformer.search import distributed, guards, liveness, optuna_study
 from slimformer.search.budget import TimeBudget, Timings, estimate
@@ -230,7 +230,7 @@ class Study:
         timings: dict[str, Any] = {}
         try:
             built, result = self._build_and_evaluate(
-                recipe, candidate_dir, workdir, history, timings, trial.number
+                recipe, candidate_dir, workdir, history, timings, trial
             )
         except Stopped as stop:  # the pruner stopped its distillation
             shutil.rmtree(candidate_dir, ignore_errors=True)
@@ -246,7 +246,8 @@ class Study:
             raise CandidateFailed(reason) from None
         trial.set_user_attr("recipe", built.recipe.to_dict())  # with resolved decisions
         if result.screening is not None:
-            trial.set_user_attr("early_stop", {"by": "subset", **result.screening})
+            by = "timing" if result.screening.get("dominated") else "subset"
+            trial.set_user_attr("early_stop", {"by": by, **result.screening})
         if result.stopped:
             shutil.rmtree(candidate_dir, ignore_errors=True)  # never on the front
             self._stopped(trial, result.screening or {}, result.cpu, timings, started)
@@ -283,6 +284,31 @@ class Study:
                 allowed[guard.figure] = guard.threshold
         return allowed
 
+    def _front(self, records: list[TrialRecord]) -> dict[str, Any] | None:
+        """The finished trials within budget measured on this machine, that a candidate's
+        short timing is compared with (evaluate.py's probe); None when the objective is not
+        a timing a short run can estimate, or nothing is finished yet."""
+        field_name = self.settings.cost_field
+        if field_name not in PROBED_COSTS:
+            return None
+        points = [
+            {"trial": r.number, "drop": r.drop, "cost": r.measurement[field_name]}
+            for r in records
+            if r.state == "complete"
+            and r.feasible
+            and not r.stale
+            and r.drop is not None
+            and r.measurement.get(field_name) is not None
+        ]
+        if not points:
+            return None
+        return {
+            "figure": self.task.metric,
+            "cost_field": field_name,
+            "higher_is_better": self.settings.cost_direction == "maximize",
+            "points": points,
+        }
+
     def _stopped(
         self,
         trial: optuna.Trial,
@@ -292,7 +318,8 @@ class Study:
         started: float,
     ) -> None:
         """Record a trial staged scoring stopped, its constraints at the subset's estimates
-        (violated: the sampler learns to avoid its region), and end it as pruned."""
+        (violated when over budget: the sampler learns to avoid its region; a dominated one's
+        may hold), and end it as pruned."""
         of_drops = [g for g in map(guards.parse_guard, self.settings.guards) if g.of_drop]
         names = {self.task.metric: guards.MAX_DROP} | {g.figure: f"guard {g}" for g in of_drops}
         guards.record(
@@ -303,7 +330,8 @@ class Study:
                 if figure in names
             },
         )
-        trial.set_user_attr("feasible", False)
+        if screening.get("over"):
+            trial.set_user_attr("feasible", False)
         trial.set_user_attr("cpu", cpu or self.cpu.to_dict())
         trial.set_user_attr("timings", timings)
         trial.set_user_attr("duration_s", round(time.monotonic() - started, 1))
@@ -353,14 +381,14 @@ class Study:
         workdir: Path,
         history: list[Timings],
         timings: dict[str, Any],
-        number: int,
+        trial: optuna.Trial,
     ) -> tuple[Built, EvaluationResult]:
         """Build the candidate, then evaluate it, both within the time budget; `timings`
         collects where the time went (also when one of them fails). A distillation the
         pruner stops raises `child.Stopped`."""
         self.reporter.stage("applying passes")
         began = time.monotonic()
-        watch = self._distill_watch(recipe, number)
+        watch = self._distill_watch(recipe, trial.number)
         built = None
         try:
             built = self.builder.build(
@@ -384,12 +412,14 @@ class Study:
         )
         began = time.monotonic()
         screen = self._screen(recipe)
+        front = self._front(self.records(trial.study)) if screen else None
         result = self.evaluate(
             candidate_dir,
             workdir,
             on_stage=self.reporter.stage,
             kill_at=self.budget.trials_end,
             **({"screen": screen} if screen else {}),
+            **({"front": front} if front else {}),
         )
         timings["evaluate_s"] = round(time.monotonic() - began, 3)
         if result.stopped:
@@ -573,7 +603,7 @@ def budget_timings(records: list[TrialRecord]) -> list[Timings]:
         if not record.timings or record.stale:
             continue
         if record.state == "pruned":
-            if (record.early_stop or {}).get("by") != "subset":
+            if (record.early_stop or {}).get("by") not in ("subset", "timing"):
                 continue
             timings.append({k: v for k, v in record.timings.items() if k != "evaluate_s"})
         else:

@@ -116,3 +116,53 @@ def _shown(drop: float, sample: Paired) -> str:
     """A drop as the rest of the output shows it: percent for relative figures (perplexity),
     points for the others (accuracies, fractions of 1)."""
     return f"{drop:.2%}" if sample.relative else f"{drop * 100:.2f} pt"
+
+
+# A short timing reads within ~10 % of the full one on an idle machine (one pass over the same
+# batches, without the repeats); a candidate counts as slower only beyond this margin.
+PROBE_MARGIN = 0.25
+
+
+def dominated(
+    staged: Staged,
+    screening: dict[str, Any],
+    figure: str,
+    probe: float,
+    front: list[dict[str, Any]],
+    higher_is_better: bool,
+    margin: float = PROBE_MARGIN,
+) -> dict[str, Any] | None:
+    """The measured trial that beats a candidate on both objectives, or None.
+
+    `probe`: the candidate's cost from a short timing; `front`: finished trials within budget
+    measured on this machine ({"trial", "drop", "cost"}). A trial dominates when its measured
+    drop is no larger than the least drop the candidate's subset allows at the screening's
+    confidence (the bound `verdict` computed) and its cost is better than the probe's by more
+    than `margin`: the candidate could then never be on the front, so the rest of its
+    evaluation is skipped."""
+    if figure not in screening.get("figures", {}) or figure not in staged.figures:
+        return None
+    least_drop = screening["figures"][figure]["bound"]
+    for point in sorted(front, key=lambda p: p["drop"]):
+        if point["drop"] > least_drop:
+            break
+        cheaper = (
+            point["cost"] > probe * (1 + margin)
+            if higher_is_better
+            else point["cost"] * (1 + margin) < probe
+        )
+        if cheaper:
+            sample = staged.figures[figure]
+            reason = (
+                f"dominated by trial {point['trial']}: a short timing gave {probe:.4g} against "
+                f"its {point['cost']:.4g} (beyond the {margin:.0%} margin), and its drop "
+                f"{_shown(point['drop'], sample)} is no larger than this one's "
+                f"{_shown(least_drop, sample)} at least"
+            )
+            return {
+                "trial": point["trial"],
+                "cost": point["cost"],
+                "probe": probe,
+                "reason": reason,
+            }
+    return None
