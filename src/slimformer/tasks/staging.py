@@ -118,8 +118,8 @@ def _shown(drop: float, sample: Paired) -> str:
     return f"{drop:.2%}" if sample.relative else f"{drop * 100:.2f} pt"
 
 
-# A short timing reads within ~10 % of the full one on an idle machine (one pass over the same
-# batches, without the repeats); a candidate counts as slower only beyond this margin.
+# A short timing (one pass over the same batches, no repeats) is noisier than the full one; a
+# candidate counts as slower than a finished trial only beyond this margin.
 PROBE_MARGIN = 0.25
 
 
