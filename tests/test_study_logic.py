@@ -4,6 +4,7 @@ best trial, and sampling recipes from the passes' search spaces."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import optuna
@@ -304,6 +305,27 @@ def test_sample_recipe_gives_valid_configs_within_the_model_bounds(num_layers: i
     assert criteria == {"block_influence", "removal_change"}
     assert scopes == {"all", "all_but_ffn_out", "attention", "ffn"}
     assert {name for combo in uses for name in combo} == {p.name for p in passes}
+
+
+def test_token_reduction_on_text_is_never_paired_with_an_exporting_runtime() -> None:
+    # Found by the search-efficiency benchmark: a trial on MiniLM with reduce.tokens and
+    # runtime.onnxruntime was built, then failed (a traced graph fixes the token counts).
+    names = ("reduce.tokens", "runtime.onnxruntime", "runtime.openvino")
+    passes = [get_pass(name) for name in names]
+    spec = TaskSpec(name="embedding")
+    patches = replace(facts(4), fixed_token_count=True)  # a ViT: the export keeps them
+    combos = {True: set(), False: set()}
+    for fixed, model_facts in ((False, facts(4)), (True, patches)):
+        study = make_study()
+        for _ in range(60):
+            trial = study.ask()
+            recipe = sample_recipe(trial, passes, model_facts, spec, seed=0)
+            combos[fixed].add(tuple(step.pass_name for step in recipe.steps))
+            study.tell(trial, [0.0, 0.0])
+    exported_text = [c for c in combos[False] if "reduce.tokens" in c and len(c) == 2]
+    assert exported_text == [] and ("reduce.tokens",) in combos[False]
+    assert ("reduce.tokens", "runtime.onnxruntime") in combos[True]
+    assert ("reduce.tokens", "runtime.openvino") in combos[True]
 
 
 def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:

@@ -147,14 +147,17 @@ def installed(module: nn.Module) -> TokenReduction | None:
     return found if isinstance(found, TokenReduction) else None
 
 
+TEXT_EXPORT_REFUSAL = (
+    "reduce.tokens on text: how many tokens each block keeps depends on the sequence length, "
+    "which a traced ONNX graph fixes; serve the model in PyTorch"
+)
+
+
 def export_refusal(module: nn.Module) -> str | None:
     """Why `module`'s token reduction cannot go into an exported graph (None: it can)."""
     if installed(module) is None or adapter_for(module).fixed_token_count:
         return None
-    return (
-        "reduce.tokens on text: how many tokens each block keeps depends on the sequence "
-        "length, which a traced ONNX graph fixes; serve the model in PyTorch"
-    )
+    return TEXT_EXPORT_REFUSAL
 
 
 # --- the forward pass -----------------------------------------------------------------------

@@ -58,6 +58,8 @@ class ModelFacts:
     num_kv_heads: int
     hidden_size: int
     intermediate_size: int
+    # Image patches: a fixed number of tokens, so token reduction can be exported (tokens.py).
+    fixed_token_count: bool = False
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -228,4 +230,5 @@ class ModelAdapter:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
+            fixed_token_count=self.fixed_token_count,
         )

@@ -182,6 +182,12 @@ class Pass(ABC):
     # with a task that has none, the study offers only their defaults.
     general_corpus_settings: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def conflicts_for(cls, facts: Any) -> dict[str, str]:
+        """`conflicts`, plus those that depend on the model (`ModelFacts`): the search space
+        leaves these passes out of recipes with this one."""
+        return cls.conflicts
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "phase" in cls.__dict__ or "order" in cls.__dict__:

@@ -34,7 +34,12 @@ from slimformer.passes.base import (
     register_pass,
     searchable,
 )
-from slimformer.passes.serving import EXPORT_CONFLICTS, EagerReference, Stopwatch
+from slimformer.passes.serving import (
+    EXPORT_CONFLICTS,
+    EagerReference,
+    Stopwatch,
+    export_conflicts_for,
+)
 
 INTERESTING_OPS = ("Attention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "QAttention")
 REDUCE_RANGE_WHY = (
@@ -89,6 +94,11 @@ class OnnxRuntimePass(Pass):
     group = "runtime"
     terminal = True
     conflicts = EXPORT_CONFLICTS
+
+    @classmethod
+    def conflicts_for(cls, facts: Any) -> dict[str, str]:
+        return export_conflicts_for(facts)
+
     needs_calibration = True  # a real batch to trace and to check outputs against eager
 
     def apply(

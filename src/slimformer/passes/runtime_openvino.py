@@ -38,7 +38,12 @@ from slimformer.passes.base import (
     register_pass,
     searchable,
 )
-from slimformer.passes.serving import EXPORT_CONFLICTS, EagerReference, Stopwatch
+from slimformer.passes.serving import (
+    EXPORT_CONFLICTS,
+    EagerReference,
+    Stopwatch,
+    export_conflicts_for,
+)
 
 WEIGHT_MODES = ("none", "int8_sym", "int8_asym", "int4_sym", "int4_asym")
 INT4_MODES = ("int4_sym", "int4_asym")
@@ -126,6 +131,11 @@ class OpenVinoPass(Pass):
     group = "runtime"
     terminal = True
     conflicts = EXPORT_CONFLICTS
+
+    @classmethod
+    def conflicts_for(cls, facts: Any) -> dict[str, str]:
+        return export_conflicts_for(facts)
+
     needs_calibration = True
     # bf16 runs as f32 without bf16 instructions; NNCF's int8 ran slower than f32 on an AVX2
     # CPU (no VNNI: oneDNN's int8 GEMMs there are not faster than its f32 ones).

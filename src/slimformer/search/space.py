@@ -50,7 +50,7 @@ def sample_recipe(
         name
         for cls in pass_classes
         if cls.name in picked
-        for name in cls.conflicts
+        for name in cls.conflicts_for(facts)
         if ":" not in name
     }
     # Passes that need another (e.g. smoothing needs static int8) are offered only after it
