@@ -15,6 +15,7 @@ from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
 from slimformer.passes import get_pass, registered_passes
 from slimformer.passes.settings import searched_now
+from slimformer.pipeline import check_recipe
 from slimformer.recipe import Recipe, Step
 from slimformer.search.records import TrialRecord
 from slimformer.search.selection import choose, pareto_front
@@ -326,6 +327,24 @@ def test_token_reduction_on_text_is_never_paired_with_an_exporting_runtime() -> 
     assert exported_text == [] and ("reduce.tokens",) in combos[False]
     assert ("reduce.tokens", "runtime.onnxruntime") in combos[True]
     assert ("reduce.tokens", "runtime.openvino") in combos[True]
+
+
+def test_a_setting_that_conflicts_with_a_chosen_pass_is_never_sampled_with_it() -> None:
+    # Found by the search-efficiency benchmark: reduce.tokens + runtime.batching mode=unpadded
+    # was proposed and refused (padding-free batching would skip the token reduction).
+    passes = [get_pass("reduce.tokens"), get_pass("runtime.batching")]
+    study = make_study()
+    recipes = []
+    for _ in range(60):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+        check_recipe(recipe)  # never refused
+        recipes.append({step.pass_name: step.config for step in recipe.steps})
+        study.tell(trial, [0.0, 0.0])
+    both = [r for r in recipes if len(r) == 2]
+    assert both and all(r["runtime.batching"].get("mode") != "unpadded" for r in both)
+    alone = [r["runtime.batching"] for r in recipes if list(r) == ["runtime.batching"]]
+    assert any(config.get("mode") == "unpadded" for config in alone)
 
 
 def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:

@@ -47,6 +47,17 @@ def _matches(step: Step, config: Any, pattern: str) -> bool:
     return not setting or str(getattr(config, key, None)) == value
 
 
+def steps_conflict(first: Step, second: Step) -> bool:
+    """Whether either step's pass declares a conflict with the other as configured (the
+    check `check_recipe` makes, for one pair: the search space uses it while it samples)."""
+    one, two = step_config(first), step_config(second)
+    return any(
+        _matches(other, config, pattern)
+        for step, other, config in ((first, second, two), (second, first, one))
+        for pattern in get_pass(step.pass_name).conflicts
+    )
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Refuse a recipe that cannot run (see the module docstring); cheap, runs no pass."""
     configs = [step_config(step) for step in recipe.steps]  # names and settings first

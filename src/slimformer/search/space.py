@@ -19,6 +19,7 @@ import optuna
 from slimformer.errors import SlimformerError
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass
 from slimformer.passes.settings import searched_now
+from slimformer.pipeline import steps_conflict
 from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import Withheld
 from slimformer.tasks import TaskSpec
@@ -82,7 +83,12 @@ def sample_recipe(
                 value = trial.suggest_float(key, space.low, space.high, step=space.step)
                 values[name] = round(value, 6)  # 0.9, not 0.9000000000000001, in recipes
         full = asdict(cls.make_config(values))
-        steps.append(Step(cls.name, {k: v for k, v in full.items() if k in values}))
+        step = Step(cls.name, {k: v for k, v in full.items() if k in values})
+        # A setting that conflicts with a pass already chosen (padding-free batching after
+        # token reduction) leaves this pass out rather than spend a trial on a refusal.
+        if any(steps_conflict(step, earlier) for earlier in steps):
+            continue
+        steps.append(step)
     steps.sort(key=lambda step: get_pass(step.pass_name).stage)
     return Recipe(steps=tuple(steps), task=spec, seed=seed)
 
