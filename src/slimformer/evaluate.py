@@ -189,11 +189,11 @@ PROBED_COSTS = ("throughput_per_s", "latency_ms_median")
 
 
 def probe_cost(model: Any, examples: list, settings: Any, cost_field: str) -> float:
-    """A quick reading of the cost the full timing measures: one pass over the same
-    throughput batches, or the first batch-1 requests, without the repeats."""
+    """A quick reading of the cost the full timing measures: the same batches or batch-1
+    requests and warm-up, for a third of the time."""
     from slimformer.measure import time_latency, time_throughput
 
-    brief = replace(settings, min_seconds=0.0, warmup=1)
+    brief = replace(settings, min_seconds=settings.min_seconds / 3)
     if cost_field == "throughput_per_s":
         return time_throughput(model, examples, brief)
     return time_latency(model, examples, brief)[0]
