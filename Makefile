@@ -167,7 +167,10 @@ bench-embedding-curves: assets
 # Early stopping's worth: the default 20-minute throughput study with --no-early-stop, then by
 # default, one after the other, trials evaluated per hour and the chosen model against the
 # best peer (~50 min on an idle machine). `python bench/search_efficiency.py --quick` is a check.
+# First how far early stopping's short timing reads from the full one (bench/timing_probe.py,
+# ~2 min), which sets its margin.
 bench-search-efficiency: assets
+	$(BIN)/python bench/timing_probe.py
 	$(BIN)/python bench/search_efficiency.py --time-budget 20m
 
 # Every technique natively and under forced AVX2 dispatch, ratios per level (~45 min).
