@@ -47,14 +47,19 @@ def _matches(step: Step, config: Any, pattern: str) -> bool:
     return not setting or str(getattr(config, key, None)) == value
 
 
+def _conflict(step: Step, other: Step, other_config: Any) -> str | None:
+    """The conflict `step`'s pass declares with `other` as configured (its pattern), if any."""
+    return next(
+        (p for p in get_pass(step.pass_name).conflicts if _matches(other, other_config, p)), None
+    )
+
+
 def steps_conflict(first: Step, second: Step) -> bool:
     """Whether either step's pass declares a conflict with the other as configured (the
     check `check_recipe` makes, for one pair: the search space uses it while it samples)."""
-    one, two = step_config(first), step_config(second)
-    return any(
-        _matches(other, config, pattern)
-        for step, other, config in ((first, second, two), (second, first, one))
-        for pattern in get_pass(step.pass_name).conflicts
+    return bool(
+        _conflict(first, second, step_config(second))
+        or _conflict(second, first, step_config(first))
     )
 
 
@@ -69,12 +74,11 @@ def check_recipe(recipe: Recipe) -> None:
                 f"{step.pass_name} needs {', '.join(missing)} in the same recipe; add it"
             )
     for step in recipe.steps:
-        for other, reason in get_pass(step.pass_name).conflicts.items():
-            if any(
-                _matches(earlier, config, other)
-                for earlier, config in zip(recipe.steps, configs, strict=True)
-            ):
-                raise SlimformerError(f"{step.pass_name} cannot follow {other}: {reason}")
+        for other, config in zip(recipe.steps, configs, strict=True):
+            pattern = _conflict(step, other, config)
+            if pattern is not None:
+                reason = get_pass(step.pass_name).conflicts[pattern]
+                raise SlimformerError(f"{step.pass_name} cannot follow {pattern}: {reason}")
     by_group: dict[str, list[str]] = {}
     for step in recipe.steps:
         group = get_pass(step.pass_name).group
