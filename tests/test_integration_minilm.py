@@ -191,6 +191,8 @@ def test_killed_study_resumes_without_losing_trials(tmp_path):
         str(run),
         "--passes",
         "quantize.dynamic_int8",
+        "--confirm-rounds",
+        "0",  # resuming is the subject; the confirmation of the choice has its own tests
     ]
     process = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -103,7 +103,18 @@ def test_resume_on_another_cpu_is_refused_then_remeasured_and_bench_compares_mac
     tiny_encoder, tmp_path
 ):
     run = tmp_path / "run"
-    start = ["optimize", str(tiny_encoder), "--out", str(run), *FAST, "--max-drop", "100%"]
+    # No confirmation rounds: the test is about the fingerprint, and they double its time.
+    start = [
+        "optimize",
+        str(tiny_encoder),
+        "--out",
+        str(run),
+        *FAST,
+        "--max-drop",
+        "100%",
+        "--confirm-rounds",
+        "0",
+    ]
     elsewhere = slimformer(*start, "--trials", "1", env=ANOTHER_CPU)
     assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
     [first] = trials(run)

@@ -15,8 +15,6 @@ correlation of pair similarities with a gold score (STS).
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import spearmanr
-from sklearn.linear_model import LogisticRegression
 
 NEIGHBOURS = 10  # k of neighbour recall@k
 # Spearman over at most this many sentences' pairs (n·(n-1)/2 pairs: 2,000 give 2 million).
@@ -77,6 +75,8 @@ def geometry(reference: np.ndarray, candidate: np.ndarray, prefix: str = "") -> 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     # Undefined for a constant input (a collapsed model): no correlation, not NaN, which
     # no budget or JSON file could take.
+    from scipy.stats import spearmanr  # here: scipy.stats costs 1-2 s of every start-up
+
     value = float(spearmanr(a, b).statistic)
     return value if np.isfinite(value) else 0.0
 
@@ -84,6 +84,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 # --- scores with labels -------------------------------------------------------------------------
 def fit_probe(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """A logistic-regression probe on unit-length embeddings, as arrays a child can reload."""
+    from sklearn.linear_model import LogisticRegression  # here: scikit-learn loads scipy
+
     probe = LogisticRegression(max_iter=2000, C=1.0)
     probe.fit(normalize(embeddings), labels)
     return {

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import t as student_t
 
 SUBSET_FRACTION = 0.25
 CONFIDENCE = 0.975
@@ -73,6 +72,9 @@ def drop_bound(sample: Paired, confidence: float = CONFIDENCE) -> tuple[float, f
     spread = float(drops.std(ddof=1)) if n > 1 else math.inf
     finite = math.sqrt(max(0.0, (sample.population - n) / max(1, sample.population - 1)))
     error = spread / math.sqrt(n) * finite
+    # Imported here: scipy.stats costs 1-2 s of start-up in every CLI and trial process.
+    from scipy.stats import t as student_t
+
     bound = mean - float(student_t.ppf(confidence, max(1, n - 1))) * error if error else mean
     if sample.relative:
         return math.expm1(mean), math.expm1(bound)
