@@ -241,6 +241,7 @@ def _commands(root: Path) -> dict[str, list[str]]:
         "pass_without_the_pass_it_needs": optimize_out("requires", "--passes", "quantize.smooth"),
         "bench_batch_size_0": ["bench", "default", "--batch-size", "0"],
         "bench_threads_negative": ["bench", "default", "--threads", "-1"],
+        "install_for_xyz": ["assets", "install", "vit-fashion", "--for", "xyz"],
         "brackets_in_path": ["bench", str(root / "model [v2]")],
         "closing_tag_in_path": ["bench", str(root / "[/v2]")],
     }
@@ -552,6 +553,10 @@ def test_show_on_a_damaged_run_json_exits_2_with_one_line(cli: Runner) -> None:
 
 
 # --- option values -------------------------------------------------------------------------
+def test_a_training_time_that_is_no_duration_exits_2_before_training(cli: Runner) -> None:
+    assert_user_error(cli("install_for_xyz"), "--for must look like 10m", "'xyz'")
+
+
 @pytest.mark.parametrize(
     ("case", "run_folder", "keywords"),
     [

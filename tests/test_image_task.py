@@ -21,7 +21,15 @@ from PIL import Image
 
 import slimformer
 from slimformer.assets.fashion_mnist import digits, fashion_mnist_dir
-from slimformer.assets.vit_fashion import TrainingPlan, ViTShape, accuracy, save_vit, train_vit
+from slimformer.assets.vit_fashion import (
+    TrainingPaused,
+    TrainingPlan,
+    ViTShape,
+    accuracy,
+    save_vit,
+    train_vit,
+    train_vit_resumable,
+)
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
 from slimformer.evaluate import run_request
@@ -202,6 +210,62 @@ def test_vit_training_is_deterministic_and_learns_digits() -> None:
     two = train_vit(images[train], labels[train], shape, short, log=lambda line: None)
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+TINY_VIT = ViTShape(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=8,
+    patch_size=2,
+)
+# 4 steps an epoch over 2 epochs: the pauses fall inside an epoch, on its boundary (a new data
+# order) and across the switch from a random half of the tokens to all of them.
+TINY_PLAN = TrainingPlan(
+    epochs=2, batch_size=64, keep_tokens=8, full_token_fraction=0.25, limit_images=256, threads=1
+)
+
+
+def _same_weights(one, two) -> None:
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_vit_training_paused_after_every_step_ends_with_the_same_weights(tmp_path: Path) -> None:
+    images, labels = digits()
+    quiet = lambda line: None  # noqa: E731
+    whole = train_vit(images, labels, TINY_VIT, TINY_PLAN, log=quiet)
+    checkpoint, pauses = tmp_path / "training.safetensors", []
+    while True:
+        try:
+            model, seconds = train_vit_resumable(
+                images, labels, TINY_VIT, TINY_PLAN, None, quiet, checkpoint, pause_after_s=0
+            )
+            break
+        except TrainingPaused as paused:
+            pauses.append(paused.step)
+    assert pauses == list(range(1, 8)) and seconds > 0
+    _same_weights(whole, model)
+
+
+def test_a_vit_checkpoint_of_another_plan_or_damaged_is_not_resumed(tmp_path: Path) -> None:
+    images, labels = digits()
+    quiet = lambda line: None  # noqa: E731
+    checkpoint = tmp_path / "training.safetensors"
+    other = replace(TINY_PLAN, learning_rate=3e-3)
+    with pytest.raises(TrainingPaused):
+        train_vit_resumable(images, labels, TINY_VIT, other, None, quiet, checkpoint, 0)
+    lines: list[str] = []
+    model, _ = train_vit_resumable(
+        images, labels, TINY_VIT, TINY_PLAN, None, lines.append, checkpoint
+    )
+    assert not any("going on" in line for line in lines)
+    _same_weights(train_vit(images, labels, TINY_VIT, TINY_PLAN, log=quiet), model)
+
+    checkpoint.write_bytes(b"not a safetensors file")
+    again, _ = train_vit_resumable(images, labels, TINY_VIT, TINY_PLAN, None, quiet, checkpoint)
+    _same_weights(model, again)
 
 
 def test_saved_vit_reloads_with_its_normalization_and_scores_as_trained(tmp_path: Path) -> None:

@@ -467,12 +467,22 @@ def test_an_embedding_study_warm_starts_with_a_trimmed_ffn_only_when_it_searches
     assert described[:2] == ["runtime.openvino(int8=nncf)", "runtime.onnxruntime(int8=dynamic)"]
     assert described[2].startswith("prune.ffn(keep=0.7) + recover.distill(")
     assert described[2].endswith(" + runtime.openvino(int8=nncf)")
-    # Without VNNI the structure is still tried, served by OpenVINO at its defaults.
+    # Without VNNI the structure is served by ONNX Runtime's int8 instead, where it is searched,
+    # else by OpenVINO at its defaults.
     no_vnni = {"runtime.openvino": {("int8", "nncf")}}
     described = [
         r.describe() for r in warm_start_recipes(offered, no_vnni, TaskSpec("embedding"), 0)
     ]
+    assert described[-1].endswith(" + runtime.onnxruntime(int8=dynamic)")
+    assert described[-1].startswith("prune.ffn(keep=0.7) + recover.distill(")
+    without_ort = [cls for cls in offered if cls.name != "runtime.onnxruntime"]
+    described = [
+        r.describe() for r in warm_start_recipes(without_ort, no_vnni, TaskSpec("embedding"), 0)
+    ]
     assert described[-1].endswith(" + runtime.openvino")
+    only_ort = [cls for cls in offered if cls.name != "runtime.openvino"]
+    described = [r.describe() for r in warm_start_recipes(only_ort, {}, TaskSpec("embedding"), 0)]
+    assert described[-1].endswith(" + runtime.onnxruntime(int8=dynamic)")
     # Other tasks (no structured recipe measured there) and studies without distillation.
     decoder = warm_start_recipes(offered, {}, TaskSpec("perplexity"), 0)
     assert [r.describe() for r in decoder] == ["runtime.openvino(weights=int8_asym)"]

@@ -211,6 +211,7 @@ def optimize(
     default_guards: bool = True,
     warm_start: bool = True,
     early_stop: bool = True,
+    local_search: bool = True,
     storage: str | None = None,
     workers: int | None = None,
     ray_address: str | None = None,
@@ -228,7 +229,10 @@ def optimize(
     so that a short study never ends behind a one-line recipe. `early_stop`: multi-fidelity
     trials — a candidate a subset of the scored split shows over budget with confidence stops
     there (pruned, not timed), and so does a distillation the pruner finds falling behind;
-    false: every candidate is timed and scored in full (kept by --resume).
+    false: every candidate is timed and scored in full (kept by --resume). `local_search`:
+    every other trial tries a one-edit neighbour of the best recipes so far (one step more
+    pruning of the best within budget, longer distillation of a faster one over it:
+    search/neighbours.py) instead of the sampler's proposal.
 
     `storage`: the study's Optuna storage URL — default SQLite in the run folder;
     `postgresql://USER@HOST/DB`, or `journal:///PATH` (a file on a filesystem every worker
@@ -266,6 +270,7 @@ def optimize(
         starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
         warm_start=warm_start,
         early_stop=early_stop,
+        local_search=local_search,
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name
     # Here: rendering loads rich, plotly and jinja2, which only a study needs.

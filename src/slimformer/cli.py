@@ -213,6 +213,14 @@ def optimize(
             "distillation whose held-out loss falls behind the other trials'",
         ),
     ] = True,
+    local_search: Annotated[
+        bool,
+        typer.Option(
+            "--local-search/--no-local-search",
+            help="every other trial, try the best recipe within budget one step cheaper, or a "
+            "faster one over budget with longer distillation, instead of the sampler's proposal",
+        ),
+    ] = True,
     trials: Annotated[
         int | None,
         typer.Option(
@@ -318,6 +326,7 @@ def optimize(
                 default_guards=default_guards,
                 warm_start=warm_start,
                 early_stop=early_stop,
+                local_search=local_search,
                 storage=storage,
                 workers=workers,
                 ray_address=ray_address,
@@ -464,11 +473,21 @@ def assets_install(
         list[str] | None,
         typer.Argument(help="assets to install (default: all but vit-fashion, built on first use)"),
     ] = None,
+    train_for: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="train vit-fashion at most this long this time (e.g. 30m); the same command "
+            "goes on from where it stopped",
+        ),
+    ] = None,
 ) -> None:
     """Install and cache the offline models and data sets (idempotent)."""
     from slimformer import assets
+    from slimformer.search.settings import parse_duration
 
-    assets.install(names or None, log=lambda line: err.print(escape(line)))
+    train_for_s = parse_duration(train_for, "--for")
+    assets.install(names or None, log=lambda line: err.print(escape(line)), train_for_s=train_for_s)
 
 
 @assets_app.command("status")

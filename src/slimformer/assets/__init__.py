@@ -41,6 +41,7 @@ from slimformer.assets.reviews import (
 )
 from slimformer.assets.vit_fashion import (
     VIT_FASHION_INSTALL,
+    TrainingPaused,
     vit_fashion_path,
     vit_fashion_status,
 )
@@ -92,6 +93,9 @@ class Asset:
     # False: a failure to install it is logged, not fatal (Fashion-MNIST needs Debian's apt;
     # only the vision task's built-in set uses it).
     required: bool = True
+    # True: `install` is a training that can stop after a given time and go on later
+    # (`install(train_for_s=...)`, `slimformer assets install vit-fashion --for 30m`).
+    trains: bool = False
 
 
 CATALOGUE: tuple[Asset, ...] = (
@@ -135,6 +139,7 @@ CATALOGUE: tuple[Asset, ...] = (
         vit_fashion_status,
         is_model=True,
         by_default=False,
+        trains=True,
     ),
 )
 _BY_NAME: dict[str, Asset] = {
@@ -191,10 +196,13 @@ def _find(name: str) -> Asset:
 
 
 def install(
-    names: Sequence[str] | None = None, log: Callable[[str], None] = print
+    names: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+    train_for_s: float | None = None,
 ) -> list[AssetStatus]:
     """Install or cache the named assets (default: all but those built on first use), one log
-    line each."""
+    line each. `train_for_s`: an asset that is trained here trains at most that long this time
+    and goes on from there at the next install or use."""
     if names:
         wanted = list(dict.fromkeys(_find(n) for n in names))
     else:
@@ -202,7 +210,10 @@ def install(
     failures = []
     for asset in wanted:
         try:
-            path = asset.install()
+            path = asset.install(train_for_s=train_for_s) if asset.trains else asset.install()
+        except TrainingPaused as paused:
+            log(f"{asset.name}: {paused}; the same command goes on from there")
+            continue
         except SlimformerError as exc:
             log(f"{asset.name}: missing ({exc})")
             if asset.required or names:

@@ -33,6 +33,7 @@ class FFNPruneConfig:
         FloatRange(0.3, 0.95, step=0.05),
         "fraction of FFN neurons kept",
         valid=Interval(0, 1, open_low=True),
+        cheaper="lower",
     )
     criterion: str = criterion_field("neuron")
     allocation: str = allocation_field()

@@ -35,6 +35,7 @@ class HeadPruneConfig:
         FloatRange(0.25, 0.875, step=0.125),
         "fraction of attention heads kept (for grouped-query attention: of KV groups)",
         valid=Interval(0, 1, open_low=True),
+        cheaper="lower",
     )
     criterion: str = criterion_field("head")
     allocation: str = allocation_field()

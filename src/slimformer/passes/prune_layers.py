@@ -38,6 +38,7 @@ class LayerDropConfig:
         IntRange(1, lambda facts: max(1, facts.num_layers // 2), "1..layers/2"),
         "how many blocks to remove",
         valid=Interval(1, lambda facts: facts.num_layers - 1, label="[1, layers-1]"),
+        cheaper="higher",
     )
     criterion: str = searchable(
         "block_influence",

@@ -56,6 +56,7 @@ class DistillConfig:
         Choice((50, 100, 200, 400), only=False),
         "optimizer steps",
         valid=Interval(0, None),
+        recovers="higher",
     )
     lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4), only=False), "AdamW learning rate")
     hidden_weight: float = searchable(

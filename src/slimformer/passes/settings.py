@@ -126,13 +126,23 @@ def searchable(
     help: str,
     valid: Interval | None = None,
     when: tuple[str, tuple[Any, ...]] | None = None,
+    cheaper: str | None = None,
+    recovers: str | None = None,
 ) -> Any:
     """A config field the study may vary within `space`. The space is also what a recipe may
     set, unless `valid` declares a wider range of accepted numbers. `when=(setting, values)`:
     the setting matters only while another (declared earlier) has one of `values`; the study
-    varies it only then, and leaves it at its default otherwise."""
+    varies it only then, and leaves it at its default otherwise. `cheaper` / `recovers`
+    ("lower" or "higher", along the space's order): which way makes the model cheaper to
+    serve / wins back quality; the study's local search moves them (search/neighbours.py)."""
+    for name, way in (("cheaper", cheaper), ("recovers", recovers)):
+        if way not in (None, "lower", "higher"):
+            raise ValueError(f"{name} must be 'lower' or 'higher', not {way!r}")
     metadata = {"space": space, "help": help} | ({"valid": valid} if valid else {})
-    return field(default=default, metadata=metadata | ({"when": when} if when else {}))
+    metadata |= {"when": when} if when else {}
+    metadata |= {"cheaper": cheaper} if cheaper else {}
+    metadata |= {"recovers": recovers} if recovers else {}
+    return field(default=default, metadata=metadata)
 
 
 def searched_now(config_class: type, name: str, values: dict[str, Any]) -> bool:

@@ -19,7 +19,10 @@ from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import Withheld
 from slimformer.tasks import TaskSpec
 
-KnownGood = tuple[tuple[tuple[str, dict[str, Any]], ...], ...]  # recipes of (pass, config)
+KnownStep = tuple[str, dict[str, Any]]  # (pass, config)
+# A recipe's step, or its alternatives: the first whose pass is searched and whose settings this
+# CPU profits from, else the first searched one with the settings it withholds left out.
+KnownGood = tuple[tuple[KnownStep | tuple[KnownStep, ...], ...], ...]
 
 # Each engine's int8 alone, the engines that usually pay off most on CPUs first.
 ENGINES_INT8: KnownGood = (
@@ -28,12 +31,15 @@ ENGINES_INT8: KnownGood = (
     (("quantize.dynamic_int8", {}),),
 )
 # A sentence encoder's first structured recipe: 30% of the FFN neurons removed, 200 distillation
-# steps that mix in the general corpus and match hidden states and similarities, then OpenVINO's
-# int8. On all-MiniLM-L6-v2 (Zen 4, 2 cores) it served 1.25x OpenVINO int8 alone's throughput
-# and kept the probe within a point on both domains (-0.05 / +0.8 pt, recall@10 0.70), where
-# halving FFN and heads lost 2 points on the transfer domain however long it was distilled
+# steps that mix in the general corpus and match hidden states and similarities, then int8. On
+# all-MiniLM-L6-v2 (Zen 4, 2 cores) it served 1.25x OpenVINO int8 alone's throughput and kept
+# the probe within a point on both domains (-0.05 / +0.8 pt, recall@10 0.70), where halving FFN
+# and heads lost 2 points on the transfer domain however long it was distilled
 # (bench/results/embedding_transfer_candidates_short.json, _studies_peers_guarded.json). One
 # trial (~5-10 minutes on 2 cores) that a short study's sampler would seldom draw.
+# Its int8 is OpenVINO's NNCF where the CPU has VNNI, else ONNX Runtime's dynamic int8: on an
+# AVX2-only EPYC OpenVINO (NNCF withheld, f32) served this recipe at 288/s, behind ONNX Runtime
+# int8 alone at 336/s (bench/results/search_efficiency.json, trials 2 and 4).
 FFN_TRIMMED_AND_DISTILLED: KnownGood = (
     (
         ("prune.ffn", {"keep": 0.7}),
@@ -47,7 +53,7 @@ FFN_TRIMMED_AND_DISTILLED: KnownGood = (
                 "hidden_weight": 1.0,
             },
         ),
-        ("runtime.openvino", {"int8": "nncf"}),
+        (("runtime.openvino", {"int8": "nncf"}), ("runtime.onnxruntime", {"int8": "dynamic"})),
     ),
 )
 KNOWN_GOOD: KnownGood = ENGINES_INT8
@@ -68,21 +74,42 @@ KNOWN_GOOD_BY_TASK: dict[str, KnownGood] = {
 }
 
 
+def _is_alternatives(entry: KnownStep | tuple[KnownStep, ...]) -> bool:
+    return not isinstance(entry[0], str)
+
+
+def _pick_step(
+    entry: KnownStep | tuple[KnownStep, ...], offered: set[str], withheld: Withheld
+) -> Step | None:
+    """The entry's step as this study can run it (see KnownGood), or None when it cannot."""
+    options = entry if _is_alternatives(entry) else (entry,)
+    searched = [
+        (name, config)
+        for name, config in options
+        if name in offered and ("", "") not in withheld.get(name, ())
+    ]
+    for name, config in searched:
+        if not any((key, str(value)) in withheld.get(name, ()) for key, value in config.items()):
+            return Step(name, dict(config))
+    if not searched:
+        return None
+    name, config = searched[0]
+    gaps = withheld.get(name, ())
+    return Step(
+        name, {key: value for key, value in config.items() if (key, str(value)) not in gaps}
+    )
+
+
 def warm_start_recipes(
     pass_classes: Sequence[type[Pass]], withheld: Withheld, task: TaskSpec, seed: int
 ) -> list[Recipe]:
     """The portfolio for this study: the known-good recipes for its task whose passes the study
-    all offers, each setting this CPU withholds left at its pass's default."""
+    all offers, each setting this CPU withholds left at its pass's default (or swapped for the
+    recipe's alternative step, where it names one)."""
     offered = {cls.name for cls in pass_classes}
     recipes = []
     for known in KNOWN_GOOD_BY_TASK.get(task.name, KNOWN_GOOD):
-        steps = []
-        for name, config in known:
-            gaps = withheld.get(name, ())
-            if name not in offered or ("", "") in gaps:
-                break
-            kept = {key: value for key, value in config.items() if (key, str(value)) not in gaps}
-            steps.append(Step(name, kept))
-        else:
+        steps = [_pick_step(entry, offered, withheld) for entry in known]
+        if all(step is not None for step in steps):
             recipes.append(Recipe(steps=tuple(steps), task=task, seed=seed))
     return recipes

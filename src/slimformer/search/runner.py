@@ -62,6 +62,7 @@ from slimformer.search.distributed import (
 from slimformer.search.early_stop import DistillWatch, distill_study
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
+from slimformer.search.neighbours import neighbours
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
 from slimformer.search.run_folder import (
     CardWriter,
@@ -73,7 +74,13 @@ from slimformer.search.run_folder import (
 )
 from slimformer.search.selection import choose, pareto_front
 from slimformer.search.settings import StudySettings
-from slimformer.search.space import baseline_params, sample_recipe
+from slimformer.search.space import (
+    START_VALUES,
+    baseline_params,
+    recipe_params,
+    sample_recipe,
+    start_values,
+)
 from slimformer.search.storage import open_storage
 from slimformer.tasks import make_task, quality_drop
 
@@ -441,6 +448,7 @@ class Study:
         included; before each trial, those whose worker died are queued again.
         """
         done = repeats = 0
+        local_turn = True
         while remaining is None or done < remaining:
             optuna_study.reap(study)
             if self.trials_spent(study):
@@ -450,6 +458,9 @@ class Study:
                 detail = f": {left:.0f} s are left, a trial needs about {quickest:.0f} s"
                 self.reporter.note("the time budget is spent" + (detail if left > 0 else ""))
                 break
+            if self.settings.local_search and local_turn:
+                self._queue_neighbour(study)
+            local_turn = not local_turn
             trial = study.ask()
             try:
                 with liveness.working_on(trial, self.machine):
@@ -480,6 +491,27 @@ class Study:
             repeats = 0
             done += 1
             self.after_trial(study, frozen)
+
+    def _queue_neighbour(self, study: optuna.Study) -> None:
+        """Queue the first neighbour of the measured recipes (neighbours.py) no trial has
+        tried, unless recipes are queued already (the warm start, resumed trials)."""
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return
+        proposals = neighbours(
+            self.records(study),
+            self.pass_classes,
+            self.builder.facts,
+            (self.settings.cost_field, self.settings.cost_direction == "maximize"),
+            (self.task.metric, self.settings.max_drop),
+        )
+        for recipe in proposals:
+            params = recipe_params(recipe, self.pass_classes)
+            if optuna_study.was_queued(study, params):
+                continue
+            given = start_values(recipe, self.pass_classes)
+            study.enqueue_trial(params, user_attrs={START_VALUES: given} if given else None)
+            self.reporter.message(f"local search: next, {recipe.describe()}")
+            return
 
     def trials_spent(self, study: optuna.Study) -> bool:
         """Whether the trial budget is used up: by the trials of every worker of this machine

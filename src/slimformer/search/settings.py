@@ -72,8 +72,8 @@ def parse_max_drop(text: str | float) -> float:
     return value
 
 
-def parse_duration(text: str | None) -> float | None:
-    """'90s', '10m', '1.5h' or plain seconds -> seconds."""
+def parse_duration(text: str | None, option: str = "--time-budget") -> float | None:
+    """'90s', '10m', '1.5h' or plain seconds -> seconds; `option` names it in errors."""
     if text is None:
         return None
     raw = str(text).strip().lower()
@@ -81,11 +81,9 @@ def parse_duration(text: str | None) -> float | None:
     try:
         seconds = float(raw[:-1]) * scale if scale else float(raw)
     except ValueError:
-        raise SlimformerError(
-            f"--time-budget must look like 10m, 90s or 1h, got '{text}'"
-        ) from None
+        raise SlimformerError(f"{option} must look like 10m, 90s or 1h, got '{text}'") from None
     if not (math.isfinite(seconds) and seconds > 0):
-        raise SlimformerError(f"--time-budget must be a positive, finite duration, got '{text}'")
+        raise SlimformerError(f"{option} must be a positive, finite duration, got '{text}'")
     return seconds
 
 
@@ -117,6 +115,9 @@ class StudySettings:
     # (tasks/staging.py), or whose distillation falls behind (search/early_stop.py), stops
     # early as pruned. Off: every candidate is timed and scored in full.
     early_stop: bool = True
+    # Every other trial, a one-edit neighbour of the best recipes so far (neighbours.py);
+    # api/CLI default: on.
+    local_search: bool = False
 
     def __post_init__(self) -> None:
         if not _number(self.max_drop) or not (math.isfinite(self.max_drop) and self.max_drop >= 0):

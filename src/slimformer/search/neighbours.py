@@ -1,0 +1,164 @@
+"""Local search: one-edit neighbours of the recipes measured so far, tried between the
+sampler's proposals.
+
+Why: a 20-minute study on 2 cores measures about ten trials, and Optuna's TPE samples its first
+six at random (`n_startup_trials`), so after the warm start a short study's trials were random
+deep stacks, and both studies of bench/results/search_efficiency.json ended on a warm-start
+recipe (ONNX Runtime int8 alone). A recipe that met the budget is the best evidence of where
+the next one lies:
+
+- the best within-budget recipe (by the objective), one step cheaper in each of its settings
+  declared `cheaper=` (10% more FFN neurons or heads removed, a block more, more of the weights
+  factorized), one setting at a time, in the recipe's order;
+- each structured recipe that missed the budget by at most twice it (measured and faster than
+  that best one, or stopped early on a subset with such an estimate), closest first, with more
+  recovery: one step longer distillation (a setting declared `recovers=`), or
+  `recover.distill` added at its defaults where the study searches it.
+
+The runner queues the first of these that no trial has tried yet, every other trial, so the
+sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass
+from slimformer.recipe import Recipe, Step
+from slimformer.search.records import TrialRecord
+
+DISTILL = "recover.distill"
+# An over-budget recipe is worth more recovery when it missed by at most this many budgets (a
+# model 10 points down does not come back with 100 more distillation steps).
+RECOVERABLE = 2.0
+# A move spans at least this share of a FloatRange (prune.ffn's 0.05 steps: 0.1 of the
+# neurons), so that one neighbour costs visibly less than its parent.
+MOVE_SHARE = 0.1
+
+
+def neighbours(
+    records: Sequence[TrialRecord],
+    pass_classes: Sequence[type[Pass]],
+    facts: Any,
+    objective: tuple[str, bool],
+    budget: tuple[str, float],
+) -> list[Recipe]:
+    """The recipes to try next around the measured ones, most promising first (see above).
+    `objective`: the cost's measurement field and whether higher is better; `budget`: the
+    score's figure and the drop it may have (--max-drop)."""
+    cost_field, maximize = objective
+    offered = {cls.name: cls for cls in pass_classes}
+    here = [
+        r
+        for r in records
+        if r.recipe
+        and not r.stale
+        and r.duplicate_of is None
+        and all(step.get("pass") in offered for step in r.recipe.get("steps") or ())
+    ]
+
+    def better(record: TrialRecord) -> float:
+        cost = float(record.measurement[cost_field])
+        return cost if maximize else -cost
+
+    timed = [r for r in here if r.comparable and r.measurement.get(cost_field) is not None]
+    best = max((r for r in timed if r.feasible), key=better, default=None)
+    proposals: list[Recipe] = []
+    if best is not None:
+        proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
+    for record in _recoverable(here, offered, best, better, budget):
+        recipe = Recipe.from_dict(record.recipe)
+        recovered = _moved(recipe, offered, facts, "recovers")
+        if not recovered and DISTILL in offered and DISTILL not in _names(recipe):
+            recovered = [_with_step(recipe, Step(DISTILL, {}))]
+        proposals += recovered
+    return proposals
+
+
+def _recoverable(
+    records: Sequence[TrialRecord],
+    offered: dict[str, type[Pass]],
+    best: TrialRecord | None,
+    better: Any,
+    budget: tuple[str, float],
+) -> list[TrialRecord]:
+    """Structured recipes over budget by at most RECOVERABLE times it, closest first: measured
+    ones only when faster than `best`; stopped on a subset ones (not timed) by their estimate."""
+    figure, max_drop = budget
+    found = []
+    for record in records:
+        if record.state == "complete" and record.comparable and not record.feasible:
+            if record.drop is None or (best is not None and better(record) <= better(best)):
+                continue
+            drop = record.drop
+        elif record.state == "pruned" and (record.early_stop or {}).get("by") == "subset":
+            drop = record.early_stop.get("figures", {}).get(figure, {}).get("estimate")
+            if drop is None:
+                continue
+        else:
+            continue
+        recipe = Recipe.from_dict(record.recipe)
+        structured = any(_declared(offered, step, "cheaper") for step in recipe.steps)
+        if structured and drop <= RECOVERABLE * max(max_drop, 1e-9):
+            found.append((drop, record))
+    return [record for _, record in sorted(found, key=lambda pair: pair[0])]
+
+
+def _names(recipe: Recipe) -> set[str]:
+    return {step.pass_name for step in recipe.steps}
+
+
+def _declared(offered: dict[str, type[Pass]], step: Step, way: str) -> list[dataclasses.Field]:
+    cls = offered.get(step.pass_name)
+    if cls is None:
+        return []
+    return [f for f in dataclasses.fields(cls.config_class) if f.metadata.get(way)]
+
+
+def _moved(recipe: Recipe, offered: dict[str, type[Pass]], facts: Any, way: str) -> list[Recipe]:
+    """`recipe` with one setting declared `way` moved one step that way, for each such setting."""
+    moved = []
+    for index, step in enumerate(recipe.steps):
+        cls = offered.get(step.pass_name)
+        for setting in _declared(offered, step, way):
+            current = dataclasses.asdict(cls.make_config(step.config))[setting.name]
+            value = _step_from(current, setting.metadata["space"], setting.metadata[way], facts)
+            if value is None:
+                continue
+            changed = Step(step.pass_name, {**step.config, setting.name: value})
+            steps = recipe.steps[:index] + (changed,) + recipe.steps[index + 1 :]
+            moved.append(dataclasses.replace(recipe, steps=steps))
+    return moved
+
+
+def _step_from(current: Any, space: Any, direction: str, facts: Any) -> Any:
+    """The next value of a setting in its space, that way; None at the space's end."""
+    sign = 1 if direction == "higher" else -1
+    if isinstance(space, Choice):
+        options = list(space.options)
+        if current not in options:
+            higher = [o for o in options if o > current]
+            lower = [o for o in options if o < current]
+            return (
+                (min(higher) if higher else None) if sign > 0 else (max(lower) if lower else None)
+            )
+        at = options.index(current) + sign
+        return options[at] if 0 <= at < len(options) else None
+    if isinstance(space, IntRange):
+        low, high = space.resolve(facts)
+        value = current + sign
+        return value if low <= value <= high else None
+    if isinstance(space, FloatRange):
+        unit = space.step or (space.high - space.low) / 10
+        steps = max(1, math.ceil(round(MOVE_SHARE * (space.high - space.low) / unit, 6)))
+        value = round(current + sign * steps * unit, 6)
+        return value if space.low - 1e-9 <= value <= space.high + 1e-9 else None
+    return None
+
+
+def _with_step(recipe: Recipe, added: Step) -> Recipe:
+    steps = sorted((*recipe.steps, added), key=lambda step: get_pass(step.pass_name).stage)
+    return dataclasses.replace(recipe, steps=tuple(steps))

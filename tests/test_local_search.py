@@ -1,0 +1,121 @@
+"""Local search (search/neighbours.py): which recipes a study tries around the measured ones,
+and that the study loop queues them between the sampler's proposals (fake models)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fakes import FakeBuilder, FakeEvaluator
+from test_search_runner import RecordingReporter, settings, start, study, trials_file
+
+from slimformer.adapters import ModelFacts
+from slimformer.passes import get_pass
+from slimformer.recipe import Recipe, Step
+from slimformer.search.neighbours import neighbours
+from slimformer.search.records import TrialRecord
+
+PASSES = ("prune.ffn", "prune.heads", "prune.layers", "recover.distill", "runtime.onnxruntime")
+OFFERED = [get_pass(name) for name in PASSES]
+FACTS = ModelFacts(
+    num_layers=6, num_heads=12, num_kv_heads=12, hidden_size=384, intermediate_size=1536
+)
+THROUGHPUT = ("throughput_per_s", True)
+BUDGET = ("probe_accuracy", 0.01)
+ORT_INT8 = ("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
+DISTILL_200 = ("recover.distill", {"steps": 200, "lr": 1e-4})
+
+
+def record(number: int, steps, drop: float, throughput: float | None, **extra: Any):
+    recipe = Recipe(steps=tuple(Step(name, dict(config)) for name, config in steps))
+    state = extra.pop("state", "complete")
+    return TrialRecord(
+        number=number,
+        state=state,
+        description=recipe.describe(),
+        recipe=recipe.to_dict(),
+        quality=None if state == "pruned" else 0.8 - drop,
+        drop=None if state == "pruned" else drop,
+        feasible=None if state == "pruned" else drop <= BUDGET[1],
+        measurement={} if throughput is None else {"throughput_per_s": throughput},
+        **extra,
+    )
+
+
+BASELINE = record(0, (), 0.0, 100.0)
+
+
+def described(records) -> list[str]:
+    return [r.describe() for r in neighbours(records, OFFERED, FACTS, THROUGHPUT, BUDGET)]
+
+
+def test_the_best_recipe_within_budget_is_proposed_one_step_cheaper_per_setting():
+    best = record(2, [("prune.ffn", {"keep": 0.7}), DISTILL_200, ORT_INT8], 0.004, 400.0)
+    slower = record(1, [("prune.layers", {"count": 1}), ORT_INT8], 0.002, 300.0)
+    proposals = described([BASELINE, slower, best])
+    # FFN in steps of 0.05: a move is 0.1 of the neurons, enough to be measured apart.
+    assert proposals[0].startswith("prune.ffn(keep=0.6) + recover.distill(steps=200")
+    assert all("prune.layers" not in p for p in proposals)  # only the best one's neighbours
+    layered = record(3, [("prune.layers", {"count": 3}), ORT_INT8], 0.001, 500.0)
+    # Three of six blocks is the end of prune.layers' space (layers/2): nothing cheaper.
+    assert described([BASELINE, best, layered]) == []
+
+
+def test_a_faster_structure_over_budget_is_proposed_with_longer_distillation():
+    best = record(1, [("prune.ffn", {"keep": 0.7}), DISTILL_200, ORT_INT8], 0.004, 400.0)
+    close = record(2, [("prune.ffn", {"keep": 0.5}), DISTILL_200, ORT_INT8], 0.015, 480.0)
+    undistilled = record(3, [("prune.heads", {"keep": 0.5}), ORT_INT8], 0.012, 450.0)
+    hopeless = record(4, [("prune.ffn", {"keep": 0.3}), DISTILL_200], 0.08, 600.0)
+    slower = record(5, [("prune.heads", {"keep": 0.875}), ORT_INT8], 0.011, 350.0)
+    proposals = described([BASELINE, best, close, undistilled, hopeless, slower])
+    assert proposals[0].startswith("prune.ffn(keep=0.6)")  # the best one's neighbour first
+    recovered = proposals[1:]
+    # Closest to the budget first; a structure without distillation gets it at its defaults.
+    assert recovered[0] == "prune.heads(keep=0.5) + recover.distill + runtime.onnxruntime(" + (
+        "optimize=True,int8=dynamic)"
+    )
+    assert recovered[1].startswith("prune.ffn(keep=0.5) + recover.distill(steps=400")
+    assert len(recovered) == 2  # 8 points over is beyond recovery; a slower one is no gain
+
+
+def test_a_candidate_stopped_on_a_subset_near_the_budget_is_proposed_with_recovery():
+    best = record(1, [ORT_INT8], 0.005, 300.0)
+    stopped = record(
+        2,
+        [("prune.heads", {"keep": 0.5}), ("recover.distill", {"steps": 100}), ORT_INT8],
+        0.0,
+        None,
+        state="pruned",
+        early_stop={"by": "subset", "figures": {"probe_accuracy": {"estimate": 0.014}}},
+    )
+    far = record(
+        3,
+        [("prune.heads", {"keep": 0.25}), ORT_INT8],
+        0.0,
+        None,
+        state="pruned",
+        early_stop={"by": "subset", "figures": {"probe_accuracy": {"estimate": 0.2}}},
+    )
+    assert described([BASELINE, best, stopped, far]) == [
+        "prune.heads(keep=0.5) + recover.distill(steps=200) + runtime.onnxruntime("
+        "optimize=True,int8=dynamic)"
+    ]
+
+
+def test_a_study_tries_the_best_recipes_neighbour_between_sampled_trials(tmp_path):
+    layers = start(("prune.layers", {"count": 1, "criterion": "block_influence"}))
+    reporter = RecordingReporter()
+    chosen = settings(tmp_path, trials=5, starts=(layers,), local_search=True)
+    study(tmp_path, chosen, FakeBuilder(tmp_path), FakeEvaluator(), reporter=reporter)
+    descriptions = [t["description"] for t in trials_file(tmp_path / "run")]
+    assert descriptions[:3] == [
+        "baseline",
+        "prune.layers(count=1,criterion=block_influence)",
+        "prune.layers(count=2,criterion=block_influence)",  # queued by the local search
+    ]
+    assert any("local search: next, prune.layers(count=2" in m for m in reporter.of("message"))
+    # Off: nothing is queued by it.
+    quiet = RecordingReporter()
+    (tmp_path / "off").mkdir()
+    off = settings(tmp_path / "off", trials=3, starts=(layers,))
+    study(tmp_path / "off", off, FakeBuilder(tmp_path / "off"), FakeEvaluator(), reporter=quiet)
+    assert not any("local search" in m for m in quiet.of("message"))
