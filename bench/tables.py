@@ -85,18 +85,52 @@ def quantization_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def lowrank_table(part: dict) -> str:
+    """One part (minilm or smollm2) of a bench/lowrank.py result."""
+    base = part["baseline"]
+    bounded = part["task"] != "perplexity"
+    speeds = ("latency_ms_median", "throughput_per_s" if bounded else "decode_tokens_per_s")
+    quality = "probe acc" if bounded else "perplexity"
+    lines = [
+        f"| row | removed | {quality} | drop | "
+        + ("fidelity | " if bounded else "")
+        + " | ".join(f"{k} ×" for k in speeds)
+        + " |",
+        "|" + "---|" * (4 + bounded + len(speeds)),
+    ]
+    for row in part["rows"]:
+        ratio = row["ratio_to_baseline"]
+        if bounded:
+            cells = [f"{row['quality'] * 100:.2f}", f"{row['drop'] * 100:+.2f} pt"]
+            cells.append(f"{row.get('details', {}).get('cosine_fidelity', float('nan')):.3f}")
+        else:
+            cells = [f"{row['quality']:.4g}", f"{row['drop'] * 100:+.1f}%"]
+        cells += [f"{ratio.get(k, float('nan')):.2f}×" for k in speeds]
+        removed = f"{row['removed_fraction']:.1%}"
+        lines.append(f"| {row['row']} | {removed} | " + " | ".join(cells) + " |")
+    baseline_quality = f"{base['quality'] * 100:.2f}" if bounded else f"{base['quality']:.4g}"
+    header = f"baseline: {quality} {baseline_quality}, " + ", ".join(
+        f"{k} {base[k]:.4g} (spread {base['spread'][k]})" for k in speeds if k in base
+    )
+    return header + "\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("result", type=Path)
     args = parser.parse_args()
     result = json.loads(args.result.read_text())
     rows = result.get("rows", [])
-    if rows and "structure" in rows[0]:
+    if "minilm" in result or "smollm2" in result:
+        for name in ("minilm", "smollm2"):
+            if name in result:
+                print(f"{name} ({result['machine']})\n\n{lowrank_table(result[name])}\n")
+    elif rows and "structure" in rows[0]:
         print(pruning_table(result))
     elif rows and "mode" in rows[0]:
         print(quantization_table(result))
     else:
-        raise SystemExit(f"{args.result}: not a pruning or quantization result")
+        raise SystemExit(f"{args.result}: not a pruning, quantization or low-rank result")
 
 
 if __name__ == "__main__":
