@@ -504,9 +504,10 @@ class Study:
             (self.settings.cost_field, self.settings.cost_direction == "maximize"),
             (self.task.metric, self.settings.max_drop),
         )
+        tried = {t.user_attrs.get("description") for t in study.get_trials(deepcopy=False)}
         for recipe in proposals:
             params = recipe_params(recipe, self.pass_classes)
-            if optuna_study.was_queued(study, params):
+            if recipe.describe() in tried or optuna_study.was_queued(study, params):
                 continue
             given = start_values(recipe, self.pass_classes)
             study.enqueue_trial(params, user_attrs={START_VALUES: given} if given else None)
