@@ -136,21 +136,22 @@ def test_two_workers_on_postgres_one_killed_mid_trial_lose_nothing_and_finish(
             start_new_session=True,
         )
 
+        # A trial of the second worker that is in its build child (its request is written).
+        # Not merely running: a trial can wait without building (for the baseline, or for
+        # another worker measuring the same recipe) and then end as that one's duplicate.
         def second_mid_trial() -> optuna.trial.FrozenTrial | None:
             for trial in study().get_trials(states=(TrialState.RUNNING,)):
                 worker = trial.user_attrs.get("worker") or {}
-                if worker.get("pid") == second.pid and "description" in trial.user_attrs:
+                logs = tmp_path / "second" / "logs" / f"trial-{trial.number:03d}"
+                if worker.get("pid") == second.pid and any(logs.glob("*-request.json")):
                     return trial
             return None
 
-        assert _wait_for(lambda: second_mid_trial() is not None, 180, every=0.2), (
-            "the second worker never ran a trial: "
+        assert _wait_for(lambda: second_mid_trial() is not None, 300, every=0.2), (
+            "the second worker never built a trial: "
             + (second.stderr.read() if second.poll() else "")
         )
         killed = second_mid_trial()
-        # Into its build child: the trial's request is written.
-        logs = tmp_path / "second" / "logs" / f"trial-{killed.number:03d}"
-        assert _wait_for(lambda: any(logs.glob("*-request.json")), 120, every=0.2)
         finished_before = {
             t.number: t.values for t in study().get_trials(states=(TrialState.COMPLETE,))
         }
