@@ -182,6 +182,11 @@ def test_evaluation_times_and_scores_an_image_model(ws: Path) -> None:
     assert result.measurement["gflops_per_input"] > 0
 
 
+def _same_weights(one, two) -> None:
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_vit_training_is_deterministic_and_learns_digits() -> None:
     images, labels = digits()
     shape = ViTShape(
@@ -208,8 +213,7 @@ def test_vit_training_is_deterministic_and_learns_digits() -> None:
     short = replace(plan, epochs=0.2)
     one = train_vit(images[train], labels[train], shape, short, log=lambda line: None)
     two = train_vit(images[train], labels[train], shape, short, log=lambda line: None)
-    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    _same_weights(one, two)
 
 
 TINY_VIT = ViTShape(
@@ -225,11 +229,6 @@ TINY_VIT = ViTShape(
 TINY_PLAN = TrainingPlan(
     epochs=2, batch_size=64, keep_tokens=8, full_token_fraction=0.25, limit_images=256, threads=1
 )
-
-
-def _same_weights(one, two) -> None:
-    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
 
 
 def test_a_vit_training_paused_after_every_step_ends_with_the_same_weights(tmp_path: Path) -> None:
@@ -270,16 +269,8 @@ def test_a_vit_checkpoint_of_another_plan_or_damaged_is_not_resumed(tmp_path: Pa
 
 def test_saved_vit_reloads_with_its_normalization_and_scores_as_trained(tmp_path: Path) -> None:
     images, labels = digits()
-    shape = ViTShape(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=8,
-        patch_size=2,
-    )
     plan = TrainingPlan(epochs=1, batch_size=64, learning_rate=3e-3, keep_tokens=8, threads=1)
-    model = train_vit(images, labels, shape, plan, log=lambda line: None)
+    model = train_vit(images, labels, TINY_VIT, plan, log=lambda line: None)
     save_vit(model, tmp_path / "vit", {"test": True})
     root = tmp_path / "data"
     for i, (image, label) in enumerate(zip(images[:200], labels[:200], strict=True)):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -154,7 +153,7 @@ def _checkpoint_facts(shape: ViTShape, plan: TrainingPlan, images: int) -> dict:
 def _save_checkpoint(path: Path, model, optimizer, generator, order, facts: dict) -> None:
     """Everything the next step needs, in one safetensors file (no pickle), written atomically."""
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
@@ -162,28 +161,19 @@ def _save_checkpoint(path: Path, model, optimizer, generator, order, facts: dict
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).contiguous()
     tensors["generator"] = generator.get_state()
     tensors["order"] = order.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.close(fd)
-        save_file(tensors, tmp, metadata={"facts": json.dumps(facts)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, save(tensors, metadata={"facts": json.dumps(facts)}))
 
 
 def _load_checkpoint(path: Path, model, optimizer, generator, facts: dict):
     """(step, seconds, order) from a checkpoint of this very training, else None."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), "pt") as file:
             saved = json.loads((file.metadata() or {}).get("facts", "{}"))
-        if any(saved.get(key) != value for key, value in facts.items()):
-            return None
-        tensors = load_file(str(path))
+            if any(saved.get(key) != value for key, value in facts.items()):
+                return None
+            tensors = {key: file.get_tensor(key) for key in list(file.keys())}
     except (SafetensorError, OSError, ValueError, RuntimeError):  # absent or damaged: start over
         return None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -69,8 +69,7 @@ def neighbours(
     proposals: list[Recipe] = []
     if best is not None:
         proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
-    for record in _recoverable(here, offered, best, better, budget):
-        recipe = Recipe.from_dict(record.recipe)
+    for recipe in _recoverable(here, offered, best, better, budget):
         recovered = _moved(recipe, offered, facts, "recovers")
         if not recovered and DISTILL in offered and DISTILL not in _names(recipe):
             recovered = [_with_step(recipe, Step(DISTILL, {}))]
@@ -84,7 +83,7 @@ def _recoverable(
     best: TrialRecord | None,
     better: Any,
     budget: tuple[str, float],
-) -> list[TrialRecord]:
+) -> list[Recipe]:
     """Structured recipes over budget by at most RECOVERABLE times it, closest first: measured
     ones only when faster than `best`; stopped on a subset ones (not timed) by their estimate."""
     figure, max_drop = budget
@@ -103,8 +102,8 @@ def _recoverable(
         recipe = Recipe.from_dict(record.recipe)
         structured = any(_declared(offered, step, "cheaper") for step in recipe.steps)
         if structured and drop <= RECOVERABLE * max(max_drop, 1e-9):
-            found.append((drop, record))
-    return [record for _, record in sorted(found, key=lambda pair: pair[0])]
+            found.append((drop, recipe))
+    return [recipe for _, recipe in sorted(found, key=lambda pair: pair[0])]
 
 
 def _names(recipe: Recipe) -> set[str]:
@@ -137,16 +136,9 @@ def _moved(recipe: Recipe, offered: dict[str, type[Pass]], facts: Any, way: str)
 def _step_from(current: Any, space: Any, direction: str, facts: Any) -> Any:
     """The next value of a setting in its space, that way; None at the space's end."""
     sign = 1 if direction == "higher" else -1
-    if isinstance(space, Choice):
-        options = list(space.options)
-        if current not in options:
-            higher = [o for o in options if o > current]
-            lower = [o for o in options if o < current]
-            return (
-                (min(higher) if higher else None) if sign > 0 else (max(lower) if lower else None)
-            )
-        at = options.index(current) + sign
-        return options[at] if 0 <= at < len(options) else None
+    if isinstance(space, Choice):  # numbers; a value outside the options moves onto them
+        beyond = [option for option in space.options if (option - current) * sign > 0]
+        return min(beyond, key=lambda option: abs(option - current), default=None)
     if isinstance(space, IntRange):
         low, high = space.resolve(facts)
         value = current + sign

@@ -198,13 +198,6 @@ def is_waiting(study: optuna.Study, params: dict) -> bool:
     return any(t.system_attrs.get("fixed_params") == params for t in waiting)
 
 
-def was_queued(study: optuna.Study, params: dict) -> bool:
-    """Whether any trial, in any state, was queued with exactly these parameters."""
-    return any(
-        t.system_attrs.get("fixed_params") == params for t in study.get_trials(deepcopy=False)
-    )
-
-
 def defer(study: optuna.Study, trial: optuna.Trial) -> None:
     """Put an asked trial back at the end of the queue (it ran nothing): it is closed as
     failed, without an error, and queued again, once (not again on the next resume)."""

@@ -495,7 +495,8 @@ class Study:
     def _queue_neighbour(self, study: optuna.Study) -> None:
         """Queue the first neighbour of the measured recipes (neighbours.py) no trial has
         tried, unless recipes are queued already (the warm start, resumed trials)."""
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
             return
         proposals = neighbours(
             self.records(study),
@@ -504,10 +505,11 @@ class Study:
             (self.settings.cost_field, self.settings.cost_direction == "maximize"),
             (self.task.metric, self.settings.max_drop),
         )
-        tried = {t.user_attrs.get("description") for t in study.get_trials(deepcopy=False)}
+        tried = {t.user_attrs.get("description") for t in trials}
+        queued = [t.system_attrs.get("fixed_params") for t in trials]
         for recipe in proposals:
             params = recipe_params(recipe, self.pass_classes)
-            if recipe.describe() in tried or optuna_study.was_queued(study, params):
+            if recipe.describe() in tried or params in queued:
                 continue
             given = start_values(recipe, self.pass_classes)
             study.enqueue_trial(params, user_attrs={START_VALUES: given} if given else None)
