@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
 	bench-quantization bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa \
-	bench-fuzz bench-deadline bench-crash bench-lowrank bench-embedding bench-embedding-curves \
-	bench-search-efficiency \
+	bench-fuzz bench-deadline bench-crash bench-studies bench-lowrank bench-embedding \
+	bench-embedding-curves bench-search-efficiency \
 	lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
@@ -95,7 +95,7 @@ postgres:
 
 test-native: assets browser postgres
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=60
 
 test-avx2: assets
 	$(FORCED_AVX2) $(BIN)/python -m pytest -q $(wildcard $(ISA_TESTS))
@@ -105,11 +105,12 @@ test-avx2: assets
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
 # bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding,
 # bench-embedding-curves, bench-search-efficiency. Results:
-# bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline and bench-crash
-# are long tests that pass or fail.
+# bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
+# and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
 	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding \
-	bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash
+	bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash \
+	bench-studies
 
 bench-default: assets
 	$(BIN)/python bench/default_job.py
@@ -191,6 +192,13 @@ bench-deadline: assets
 # lost and best/ whole (~30 min; the suite runs a bounded loop on fake models).
 bench-crash: assets
 	$(BIN)/python -m pytest -q -m bench tests/test_crash_points.py
+
+# The real-model study checks kept out of the suite for time (~10 min): the SmolLM2 decoder
+# study within its budget, the default MiniLM study killed and resumed through the CLI, and
+# bench/peers.py's quick mode end to end.
+bench-studies: assets
+	$(BIN)/python -m pytest -q -m bench tests/test_decoder_study.py \
+		tests/test_integration_minilm.py tests/test_bench_peers.py
 
 # Low-rank factorization: each method at 10-40% removed on MiniLM (with and without
 # distillation), SmolLM2 perplexity at 10/20%, and the study with and without it.

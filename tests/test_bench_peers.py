@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# About 3 minutes on 2 cores: run by `make bench-studies`, not in the suite.
+pytestmark = pytest.mark.bench
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

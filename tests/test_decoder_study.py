@@ -14,7 +14,8 @@ from slimformer.generation import greedy
 from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec
 
-pytestmark = pytest.mark.slow
+# About 4 minutes on 2 cores: run by `make bench-studies`, not in the suite.
+pytestmark = pytest.mark.bench
 # The baseline's evaluation takes ~70 s on one thread of a Zen 4 and 77 s (89 s with its build)
 # on an AVX2-only EPYC, and a trial is only started when the time left holds 1.5 of it: at 240 s
 # the AVX2 machine never started an engine trial. 360 s leaves room for one at least, and the

@@ -179,6 +179,10 @@ def _finished_trials(run: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
+# The real default study through the CLI, killed and resumed (about 3 minutes on 2 cores): run
+# by `make bench-studies`. The suite kills and resumes studies of a tiny model
+# (tests/test_crash_points.py), which exercise the same run folder and resume code.
+@pytest.mark.bench
 def test_killed_study_resumes_without_losing_trials(tmp_path):
     run = tmp_path / "run"
     args = [
