@@ -136,11 +136,6 @@ class Task(ABC):
         a split too small to save anything, a reference state from before staging)."""
         return None
 
-    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
-        """The full split's score, reusing what `score_staged` computed on the subset: the
-        same figure as `score`."""
-        return self.score(model, state)
-
     def reported_figures(self) -> tuple[str, ...]:
         """The figures `score` reports (the score, then its details), which guards may name."""
         return (self.metric,)

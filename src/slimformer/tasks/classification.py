@@ -133,16 +133,7 @@ class ClassificationTask(Task):
         labels = state["labels"][picked]
         original = (state["reference_predicted"][picked] == labels).astype(np.float64)
         drops = original - (predicted == labels).astype(np.float64)
-        return Staged({self.metric: Paired(drops, len(examples))}, (picked, predicted))
-
-    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
-        picked, known = staged.carry
-        examples = self.examples(model, "test")
-        rest = np.setdiff1d(np.arange(len(examples)), picked)
-        predicted = np.zeros(len(examples), dtype=np.int64)
-        predicted[picked] = known
-        predicted[rest] = self._predict(model, examples, rest)
-        return self.make_score(float(np.mean(predicted == state["labels"])))
+        return Staged({self.metric: Paired(drops, len(examples))})
 
     @staticmethod
     @torch.inference_mode()

@@ -222,9 +222,6 @@ class EmbeddingTask(Task):
             )
         return state
 
-    def score(self, model: SlimModel, state: State) -> Score:
-        return self._score(model, state, {})
-
     def score_staged(self, model: SlimModel, state: State) -> Staged | None:
         """The probe's accuracy (and on the built-in data the transfer probe's) on a seeded
         subset, paired against the original's right and wrong answers on the same sentences.
@@ -233,12 +230,11 @@ class EmbeddingTask(Task):
         if self.mode not in ("built-in", "probe") or "probe_coef" not in state:
             return None
         texts = self.texts("test")
-        splits = [("test", "reference_test", "probe_", self.metric, texts, self.labels("test"))]
+        splits = [("reference_test", "probe_", self.metric, texts, self.labels("test"))]
         if self.mode == "built-in":
             rows = self._builtin["transfer_test"]
             splits.append(
                 (
-                    "transfer",
                     "transfer_reference_test",
                     "transfer_probe_",
                     "transfer_probe_accuracy",
@@ -246,8 +242,8 @@ class EmbeddingTask(Task):
                     np.array([y for _, y in rows]),
                 )
             )
-        figures, carry = {}, {}
-        for key, reference, probe, figure, split_texts, labels in splits:
+        figures = {}
+        for reference, probe, figure, split_texts, labels in splits:
             chosen = subset(len(split_texts), self.spec.seed, self.stage_minimum)
             if chosen is None:
                 continue
@@ -255,24 +251,16 @@ class EmbeddingTask(Task):
             original = probe_correct(_probe(state, probe), state[reference][chosen], labels[chosen])
             candidate = probe_correct(_probe(state, probe), vectors, labels[chosen])
             figures[figure] = Paired(original - candidate, len(split_texts))
-            carry[key] = (chosen, vectors)
-        return Staged(figures, carry) if figures else None
+        return Staged(figures) if figures else None
 
-    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
-        return self._score(model, state, staged.carry or {})
-
-    def _score(
-        self, model: SlimModel, state: State, known: dict[str, tuple[np.ndarray, np.ndarray]]
-    ) -> Score:
-        """`known`: embeddings already computed for some sentences of a split (by key: test,
-        transfer), as (indices, vectors)."""
+    def score(self, model: SlimModel, state: State) -> Score:
         self.check_model(model)
         if self.mode == "built-in" and "transfer_reference_test" not in state:
             raise SlimformerError(
                 "this run's reference arrays come from an earlier slimformer without the "
                 "transfer check; start it again with --overwrite"
             )
-        candidate = embed_rest(model, self.texts("test"), self.seq_len, known.get("test"))
+        candidate = embed(model, self.texts("test"), self.seq_len)
         details = geometry(state["reference_test"], candidate)
         if self.mode == "neighbours":
             return self.make_score(details.pop(RECALL), **details)
@@ -285,7 +273,7 @@ class EmbeddingTask(Task):
         if self.mode == "built-in":
             rows = self._builtin["transfer_test"]
             texts = [text for text, _ in rows]
-            transfer = embed_rest(model, texts, self.seq_len, known.get("transfer"))
+            transfer = embed(model, texts, self.seq_len)
             details["transfer_probe_accuracy"] = probe_accuracy(
                 _probe(state, "transfer_probe_"), transfer, np.array([y for _, y in rows])
             )
@@ -310,20 +298,3 @@ def embed(model: SlimModel, texts: list[str], max_length: int, batch_size: int =
         out[indices] = pooled.float().numpy()
     return out
 
-
-def embed_rest(
-    model: SlimModel,
-    texts: list[str],
-    max_length: int,
-    known: tuple[np.ndarray, np.ndarray] | None,
-) -> np.ndarray:
-    """`embed` of every text, those at `known`'s indices taken from its vectors."""
-    if known is None:
-        return embed(model, texts, max_length)
-    indices, vectors = known
-    rest = np.setdiff1d(np.arange(len(texts)), indices)
-    out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-    out[indices] = vectors
-    if len(rest):
-        out[rest] = embed(model, [texts[i] for i in rest], max_length)
-    return out

@@ -106,16 +106,7 @@ class PerplexityTask(Task):
         tokens = len(windows[0]) - 1
         drops = (nll - reference[picked]) / tokens
         figure = Paired(drops, len(windows), relative=True)
-        return Staged({self.metric: figure}, (picked, nll))
-
-    def score_rest(self, model: SlimModel, state: State, staged: Staged) -> Score:
-        picked, known = staged.carry
-        windows = self.examples(model, "test")[:EVAL_WINDOWS]
-        rest = np.setdiff1d(np.arange(len(windows)), picked)
-        nll = np.zeros(len(windows), dtype=np.float64)
-        nll[picked] = known
-        nll[rest] = _window_nll(model, [windows[i] for i in rest])
-        return self._perplexity(windows, nll)
+        return Staged({self.metric: figure})
 
     def _perplexity(self, windows: list[list[int]], nll: np.ndarray) -> Score:
         tokens = sum(len(w) - 1 for w in windows)

@@ -47,11 +47,13 @@ class Paired:
 
 @dataclass(frozen=True)
 class Staged:
-    """What a task scored on the subset: the paired figures, and what it reuses to score the
-    rest of the split (`Task.score_rest`)."""
+    """What a task scored on the subset: the paired figures. A candidate that passes is
+    scored again on the whole split, not on the rest alone: a model whose outputs depend on
+    the batch (dynamic int8 scales activations per batch, padding follows the longest input)
+    would otherwise record a figure the same model scored without early stopping does not
+    (0.20 and 0.55 pt for one ONNX Runtime int8 model, bench/results/search_efficiency.json)."""
 
     figures: dict[str, Paired]
-    carry: Any = None
 
 
 def subset(population: int, seed: int, minimum: int) -> np.ndarray | None:
