@@ -27,6 +27,8 @@ import pytest
 from inprocess import run_cli
 from optuna.trial import TrialState
 
+from slimformer.search import optuna_study
+
 CLI = [sys.executable, "-m", "slimformer.cli"]
 CHEAP = ["--passes", "prune.layers,quantize.dynamic_int8", "--no-warm-start"]
 STUDY = [*CHEAP, "--threads", "1", "--batch-size", "4", "--confirm-rounds", "0"]
@@ -179,12 +181,8 @@ def test_two_workers_on_postgres_one_killed_mid_trial_lose_nothing_and_finish(
     ]
     assert rerun, "the killed trial's recipe was not run again"
     # The study completed its budget and saved its choice.
-    counted = [
-        t
-        for t in final.trials
-        if (t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs)
-        or (t.state == TrialState.FAIL and "error" in t.user_attrs)
-    ]
+    # By the budget's rule: a trial stopped early (pruned) uses its slot too.
+    counted = [t for t in final.trials if optuna_study.to_record(t).counts]
     assert len(counted) == trials
     assert not final.get_trials(states=(TrialState.RUNNING,))
     assert (run / "best" / "metrics.json").is_file()
@@ -367,8 +365,6 @@ def test_a_journal_study_is_joined_by_a_worker_that_stops_at_the_shared_budget(
     assert ran == 0
     # The budget raised (as `optimize --resume --trials 6` does), a worker given the URL
     # runs the rest in a folder of its own, with the study's settings.
-    from slimformer.search import optuna_study
-
     study = optuna_study.join_study(journal)
     settings, withheld, started = optuna_study.shared(study)
     optuna_study.share(study, StudySettings(**{**chosen.__dict__, "trials": 6}), withheld, started)
@@ -396,7 +392,6 @@ def _trial(description: str, cpu: dict | None, latency: float, **attrs) -> optun
 
 def test_the_choice_compares_the_machine_that_measured_a_baseline_and_the_most_trials():
     from slimformer.cpu import CpuFingerprint
-    from slimformer.search import optuna_study
 
     here = CpuFingerprint.from_dict(_cpu("head node CPU"))
     study = optuna.create_study(directions=["maximize", "minimize"])

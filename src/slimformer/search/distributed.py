@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from slimformer.child import die_with_parent
 from slimformer.errors import SlimformerError
+from slimformer.search import optuna_study
 from slimformer.search.cores import available_cores
 from slimformer.search.liveness import WORKER, identity
 from slimformer.search.records import TrialRecord
@@ -72,18 +72,14 @@ def locate(target: str | os.PathLike[str], out: Path | None) -> tuple[str, Path]
 
 
 def trials_of_this_process(study: optuna.Study) -> int:
-    """The trials of the budget this process measured (repeats told at no cost, and trials
-    put back in the queue, left out)."""
+    """The trials of the budget this process measured (by the budget's own rule,
+    TrialRecord.counts: repeats told at no cost and interrupted trials left out)."""
     me = identity()
     return sum(
         1
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        for t in study.get_trials(deepcopy=False)
         if all((t.user_attrs.get(WORKER) or {}).get(k) == me[k] for k in ("host", "pid"))
-        and (
-            "duplicate_of" not in t.user_attrs
-            if t.state == TrialState.COMPLETE
-            else "error" in t.user_attrs
-        )
+        and optuna_study.to_record(t).counts
     )
 
 

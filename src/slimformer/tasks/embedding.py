@@ -297,4 +297,3 @@ def embed(model: SlimModel, texts: list[str], max_length: int, batch_size: int =
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         out[indices] = pooled.float().numpy()
     return out
-
