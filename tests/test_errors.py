@@ -1,13 +1,16 @@
 """Bad input on the command line: one line on stderr, exit code 2, no traceback, nothing lost.
 
-Every case runs the real CLI (`python -m slimformer.cli`) in a subprocess with the user's
-SLIMFORMER_CACHE. The commands are independent, so a session fixture starts them all at once
-on a small thread pool (each takes a few seconds, mostly importing torch) and every test waits
-for its own result. All errors here trigger before any optimization trial runs.
+Every case runs the CLI's console entry point (`cli.main`, the one that turns an error into
+one line and exit code 2) with the user's SLIMFORMER_CACHE. A few cases, one per kind of
+input, run it as the real program (`python -m slimformer.cli`) in a subprocess, started at
+once on a small thread pool; the rest run in this process (tests/inprocess.py), which saves
+the few seconds of importing torch that each subprocess pays. All errors here trigger before
+any optimization trial runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -19,11 +22,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+from inprocess import run_cli
 
 from slimformer import assets
 
 CLI = [sys.executable, "-m", "slimformer.cli"]
-WORKERS = 3
+WORKERS = 2
+# Run as the real program: a model folder, a rich-markup path, damaged weights, a recipe, a
+# run folder and data, so the subprocess's own stderr and exit code are checked for each kind.
+AS_PROGRAM = (
+    "missing_model",
+    "brackets_in_path",
+    "truncated_weights",
+    "recipe_invalid_yaml",
+    "existing_run_without_resume",
+    "classification_too_few_rows",
+)
 TIMEOUT_S = 300
 MISSING_MODEL = "/nonexistent/slimformer-model"
 
@@ -253,16 +268,19 @@ def out(name: str) -> Path:
 
 
 class Runner:
-    """Starts every case at once; `runner(name)` waits for that case's finished process."""
+    """Starts the AS_PROGRAM cases at once in subprocesses; `runner(name)` returns that case's
+    finished result, running an in-process case the first time it is asked for."""
 
     def __init__(self, root: Path):
         self.root = root
+        self.commands = _commands(root)
         self.pool = ThreadPoolExecutor(max_workers=WORKERS)
-        self.futures: dict[str, Future[subprocess.CompletedProcess[str]]] = {}
-        for name, args in _commands(root).items():
-            self.futures[name] = self.pool.submit(self._run, args)
+        self.futures: dict[str, Future[subprocess.CompletedProcess[str]]] = {
+            name: self.pool.submit(self._run_program, self.commands[name]) for name in AS_PROGRAM
+        }
+        self.done: dict[str, subprocess.CompletedProcess[str]] = {}
 
-    def _run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+    def _run_program(self, args: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*CLI, *args],
             cwd=self.root,  # `optimize` without --out would write runs/ here, not in the repo
@@ -272,8 +290,24 @@ class Runner:
             timeout=TIMEOUT_S,
         )
 
+    def _run_here(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        # A command may claim cores or set torch's threads before it fails: put them back so
+        # the next case (and test) runs as before.
+        cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+        try:
+            with contextlib.chdir(self.root):
+                result = run_cli(args)
+        finally:
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(threads)
+        return subprocess.CompletedProcess(args, result.code, result.stdout, result.stderr)
+
     def __call__(self, name: str) -> subprocess.CompletedProcess[str]:
-        return self.futures[name].result()
+        if name in self.futures:
+            return self.futures[name].result()
+        if name not in self.done:
+            self.done[name] = self._run_here(self.commands[name])
+        return self.done[name]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
