@@ -85,7 +85,7 @@ def weightings(weight: torch.Tensor) -> dict[str, Weighting]:
         "svd": Weighting(),
         "asvd": Weighting(in_factor=torch.rand(in_features, generator=generator).double() + 0.1),
         "whiten": Weighting(in_factor=factor),
-        "fisher": Weighting(out_scale=torch.rand(out_features, generator=generator).double() + 0.1),
+        "fisher": Weighting(in_factor=torch.rand(in_features, generator=generator).double() + 1.0),
     }
 
 

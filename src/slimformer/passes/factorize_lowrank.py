@@ -1,9 +1,9 @@
 """`factorize.lowrank`: replace attention and FFN matrices by two thinner ones, W ≈ up · down.
 
 Four ways to choose the factors (`lowrank_svd`: plain SVD, ASVD's activation scaling, SVD-LLM's
-whitening, FWSVD's Fisher row weights), one parameter budget spread over the selected matrices
-uniformly or by their spectra (`lowrank_allocation`), ranks rounded to a multiple that suits
-the GEMM kernels, and a matrix stays dense unless its pair is measured faster on this CPU at
+whitening, FWSVD's Fisher input-channel weights), one parameter budget spread over the selected
+matrices uniformly or by their spectra (`lowrank_allocation`), ranks rounded to a multiple that
+suits the GEMM kernels, and a matrix stays dense unless its pair is measured faster on this CPU at
 the row counts the task serves (`lowrank_timing`). Each factorized matrix becomes a
 `slimformer.layers.LowRankLinear` of two plain Linears, which later passes (distillation, int8)
 treat like any other Linear.
@@ -69,7 +69,7 @@ class LowRankConfig:
         Choice(METHODS),
         "how the factors are fitted: plain SVD of the weights, ASVD (input channels scaled by "
         "their mean activation), whitening by the calibration inputs (SVD-LLM), or Fisher-"
-        "weighted rows (FWSVD)",
+        "weighted input channels (FWSVD)",
     )
     budget: float = searchable(
         0.2,

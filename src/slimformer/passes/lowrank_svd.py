@@ -1,18 +1,22 @@
 """The math of `factorize.lowrank`: calibration statistics, weighted SVD, and the two factors.
 
-Every method factorizes a weighted matrix M = D·W·R (D: per output row, R: on the input side),
-truncates its SVD to rank r and moves the weights back out, so W ≈ up @ down with
-up = D⁻¹·U_r·√Σ_r and down = √Σ_r·V_rᵀ·R⁻¹. The truncation error of M at rank r is
+Every method factorizes a weighted matrix M = W·R (R on the input side), truncates its SVD to
+rank r and moves the weights back out, so W ≈ up @ down with up = U_r·√Σ_r and
+down = √Σ_r·V_rᵀ·R⁻¹. The truncation error of M at rank r is
 Σ_{i>r} σ_i², which is what each method makes mean something:
-- `svd`: D = R = I (plain Frobenius error of the weights; no data);
+- `svd`: R = I (plain Frobenius error of the weights; no data);
 - `asvd` (ASVD, Yuan et al. 2023): R = diag(s), s_j = (mean |x_j|)^α over calibration tokens,
   so input channels that carry large activations are kept more faithfully;
 - `whiten` (SVD-LLM, Wang et al. 2024): R = L, the Cholesky factor of the calibration inputs'
   XᵀX (+ damping), so Σ_{i>r} σ_i² is exactly the output error ‖X(W − W_r)ᵀ‖²_F on those
   inputs: truncation-aware whitening;
-- `fisher` (FWSVD, Hsu et al. 2022): D = diag(√I), I_i = Σ (∂L/∂W_ij)² over calibration
-  inputs (one gradient per input) and columns j: rows the loss is sensitive to are kept more
-  faithfully. L is the loss `importance` uses for its gradient criteria: next-token cross
+- `fisher` (FWSVD, Hsu et al. 2022): R = diag(√I), I_j = Σ (∂L/∂W_ij)² over calibration
+  inputs (one gradient per input) and output rows i: the input channels the loss is sensitive
+  to are kept more faithfully. FWSVD sums each row of its weight, laid out (in, out); torch's
+  Linear holds (out, in), so that is a column here. (Weighting the output rows instead, as an
+  earlier version did, was worse than plain SVD: SmolLM2-135M at 10% removed read 2.8 million
+  perplexity against SVD's 1.3 million, and 1,698 with the input side.) L is the loss
+  `importance` uses for its gradient criteria: next-token cross
   entropy for causal LMs, ½‖last hidden state‖² otherwise. A distillation loss against the
   original would be the task's own, but its gradient is zero at the original weights, so it
   cannot weight anything before the model has changed.
@@ -43,17 +47,14 @@ SCALE_FLOOR = 1e-3
 
 @dataclass
 class Weighting:
-    """M = out_scale[:, None] · W · in_factor, in float64; None means identity. `in_factor`
-    is a vector (diagonal) or a lower-triangular matrix."""
+    """M = W · in_factor, in float64; None means identity. `in_factor` is a vector (diagonal)
+    or a lower-triangular matrix."""
 
-    out_scale: torch.Tensor | None = None
     in_factor: torch.Tensor | None = None
     damping: float = 0.0  # λ added to the Gram matrix before its Cholesky (whiten)
 
     def weigh(self, weight: torch.Tensor) -> torch.Tensor:
         m = weight.detach().double()
-        if self.out_scale is not None:
-            m = self.out_scale[:, None] * m
         if self.in_factor is None:
             return m
         if self.in_factor.dim() == 1:
@@ -67,10 +68,6 @@ class Weighting:
         if self.in_factor.dim() == 1:
             return down / self.in_factor[None, :]
         return torch.linalg.solve_triangular(self.in_factor, down, upper=False, left=False)
-
-    def unweigh_up(self, up: torch.Tensor) -> torch.Tensor:
-        """D⁻¹ · up."""
-        return up if self.out_scale is None else up / self.out_scale[:, None]
 
 
 @contextlib.contextmanager
@@ -107,7 +104,7 @@ def factorize(
         )
     u, s, vh = torch.linalg.svd(weighting.weigh(weight), full_matrices=False)
     root = s[:rank].sqrt()
-    up = weighting.unweigh_up(u[:, :rank] * root[None, :])
+    up = u[:, :rank] * root[None, :]
     down = weighting.unweigh_down(root[:, None] * vh[:rank])
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise SlimformerError(
@@ -206,10 +203,11 @@ def fisher_weightings(
     layers: dict[str, nn.Module],
     calibration: Sequence[dict[str, torch.Tensor]],
 ) -> dict[str, Weighting]:
-    """Row weights √I of each layer: I_i = Σ over calibration inputs of Σ_j (∂L/∂W_ij)², one
-    gradient per input (the empirical Fisher's diagonal, summed over each row)."""
+    """Input-channel weights √I of each layer: I_j = Σ over calibration inputs of
+    Σ_i (∂L/∂W_ij)², one gradient per input (the empirical Fisher's diagonal, summed over
+    each input channel's column of the (out, in) weight: FWSVD's row sum in its layout)."""
     weights = {name: layer.weight for name, layer in layers.items()}
-    rows = {name: torch.zeros(w.shape[0], dtype=torch.float64) for name, w in weights.items()}
+    columns = {name: torch.zeros(w.shape[1], dtype=torch.float64) for name, w in weights.items()}
     trainable = [p for p in model.module.parameters() if p.requires_grad]
     for parameter in trainable:
         parameter.requires_grad_(False)
@@ -221,7 +219,7 @@ def fisher_weightings(
                 with torch.enable_grad():
                     gradient_loss(model, single).backward()
                 for name, weight in weights.items():
-                    rows[name] += weight.grad.double().pow(2).sum(1)
+                    columns[name] += weight.grad.double().pow(2).sum(0)
                     weight.grad = None
     finally:
         for weight in weights.values():
@@ -229,11 +227,11 @@ def fisher_weightings(
         for parameter in trainable:
             parameter.requires_grad_(True)
     weightings = {}
-    for name, importance in rows.items():
+    for name, importance in columns.items():
         scale = importance.sqrt()
         if float(scale.max()) <= 0:
             raise SlimformerError(f"the loss does not depend on {name}; cannot weight it")
-        weightings[name] = Weighting(out_scale=scale.clamp(min=SCALE_FLOOR * scale.max()))
+        weightings[name] = Weighting(in_factor=scale.clamp(min=SCALE_FLOOR * scale.max()))
     return weightings
 
 
