@@ -26,6 +26,7 @@ import torch
 from inprocess import run_cli
 
 from slimformer import assets
+from slimformer.search.cores import release_cores
 
 CLI = [sys.executable, "-m", "slimformer.cli"]
 WORKERS = 2
@@ -291,14 +292,14 @@ class Runner:
         )
 
     def _run_here(self, args: list[str]) -> subprocess.CompletedProcess[str]:
-        # A command may claim cores or set torch's threads before it fails: put them back so
+        # A command may claim cores or set torch's threads before it fails: give them back so
         # the next case (and test) runs as before.
-        cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+        threads = torch.get_num_threads()
         try:
             with contextlib.chdir(self.root):
                 result = run_cli(args)
         finally:
-            os.sched_setaffinity(0, cores)
+            release_cores()
             torch.set_num_threads(threads)
         return subprocess.CompletedProcess(args, result.code, result.stdout, result.stderr)
 

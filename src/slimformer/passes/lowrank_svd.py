@@ -70,6 +70,12 @@ class Weighting:
         return torch.linalg.solve_triangular(self.in_factor, down, upper=False, left=False)
 
 
+def channel_scaling(scale: torch.Tensor) -> Weighting:
+    """A per-input-channel weighting (asvd, fisher), floored at SCALE_FLOOR of its largest
+    entry so that unweighting never divides by a vanishing scale."""
+    return Weighting(in_factor=scale.clamp(min=SCALE_FLOOR * scale.max()))
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """Run the decompositions on one thread: LAPACK's SVD and eigensolvers gain little from a
@@ -170,7 +176,7 @@ def input_weightings(
         if method == "asvd":
             mean_abs = sums[name] / counts[name]
             scale = mean_abs.pow(ASVD_ALPHA)
-            weightings[name] = Weighting(in_factor=scale.clamp(min=SCALE_FLOOR * scale.max()))
+            weightings[name] = channel_scaling(scale)
         else:
             factor, damping = damped_cholesky(sums[name])
             weightings[name] = Weighting(in_factor=factor, damping=damping)
@@ -231,7 +237,7 @@ def fisher_weightings(
         scale = importance.sqrt()
         if float(scale.max()) <= 0:
             raise SlimformerError(f"the loss does not depend on {name}; cannot weight it")
-        weightings[name] = Weighting(in_factor=scale.clamp(min=SCALE_FLOOR * scale.max()))
+        weightings[name] = channel_scaling(scale)
     return weightings
 
 
