@@ -85,7 +85,7 @@ def logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.vit.layernorm(hidden)[:, 0])
 
 
-def test_accuracy(model, test_pixels, test_targets, images: int) -> float:
+def accuracy_on_test(model, test_pixels, test_targets, images: int) -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -112,7 +112,7 @@ def run(name: str, seconds: float, data, lr: float = 1e-3, batch: int = 64) -> d
     while (done := (time.perf_counter() - started - paused) / seconds) < 1:
         if done >= 0.25 * (len(curve) + 1):
             before = time.perf_counter()
-            accuracy = test_accuracy(model, test_pixels, test_targets, CURVE_IMAGES)
+            accuracy = accuracy_on_test(model, test_pixels, test_targets, CURVE_IMAGES)
             curve.append({"fraction": 0.25 * (len(curve) + 1), "test_accuracy": accuracy})
             paused += time.perf_counter() - before
         warm = done / 0.05 if done < 0.05 else 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95))
@@ -136,7 +136,7 @@ def run(name: str, seconds: float, data, lr: float = 1e-3, batch: int = 64) -> d
         "steps": steps,
         "images_seen": seen,
         "images_per_s": round(seen / seconds, 1),
-        "test_accuracy": test_accuracy(model, test_pixels, test_targets, TEST_IMAGES),
+        "test_accuracy": accuracy_on_test(model, test_pixels, test_targets, TEST_IMAGES),
         "curve": curve,
     }
 

@@ -79,7 +79,7 @@ def output_error(weight, up, down, x) -> float:
 # --- the math ------------------------------------------------------------------------------
 def weightings(weight: torch.Tensor) -> dict[str, Weighting]:
     generator = torch.Generator().manual_seed(1)
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     x = correlated_inputs(4 * in_features, in_features)
     factor, _ = damped_cholesky(x.double().T @ x.double())
     return {
