@@ -208,6 +208,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     only = [] if not args.only or set(args.only) == set(DEFAULT_PLANS) else args.only
     variant = ([args.init] if args.init != "default" else []) + (["sincos"] if args.sincos else [])
+    variant += [f"{args.seconds:g}s"] if variant else []
     write_result(
         "_".join(["vit_training_probes", *only, *variant]),  # a chosen few: a file of their own
         {
