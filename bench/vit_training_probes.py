@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from common import machine, write_result
 
 from slimformer.assets.fashion_mnist import CLASSES, fashion_mnist
-from slimformer.assets.vit_fashion import ViTShape, _sincos_positions, build_vit, normalize
+from slimformer.assets.vit_fashion import ViTShape, build_vit, normalize, sincos_positions
 
 TEST_IMAGES = 2000
 PLANS = {
@@ -145,7 +145,7 @@ def run(
     if init == "mimetic":
         mimetic_init(model, torch.Generator().manual_seed(1))
     if sincos:
-        _sincos_positions(model)
+        sincos_positions(model)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

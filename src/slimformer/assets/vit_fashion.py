@@ -113,7 +113,7 @@ def _logits_kept(model, pixels, keep: int, generator):
     return model.classifier(vit.layernorm(hidden)[:, 0])
 
 
-def _sincos_positions(model) -> None:
+def sincos_positions(model) -> None:
     """2-D sine-cosine position embeddings (still trained), zero for the class token."""
     import torch
 
@@ -226,7 +226,7 @@ def train_vit_resumable(
     num_labels = int(labels.max()) + 1
     model = build_vit(shape, num_labels, class_names)
     if plan.sincos:
-        _sincos_positions(model)
+        sincos_positions(model)
     model.train()
     pixels = normalize(images)
     targets = torch.from_numpy(labels)
