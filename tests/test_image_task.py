@@ -26,6 +26,8 @@ from slimformer.assets.vit_fashion import (
     TrainingPlan,
     ViTShape,
     accuracy,
+    build_vit,
+    mimetic_attention,
     save_vit,
     train_vit,
     train_vit_resumable,
@@ -197,14 +199,17 @@ def test_vit_training_is_deterministic_and_learns_digits() -> None:
         image_size=8,
         patch_size=2,
     )
-    # Patch dropout on (8 of 16 patches) until the last fifth of the steps; one thread, as
-    # the suite's other work shares the cores.
+    # Patch dropout on (8 of 16 patches) until the last fifth of the steps; mimetic attention
+    # but no sine-cosine positions (on a 4x4 grid they drown the patches: TrainingPlan.sincos);
+    # one thread, as the suite's other work shares the cores.
     plan = TrainingPlan(
         epochs=6,
         batch_size=64,
         learning_rate=3e-3,
         keep_tokens=8,
         full_token_fraction=0.2,
+        mimetic=True,
+        sincos=False,
         threads=1,
     )
     train, held_out = slice(0, 1500), slice(1500, None)
@@ -214,6 +219,25 @@ def test_vit_training_is_deterministic_and_learns_digits() -> None:
     one = train_vit(images[train], labels[train], shape, short, log=lambda line: None)
     two = train_vit(images[train], labels[train], shape, short, log=lambda line: None)
     _same_weights(one, two)
+
+
+def test_mimetic_attention_starts_heads_near_identity_and_value_output_near_minus_identity():
+    shape = ViTShape(hidden_size=96, num_hidden_layers=2, num_attention_heads=3)
+    model = build_vit(replace(shape, intermediate_size=384), 10)
+    mimetic_attention(model, torch.Generator().manual_seed(1))
+    eye = torch.eye(96)
+    for layer in model.vit.layers.requires_grad_(False):
+        attention = layer.attention
+        for head in range(3):
+            rows = slice(32 * head, 32 * (head + 1))
+            query_key = attention.q_proj.weight[rows].T @ attention.k_proj.weight[rows]
+            # The top 32 of 96 singular directions of 0.7 (Z + I) keep over a third of its
+            # diagonal (the directions Z stretches); Hugging Face's own init gives ~0.
+            assert 0.3 < query_key.diagonal().mean() < 0.7
+        value_output = attention.v_proj.weight.T @ attention.o_proj.weight.T
+        assert float(value_output.diagonal().mean()) == pytest.approx(-0.4, abs=0.05)
+        off_diagonal = value_output - value_output * eye
+        assert float(off_diagonal.std()) == pytest.approx(0.4 / 96**0.5, rel=0.1)
 
 
 TINY_VIT = ViTShape(
