@@ -4,8 +4,8 @@
     python bench/peers_vision.py --chosen runs/peers-vision/best   # a finished study's choice
     python bench/peers_vision.py --quick --out DIR   # tiny random ViT on a tiny image folder
 
-Workload: vit-fashion (ViTForImageClassification, 6 blocks, 196 patch tokens + the class
-token) with the image-classification task on the built-in Fashion-MNIST test images; accuracy
+Workload: vit-fashion (ViTForImageClassification, 4 blocks of width 64, 196 patch tokens +
+the class token) with the image-classification task on the built-in Fashion-MNIST test images; accuracy
 on the task's scored split, batch-1 latency, images/s at batch 32 and size. Every row is
 replayed with `slimformer.apply` and measured by `slimformer.benchmark` in a fresh process.
 
@@ -23,7 +23,7 @@ softmax instead of the fused kernel), `schedule=constant`, from the first block.
 ToMe README's off-the-shelf timm results for ViT-S/16 and ViT-B/16 (12 blocks, 196 patch
 tokens, no retraining, as vit-fashion is used here) take r=13, i.e. 156 of 196 patch tokens
 (80%) merged by the last block; the same fraction of this model's patches spread over its
-blocks gives r = 26 for vit-fashion (6 blocks: 197 -> 171 -> ... -> 41 tokens, the count
+blocks gives r = 39 for vit-fashion (4 blocks: 197 -> 158 -> 119 -> 80 -> 41 tokens, the count
 ViT-B/16 ends with at r=13). A reference row (not a peer) runs that r with slimformer's fused
 attention, so the fused kernel's share of the difference is visible.
 
