@@ -399,6 +399,19 @@ def test_the_trials_table_has_a_column_per_table_figure(tmp_path):
     assert "1.00×" in text and "★" in text
 
 
+def test_the_trials_tables_gain_is_on_the_studys_objective_not_always_latency(tmp_path):
+    # The fake's candidates differ in latency but all use 100 MB: a memory study gains nothing.
+    result = study(tmp_path, settings(tmp_path, 4, confirm_rounds=0, objective="memory"))
+    latencies = {r.measurement["latency_ms_median"] for r in result.trials if r.measurement}
+    assert len(latencies) > 1
+    console = Console(record=True, width=250)
+    console.print(trials_table(result.trials, result.settings, result.pareto, "trials"))
+    text = console.export_text()
+    assert "memory gain" in text and "speed-up" not in text
+    gains = re.findall(r"(\d+\.\d\d)×", text)
+    assert gains and set(gains) == {"1.00"}
+
+
 class DecoderEvaluator(FakeEvaluator):
     """A decoder's figures: decoding speed follows the fake latency, and int8 at the `ffn`
     scope stands for an engine that serves no KV cache (no decoding speed measured)."""

@@ -5,6 +5,7 @@ The model card (best/README.md) is card.py; both take their figures from figures
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -156,20 +157,22 @@ def trials_table(
     title: str,
     baseline: TrialRecord | None = None,
 ) -> Table:
-    """One row per record; speed-ups against `baseline` (default: the records' own, which a
-    front without the baseline on it lacks)."""
+    """One row per record; the last figure is how many times better than `baseline` (default:
+    the records' own, which a front without the baseline on it lacks) each is on the study's
+    objective: a speed-up for latency, throughput and decoding, a gain for memory."""
     bounded = _bounded(settings)
     baseline = baseline or next((r for r in records if r.is_baseline and r.comparable), None)
     table = Table(title=title, title_justify="left")
     figures = table_columns()
     guarded = bool(settings.guards)
-    columns = ["#", "recipe", "quality", "drop", *(f.column for f in figures), "speed-up"]
+    objective = BY_NAME[settings.objective]
+    gain_column = "memory gain" if settings.objective == "memory" else "speed-up"
+    columns = ["#", "recipe", "quality", "drop", *(f.column for f in figures), gain_column]
     columns += ["guards", "front"] if guarded else ["front"]
     for column in columns:
         table.add_column(column, justify="left" if column == "recipe" else "right")
-    blank = [""] * (len(columns) - 4)  # from the drop to the speed-up
-    latency = BY_NAME["latency"].field
-    base_latency = baseline.measurement.get(latency) if baseline else None
+    blank = [""] * (len(columns) - 4)  # from the drop to the gain
+    base_value = baseline.measurement.get(objective.field) if baseline else None
     for r in records:
         if r.stale:
             table.add_row(
@@ -190,7 +193,7 @@ def trials_table(
             )
             continue
         m = r.measurement
-        speedup = f"{base_latency / m[latency]:.2f}×" if base_latency and m.get(latency) else "—"
+        gain = improvement(base_value, m.get(objective.field), objective.lower_is_better)
         drop_text = format_drop(r.drop, bounded)
         if not r.feasible:
             drop_text = f"[yellow]{drop_text}[/yellow]"
@@ -202,7 +205,7 @@ def trials_table(
             format_quality(r.quality, bounded),
             drop_text,
             *(f.show(m) for f in figures),
-            speedup,
+            f"{gain:.2f}×" if math.isfinite(gain) else "—",
             *([guard_cell] if guarded else []),
             "★" if r.number in pareto else "",
         )
