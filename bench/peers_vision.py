@@ -216,7 +216,8 @@ def main() -> None:
         if (chosen_dir.parent / "run.json").is_file():
             study = study_summary(chosen_dir.parent, "TINY_VIT" if args.quick else MODEL)
 
-        r = args.tome_r or tome_r(slimformer.load(model).config)
+        config = slimformer.load(model).config
+        r = args.tome_r or tome_r(config)
         baseline = baseline_result(measure_baseline(model, spec))
         rows = [as_row("PyTorch fp32 eager", "peer", baseline)]
         runs = {
@@ -267,7 +268,8 @@ def main() -> None:
             "workload": (
                 "tiny random ViT (4 blocks, 16 patch tokens) on 640 digit images"
                 if args.quick
-                else "vit-fashion (6 blocks, 196 patch tokens), Fashion-MNIST test images; "
+                else f"vit-fashion ({config.num_hidden_layers} blocks of width "
+                f"{config.hidden_size}, 196 patch tokens), Fashion-MNIST test images; "
                 "accuracy on the task's scored split, batch-1 latency, images/s at batch 32"
             ),
             "tome_r": r,

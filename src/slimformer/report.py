@@ -184,12 +184,15 @@ def trials_table(
             )
             continue
         if r.state != "complete":
+            # Why, under the recipe: in the last column it would squeeze the recipes.
+            why = r.error or (r.early_stop or {}).get("reason") or ""
             table.add_row(
                 str(r.number),
-                escape(_clip(r.description, 60)),
+                escape(_clip(r.description, 60))
+                + (f"\n[dim]{escape(_clip(why, 60))}[/dim]" if why else ""),
                 f"[red]{r.state}[/red]",
                 *blank,
-                escape((r.error or (r.early_stop or {}).get("reason") or "")[:40]),
+                "",
             )
             continue
         m = r.measurement
