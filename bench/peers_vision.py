@@ -4,10 +4,10 @@
     python bench/peers_vision.py --chosen runs/peers-vision/best   # a finished study's choice
     python bench/peers_vision.py --quick --out DIR   # tiny random ViT on a tiny image folder
 
-Workload: vit-fashion (ViTForImageClassification, 4 blocks of width 64, 196 patch tokens +
-the class token) with the image-classification task on the built-in Fashion-MNIST test
-images; accuracy on the task's scored split, batch-1 latency, images/s at batch 32 and size. Every row is
-replayed with `slimformer.apply` and measured by `slimformer.benchmark` in a fresh process.
+Workload: vit-fashion (ViTForImageClassification, 4 blocks of width 64, 196 patch tokens + the
+class token) with the image-classification task on the built-in Fashion-MNIST test images;
+accuracy on the task's scored split, batch-1 latency, images/s at batch 32 and size. Every row
+is replayed with `slimformer.apply` and measured by `slimformer.benchmark` in a fresh process.
 
 Rows (peers): PyTorch fp32 eager; PyTorch dynamic int8 (torch.ao `quantize_dynamic` on every
 block Linear); ONNX Runtime with its transformer optimizer's fusions and dynamic int8 (the

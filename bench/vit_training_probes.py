@@ -4,8 +4,9 @@
     python bench/vit_training_probes.py --only shipped --seconds 60
 
 Each plan trains a fresh ViTForImageClassification (6 blocks, width 192, 2x2 patches on 28x28:
-196 patch tokens, vit-fashion's first shape) for a fixed wall-clock time with AdamW and a cosine schedule
-over that time, then scores 2,000 Fashion-MNIST test images at the full 196 tokens. Plans:
+196 patch tokens, vit-fashion's first shape) for a fixed wall-clock time with AdamW and a cosine
+schedule over that time, then scores 2,000 Fashion-MNIST test images at the full 196 tokens.
+Plans:
 
 - shipped: vit-fashion's first training plan, a random 49 of the 196 patch tokens per
   step (PatchDropout), every token in the last 3 % of the time;
