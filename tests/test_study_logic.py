@@ -347,6 +347,41 @@ def test_a_setting_that_conflicts_with_a_chosen_pass_is_never_sampled_with_it() 
     assert any(config.get("mode") == "unpadded" for config in alone)
 
 
+def test_a_pruning_that_keeps_every_unit_of_this_model_changes_nothing() -> None:
+    heads, ffn = get_pass("prune.heads"), get_pass("prune.ffn")
+    small = facts(4)  # 2 KV groups of heads, 64 FFN neurons per block (multiples of 16)
+    assert heads.changes_nothing(heads.make_config({"keep": 0.75}), small)  # round(1.5) = 2
+    assert not heads.changes_nothing(heads.make_config({"keep": 0.625}), small)
+    # Global allocation: 7 of the 8 groups, some block loses one.
+    assert not heads.changes_nothing(
+        heads.make_config({"keep": 0.875, "allocation": "global"}), small
+    )
+    assert ffn.changes_nothing(ffn.make_config({"keep": 0.9}), small)  # 58 rounds to 64
+    assert not ffn.changes_nothing(ffn.make_config({"keep": 0.85}), small)  # 54 -> 48
+    wide = replace(small, num_kv_heads=12, intermediate_size=1536)
+    assert not heads.changes_nothing(heads.make_config({"keep": 0.875}), wide)
+    assert not ffn.changes_nothing(ffn.make_config({"keep": 0.95}), wide)
+
+
+def test_the_sampler_leaves_out_a_pruning_that_would_change_nothing() -> None:
+    # Found on vit-fashion (2 heads per block): "keep 0.875 of the heads" kept both and was
+    # measured again as a new recipe.
+    passes = [get_pass("prune.heads"), get_pass("prune.ffn")]
+    study = make_study()
+    kept_heads, kept_ffn = set(), set()
+    for _ in range(120):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+        for step in recipe.steps:
+            config = get_pass(step.pass_name).make_config(step.config)
+            (kept_heads if step.pass_name == "prune.heads" else kept_ffn).add(
+                (config.keep, config.allocation)
+            )
+        study.tell(trial, [0.0, 0.0])
+    assert kept_heads and all(keep < 0.75 for keep, how in kept_heads if how == "uniform")
+    assert kept_ffn and all(keep < 0.9 for keep, how in kept_ffn if how == "uniform")
+
+
 def test_sample_recipe_with_the_baseline_params_is_the_empty_recipe() -> None:
     passes = registered_passes()
     study = make_study()

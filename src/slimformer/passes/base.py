@@ -206,6 +206,13 @@ class Pass(ABC):
         return config
 
     @classmethod
+    def changes_nothing(cls, config: Any, facts: ModelFacts) -> bool:
+        """Whether `config` would leave a model of these sizes as it is (keeping 0.75 of 2
+        heads keeps both): the search leaves such a step out, so that the model is not
+        measured again under another name."""
+        return False
+
+    @classmethod
     def as_applied(cls, config: Any, resolved: dict[str, Any]) -> Any:
         """The config that rebuilds what this run of the pass built, recorded in the model's
         recipe: the config itself, unless the pass stopped early (distillation at a deadline

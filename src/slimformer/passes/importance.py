@@ -133,6 +133,20 @@ def _accumulate(
     return count
 
 
+def _kept_count(count: int, size: int, multiple: int, minimum: int) -> int:
+    count = max(minimum, multiple * round(count / multiple) if multiple > 1 else count)
+    return min(size, count)
+
+
+def keeps_every_unit(
+    keep: float, allocation: str, sizes: Sequence[int], multiple: int, minimum: int
+) -> bool:
+    """Whether `choose_kept` keeps every unit of layers of these sizes, whatever the scores."""
+    if allocation == "uniform":
+        return all(_kept_count(round(keep * n), n, multiple, minimum) == n for n in sizes)
+    return round(keep * sum(sizes)) >= sum(sizes)  # global: the budget is every unit
+
+
 def choose_kept(
     scores: Sequence[torch.Tensor],
     keep: float,
@@ -159,8 +173,7 @@ def choose_kept(
         raise SlimformerError(f"unknown allocation '{allocation}'; choose uniform or global")
     kept = []
     for layer_scores, count, size in zip(scores, counts, sizes, strict=True):
-        count = max(minimum, multiple * round(count / multiple) if multiple > 1 else count)
-        count = min(size, count)
+        count = _kept_count(count, size, multiple, minimum)
         order = sorted(range(size), key=lambda i: (-float(layer_scores[i]), i))
         kept.append(sorted(order[:count]))
     return kept

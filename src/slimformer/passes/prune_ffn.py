@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from slimformer.adapters import ModelFacts
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     FloatRange,
@@ -17,7 +18,7 @@ from slimformer.passes.base import (
     register_pass,
     searchable,
 )
-from slimformer.passes.importance import choose_kept, unit_scores
+from slimformer.passes.importance import choose_kept, keeps_every_unit, unit_scores
 from slimformer.passes.unit_pruning import (
     allocation_field,
     criterion_field,
@@ -54,6 +55,12 @@ class FFNPrune(Pass):
     @classmethod
     def calibration_required(cls, config: FFNPruneConfig) -> bool:
         return needs_data(config.criterion)
+
+    @classmethod
+    def changes_nothing(cls, config: FFNPruneConfig, facts: ModelFacts) -> bool:
+        sizes = [facts.intermediate_size] * facts.num_layers
+        multiple = config.multiple
+        return keeps_every_unit(config.keep, config.allocation, sizes, multiple, multiple)
 
     def apply(self, model: SlimModel, config: FFNPruneConfig, ctx: PassContext) -> dict[str, Any]:
         adapter = model.adapter

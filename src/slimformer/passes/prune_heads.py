@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimformer.adapters import ModelFacts
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
     FloatRange,
@@ -19,7 +20,7 @@ from slimformer.passes.base import (
     register_pass,
     searchable,
 )
-from slimformer.passes.importance import choose_kept, unit_scores
+from slimformer.passes.importance import choose_kept, keeps_every_unit, unit_scores
 from slimformer.passes.unit_pruning import (
     allocation_field,
     criterion_field,
@@ -53,6 +54,11 @@ class HeadPrune(Pass):
     @classmethod
     def calibration_required(cls, config: HeadPruneConfig) -> bool:
         return needs_data(config.criterion)
+
+    @classmethod
+    def changes_nothing(cls, config: HeadPruneConfig, facts: ModelFacts) -> bool:
+        sizes = [facts.num_kv_heads] * facts.num_layers
+        return keeps_every_unit(config.keep, config.allocation, sizes, 1, 1)
 
     def apply(self, model: SlimModel, config: HeadPruneConfig, ctx: PassContext) -> dict[str, Any]:
         adapter = model.adapter

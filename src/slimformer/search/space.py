@@ -82,7 +82,10 @@ def sample_recipe(
             elif isinstance(space, FloatRange):
                 value = trial.suggest_float(key, space.low, space.high, step=space.step)
                 values[name] = round(value, 6)  # 0.9, not 0.9000000000000001, in recipes
-        full = asdict(cls.make_config(values))
+        config = cls.make_config(values)
+        if facts is not None and cls.changes_nothing(config, facts):
+            continue  # the recipe without it: the same model, measured once
+        full = asdict(config)
         step = Step(cls.name, {k: v for k, v in full.items() if k in values})
         # A setting that conflicts with a pass already chosen (padding-free batching after
         # token reduction) leaves this pass out rather than spend a trial on a refusal.
