@@ -129,6 +129,9 @@ class FakeBuilder:
         seconds = {s.pass_name: self.pass_seconds.get(s.pass_name, 0.01) for s in recipe.steps}
         return Built(recipe, seconds, load_s=0.01, save_s=0.01)
 
+    def passes_to_run(self, recipe: Recipe) -> list[str]:
+        return [step.pass_name for step in recipe.steps]
+
 
 @dataclass
 class FakeEvaluator:

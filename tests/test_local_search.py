@@ -101,6 +101,30 @@ def test_a_candidate_stopped_on_a_subset_near_the_budget_is_proposed_with_recove
     ]
 
 
+def test_a_trained_recipe_is_proposed_first_served_each_other_way_measured_within_budget():
+    offered = [*OFFERED, get_pass("runtime.openvino"), get_pass("quantize.dynamic_int8")]
+    ffn = ("prune.ffn", {"keep": 0.7})
+    trained = record(1, [ffn, DISTILL_200, ORT_INT8], 0.004, 400.0)
+    openvino_int8 = record(2, [("runtime.openvino", {"int8": "nncf"})], 0.006, 350.0)
+    openvino_f32 = record(3, [("runtime.openvino", {"int8": "none"})], 0.0, 250.0)
+    lossy = record(4, [("quantize.dynamic_int8", {})], 0.018, 500.0)  # over budget: not a way
+    untrained = record(5, [("prune.heads", {"keep": 0.5}), ORT_INT8], 0.009, 380.0)
+    records = [BASELINE, trained, openvino_int8, openvino_f32, lossy, untrained]
+    proposals = [r.describe() for r in neighbours(records, offered, FACTS, THROUGHPUT, BUDGET)]
+
+    def served(*steps) -> str:
+        return Recipe(steps=tuple(Step(name, dict(c)) for name, c in steps)).describe()
+
+    # Best way first; the trained recipe's own way (ONNX Runtime int8) is not proposed again,
+    # and the recipe without training has nothing kept to serve otherwise.
+    assert proposals[:2] == [
+        served(ffn, DISTILL_200, ("runtime.openvino", {"int8": "nncf"})),
+        served(ffn, DISTILL_200, ("runtime.openvino", {"int8": "none"})),
+    ]
+    assert proposals[2].startswith("prune.ffn(keep=0.6)")  # then the cheaper neighbours
+    assert not any("quantize.dynamic_int8" in p for p in proposals)
+
+
 def test_a_study_tries_the_best_recipes_neighbour_between_sampled_trials(tmp_path):
     layers = start(("prune.layers", {"count": 1, "criterion": "block_influence"}))
     reporter = RecordingReporter()

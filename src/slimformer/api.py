@@ -211,6 +211,7 @@ def optimize(
     default_guards: bool = True,
     warm_start: bool = True,
     early_stop: bool = True,
+    reuse_trained: bool = True,
     local_search: bool = True,
     storage: str | None = None,
     workers: int | None = None,
@@ -229,7 +230,9 @@ def optimize(
     so that a short study never ends behind a one-line recipe. `early_stop`: multi-fidelity
     trials — a candidate a subset of the scored split shows over budget with confidence stops
     there (pruned, not timed), and so does a distillation the pruner finds falling behind;
-    false: every candidate is timed and scored in full (kept by --resume). `local_search`:
+    false: every candidate is timed and scored in full (kept by --resume). `reuse_trained`:
+    keep each recipe's model as it stood after its training passes, and build later trials
+    that start with the same steps from it (trained_prefix.py). `local_search`:
     every other trial tries a one-edit neighbour of the best recipes so far (one step more
     pruning of the best within budget, longer distillation of a faster one over it:
     search/neighbours.py) instead of the sampler's proposal.
@@ -270,6 +273,7 @@ def optimize(
         starts=tuple(_checked_start(start).to_dict() for start in starts or ()),
         warm_start=warm_start,
         early_stop=early_stop,
+        reuse_trained=reuse_trained,
         local_search=local_search,
     )
     out_dir = Path(out) if out else Path("runs") / Path(name).name

@@ -8,7 +8,9 @@ with the recipe as applied (with the decisions its passes resolved) and how long
 The calibration and training batches come from a file the study writes once (`save_batches`),
 so a child does not read and tokenize the task's data again. A pass registered by a module
 outside slimformer (a plugin, a test's pass) is found in the child by importing that module,
-which must be importable there too (on PYTHONPATH).
+which must be importable there too (on PYTHONPATH). Given a `reuse` folder, a recipe that trains
+keeps its trained prefix there for later builds that start with the same steps
+(trained_prefix.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +27,12 @@ from slimformer.child import child_main, report_stage, report_value, run_child
 from slimformer.passes import get_pass
 from slimformer.recipe import Recipe
 from slimformer.taskspec import TaskSpec
+from slimformer.trained_prefix import (
+    TrainedPrefixes,
+    prefix_key,
+    ran_to_the_end,
+    split_at_training,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +47,8 @@ class Built:
 
     recipe: Recipe
     pass_seconds: dict[str, float] = field(default_factory=dict)  # by pass name
+    # The passes not run because a trained prefix an earlier build kept was loaded instead.
+    reused: tuple[str, ...] = ()
     load_s: float = 0.0  # the original model and the batches
     save_s: float = 0.0
 
@@ -56,12 +66,14 @@ def build_isolated(
     kill_at: float | None = None,
     threads: int | None = None,
     on_value: Callable[[int, float], str | None] | None = None,
+    reuse: Path | None = None,
 ) -> Built:
     """Apply `recipe` to the model in `reference_dir` and save it in `out`, in a child whose
     request, answer and log are kept in `workdir`. Long passes stop at `passes_deadline`; the
     child is killed at `kill_at` (both epoch seconds). `threads`: torch's threads in the child
     (None: torch's default). `on_value`: the training passes report intermediate values to it
-    (step, held-out loss); a reason it returns stops the build (`child.Stopped`). Raises
+    (step, held-out loss); a reason it returns stops the build (`child.Stopped`). `reuse`:
+    where trained prefixes are kept (trained_prefix.py; None: never). Raises
     `CandidateFailed` with the reason."""
     modules = {get_pass(step.pass_name).__module__ for step in recipe.steps}
     request = {
@@ -74,6 +86,7 @@ def build_isolated(
         "threads": threads,
         "pass_modules": sorted(m for m in modules if not m.startswith("slimformer.")),
         "intermediate": on_value is not None,
+        "reuse": str(reuse) if reuse else None,
     }
     answer = run_child(
         "slimformer.build",
@@ -87,6 +100,7 @@ def build_isolated(
     return Built(
         recipe=Recipe.from_dict(answer["recipe"]),
         pass_seconds=answer["pass_seconds"],
+        reused=tuple(answer.get("reused", ())),
         load_s=answer["load_s"],
         save_s=answer["save_s"],
     )
@@ -156,7 +170,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
 
     from slimformer.checkpoint import load_model, save_model
     from slimformer.passes.base import intermediate_values, passes_deadline
-    from slimformer.pipeline import apply_recipe, sorted_steps
+    from slimformer.pipeline import apply_recipe, check_recipe, sorted_steps
     from slimformer.tasks import make_task
 
     for module in request["pass_modules"]:
@@ -166,16 +180,42 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     task = make_task(TaskSpec.from_dict(request["task"]))
     recipe = Recipe.from_dict(request["recipe"])
-    report_stage("loading the original")
-    original = load_model(Path(request["model"]), head=task.head)
+    check_recipe(recipe)  # whole: its parts below are checked only each alone
+    # A recipe that trains is built in two parts, the trained prefix kept for later trials
+    # that start with the same steps (trained_prefix.py); one kept by an earlier trial is
+    # loaded instead of trained again, and the original is not needed at all.
+    prefix, rest = split_at_training(sorted_steps(recipe))
+    prefixes = TrainedPrefixes(Path(request["reuse"])) if request.get("reuse") else None
+    key = prefix_key(request["model"], request["task"], prefix, recipe.seed) if prefix else ""
+    kept = prefixes.find(key) if prefixes is not None and prefix else None
+    if kept is not None:
+        report_stage("loading the trained model an earlier trial kept")
+        start, to_run = load_model(kept, head=task.head), rest
+    else:
+        report_stage("loading the original")
+        start, to_run = load_model(Path(request["model"]), head=task.head), prefix + rest
     calibration, training, general = (
         load_batches(Path(request["batches"])) if request["batches"] else ([], [], [])
     )
     load_s = time.monotonic() - started
-    clock = _PassClock([step.pass_name for step in sorted_steps(recipe)])
+    clock = _PassClock([step.pass_name for step in to_run])
     listener = report_value if request.get("intermediate") else None
     with passes_deadline(request["passes_deadline"]), intermediate_values(listener):
-        candidate = apply_recipe(original, recipe, calibration, clock.progress, training, general)
+        if kept is None and prefix:
+            before = len(start.recipe.steps)
+            start = apply_recipe(
+                start,
+                replace(recipe, steps=prefix),
+                calibration,
+                clock.progress,
+                training,
+                general,
+            )
+            if prefixes is not None and ran_to_the_end(start.recipe.steps[before:]):
+                prefixes.keep(key, start)
+        candidate = apply_recipe(
+            start, replace(recipe, steps=rest), calibration, clock.progress, training, general
+        )
     clock.stop()
     report_stage("saving")
     saving = time.monotonic()
@@ -183,6 +223,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     return {
         "recipe": candidate.recipe.to_dict(),
         "pass_seconds": clock.seconds,
+        "reused": [step.pass_name for step in prefix] if kept is not None else [],
         "load_s": round(load_s, 3),
         "save_s": round(time.monotonic() - saving, 3),
     }

@@ -213,6 +213,14 @@ def optimize(
             "distillation whose held-out loss falls behind the other trials'",
         ),
     ] = True,
+    reuse_trained: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-trained/--no-reuse-trained",
+            help="keep each recipe's model as it stood after distillation, and build later "
+            "trials that start with the same steps from it instead of training again",
+        ),
+    ] = True,
     local_search: Annotated[
         bool,
         typer.Option(
@@ -326,6 +334,7 @@ def optimize(
                 default_guards=default_guards,
                 warm_start=warm_start,
                 early_stop=early_stop,
+                reuse_trained=reuse_trained,
                 local_search=local_search,
                 storage=storage,
                 workers=workers,

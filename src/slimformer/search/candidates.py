@@ -22,8 +22,10 @@ from slimformer.checkpoint import load_model
 from slimformer.evaluate import EvaluationResult, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Pass
+from slimformer.pipeline import sorted_steps
 from slimformer.recipe import Recipe
 from slimformer.tasks import TaskSpec, make_task, reference_state
+from slimformer.trained_prefix import TrainedPrefixes, prefix_key, split_at_training
 
 Stage = Callable[[str], None]
 
@@ -85,6 +87,12 @@ class Builder(Protocol):
         `child.Stopped` (only passed when given)."""
         ...
 
+    def passes_to_run(self, recipe: Recipe) -> list[str]:
+        """The passes a build of `recipe` would run now, in order: all of them, unless an
+        earlier build kept its trained prefix (trained_prefix.py). The time budget's
+        estimate of a trial counts these."""
+        ...
+
 
 def child_evaluator(task: TaskSpec, state_path: Path, measure: MeasureSettings) -> Evaluator:
     """The default: each evaluation in a fresh child process (clean memory, crashes contained)."""
@@ -119,13 +127,22 @@ class ModelBuilder:
     """The real original model: loaded here once to prepare the study; each candidate is built
     from it in a child process (build.py)."""
 
-    def __init__(self, model: str, task: TaskSpec, batches_path: Path, threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        task: TaskSpec,
+        batches_path: Path,
+        threads: int | None = None,
+        reuse: Path | None = None,
+    ):
         """`batches_path`: where the calibration and training batches are kept for the
-        children (in the run folder); `threads`: torch's threads in them (None: its default)."""
+        children (in the run folder); `threads`: torch's threads in them (None: its default);
+        `reuse`: where trained prefixes are kept for later trials (None: never)."""
         self.model = model
         self.task = make_task(task)
         self.batches_path = batches_path
         self.threads = threads
+        self.reuse = reuse
         self.facts: Any = None
 
     @property
@@ -175,4 +192,14 @@ class ModelBuilder:
             kill_at=kill_at,
             threads=self.threads,
             on_value=on_value,
+            reuse=self.reuse,
         )
+
+    def passes_to_run(self, recipe: Recipe) -> list[str]:
+        steps = sorted_steps(recipe)
+        prefix, rest = split_at_training(steps)
+        if self.reuse is not None and prefix:
+            key = prefix_key(str(self.reference_dir), self.task.spec.to_dict(), prefix, recipe.seed)
+            if TrainedPrefixes(self.reuse).find(key, touch=False) is not None:
+                steps = rest
+        return [step.pass_name for step in steps]

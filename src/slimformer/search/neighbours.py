@@ -15,6 +15,15 @@ the next one lies:
   recovery: one step longer distillation (a setting declared `recovers=`), or
   `recover.distill` added at its defaults where the study searches it.
 
+And first, because they cost seconds where the others cost minutes:
+
+- each recipe that trains (distillation) measured within twice the budget, best first, served
+  the other ways the study measured within budget (the steps after training of those recipes:
+  another engine, another int8), best of those first. Its trained model is kept by the first
+  build (trained_prefix.py), so such a trial only converts, scores and times it; which engine
+  serves a pruned, distilled model best is not known before it is measured (OpenVINO's int8
+  wins with VNNI, ONNX Runtime's without: bench/results/search_efficiency.json).
+
 The runner queues the first of these that no trial has tried yet, every other trial, so the
 sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
 """
@@ -26,9 +35,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from slimformer.passes import Choice, FloatRange, IntRange, Pass, get_pass
+from slimformer.errors import SlimformerError
+from slimformer.passes import Choice, FloatRange, IntRange, Pass, Phase, get_pass
+from slimformer.pipeline import check_recipe, sorted_steps
 from slimformer.recipe import Recipe, Step
 from slimformer.search.records import TrialRecord
+from slimformer.trained_prefix import split_at_training
 
 DISTILL = "recover.distill"
 # An over-budget recipe is worth more recovery when it missed by at most this many budgets (a
@@ -66,7 +78,7 @@ def neighbours(
 
     timed = [r for r in here if r.comparable and r.measurement.get(cost_field) is not None]
     best = max((r for r in timed if r.feasible), key=better, default=None)
-    proposals: list[Recipe] = []
+    proposals: list[Recipe] = _served_otherwise(timed, better, budget)
     if best is not None:
         proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
     for recipe in _recoverable(here, offered, best, better, budget):
@@ -75,6 +87,48 @@ def neighbours(
             recovered = [_with_step(recipe, Step(DISTILL, {}))]
         proposals += recovered
     return proposals
+
+
+def _served_otherwise(
+    timed: Sequence[TrialRecord], better: Any, budget: tuple[str, float]
+) -> list[Recipe]:
+    """Trained recipes within RECOVERABLE budgets, best first, each with the deployment steps
+    of the recipes measured within budget, best first, in place of its own (see above)."""
+    _, max_drop = budget
+    ranked = sorted(timed, key=better, reverse=True)
+    deployments: list[tuple[Step, ...]] = []
+    for record in ranked:
+        steps = _deployment(Recipe.from_dict(record.recipe))
+        if record.feasible and steps and steps not in deployments:
+            deployments.append(steps)
+    proposals = []
+    for record in ranked:
+        if record.drop is None or record.drop > RECOVERABLE * max(max_drop, 1e-9):
+            continue
+        recipe = Recipe.from_dict(record.recipe)
+        trained, _ = split_at_training(sorted_steps(recipe))
+        if not trained:
+            continue
+        for steps in deployments:
+            if steps == _deployment(recipe):
+                continue
+            candidate = dataclasses.replace(recipe, steps=_bare(trained) + steps)
+            try:
+                check_recipe(candidate)
+            except SlimformerError:  # e.g. an engine that cannot export a pass before it
+                continue
+            proposals.append(candidate)
+    return proposals
+
+
+def _deployment(recipe: Recipe) -> tuple[Step, ...]:
+    """The steps that serve the model: those after training (int8, precision, engine)."""
+    return _bare(s for s in sorted_steps(recipe) if get_pass(s.pass_name).phase > Phase.RECOVERY)
+
+
+def _bare(steps: Any) -> tuple[Step, ...]:
+    """Steps as configured, without what their run resolved (so equal steps compare equal)."""
+    return tuple(Step(step.pass_name, dict(step.config)) for step in steps)
 
 
 def _recoverable(

@@ -12,6 +12,8 @@ report.html             the page a person reads: the front, every trial, the mac
 task_state.safetensors  the task's reference arrays (the run stays self-contained)
 batches.safetensors     the calibration and training batches the build children read
 candidates/trial-NNN/   the models on the current front
+trained/KEY/            models as they stood after their recipe's training, for the later
+                        trials that start with the same steps (trained_prefix.py)
 best/                   the chosen model, metrics.json and the model card
 logs/trial-NNN/         the trial's build and evaluation children: request, result and log
                         (a failed trial's traceback is there)
@@ -68,6 +70,10 @@ class RunFolder:
     def storage_url(self) -> str:
         # Absolute: a worker started from another folder finds the same file.
         return f"sqlite:///{self.path.resolve() / 'study.db'}"
+
+    @property
+    def trained_dir(self) -> Path:
+        return self.path / "trained"
 
     @property
     def best_dir(self) -> Path:

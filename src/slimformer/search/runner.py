@@ -155,7 +155,11 @@ class Study:
         self.storage_url = storage_url or folder.storage_url
         self.machine = optuna_study.machine_key(self.cpu)
         self.builder = builder or ModelBuilder(
-            settings.model, settings.task, folder.batches_path, settings.measure.threads
+            settings.model,
+            settings.task,
+            folder.batches_path,
+            settings.measure.threads,
+            reuse=folder.trained_dir if settings.reuse_trained else None,
         )
         self.evaluate = evaluator or child_evaluator(
             settings.task, folder.state_path, settings.measure
@@ -225,7 +229,7 @@ class Study:
                 trial.study.enqueue_trial(params)
             raise _BaselineFirst
         history = self.timings(trial.study)
-        needed = estimate([step.pass_name for step in recipe.steps], history)
+        needed = estimate(self.builder.passes_to_run(recipe), history)
         if needed > self.budget.left():
             raise _DoesNotFit(
                 f"trial {trial.number} ({description}) needs about {needed:.0f} s, "
@@ -416,6 +420,7 @@ class Study:
             load_s=built.load_s,
             save_s=built.save_s,
             passes=built.pass_seconds,
+            **({"reused": list(built.reused)} if built.reused else {}),
         )
         began = time.monotonic()
         screen = self._screen(recipe)

@@ -115,6 +115,10 @@ class StudySettings:
     # (tasks/staging.py), or whose distillation falls behind (search/early_stop.py), stops
     # early as pruned. Off: every candidate is timed and scored in full.
     early_stop: bool = True
+    # A recipe's model as it stood after its training passes is kept in the run folder, and a
+    # later trial that starts with the same steps loads it instead of training again
+    # (trained_prefix.py). Off: every trial builds from the original.
+    reuse_trained: bool = True
     # Every other trial, a one-edit neighbour of the best recipes so far (neighbours.py);
     # api/CLI default: on.
     local_search: bool = False
