@@ -20,6 +20,7 @@ from slimformer.cpu import fingerprint
 from slimformer.evaluate import EvaluationResult
 from slimformer.recipe import Recipe
 from slimformer.tasks.staging import Paired, Staged, dominated
+from slimformer.trained_prefix import prefix_key, split_at_training
 
 PASSES = ("prune.layers", "quantize.dynamic_int8")
 SCOPE_EFFECT = {  # scope -> (quality lost, latency factor)
@@ -78,6 +79,10 @@ class FakeBuilder:
     losses: dict[str, dict[int, float]] = field(default_factory=dict)
     losses_default: dict[int, float] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)  # builds a listener stopped
+    # As ModelBuilder with a run folder: a recipe that trains keeps its trained prefix, and
+    # later builds that start with it do not run those passes again (trained_prefix.py).
+    reuse: bool = False
+    kept: set[str] = field(default_factory=set)  # the trained prefixes kept, by key
 
     def __post_init__(self) -> None:
         self.facts = ModelFacts(
@@ -126,11 +131,24 @@ class FakeBuilder:
         (folder / "slimformer.json").write_text(json.dumps({"weights": "hf", "head": "embedding"}))
         self.built.append(recipe.describe())
         self.deadlines.append((passes_deadline, kill_at))
-        seconds = {s.pass_name: self.pass_seconds.get(s.pass_name, 0.01) for s in recipe.steps}
-        return Built(recipe, seconds, load_s=0.01, save_s=0.01)
+        ran = self.passes_to_run(recipe)
+        reused = tuple(s.pass_name for s in recipe.steps[: len(recipe.steps) - len(ran)])
+        prefix = self._trained_prefix(recipe)
+        if self.reuse and prefix:
+            self.kept.add(prefix)
+        seconds = {name: self.pass_seconds.get(name, 0.01) for name in ran}
+        return Built(recipe, seconds, reused=reused, load_s=0.01, save_s=0.01)
 
     def passes_to_run(self, recipe: Recipe) -> list[str]:
+        prefix, rest = split_at_training(recipe.steps)
+        if self.reuse and prefix and self._trained_prefix(recipe) in self.kept:
+            return [step.pass_name for step in rest]
         return [step.pass_name for step in recipe.steps]
+
+    @staticmethod
+    def _trained_prefix(recipe: Recipe) -> str:
+        prefix, _ = split_at_training(recipe.steps)
+        return prefix_key("fake", None, prefix, recipe.seed) if prefix else ""
 
 
 @dataclass

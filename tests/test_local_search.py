@@ -6,13 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from fakes import FakeBuilder, FakeEvaluator
-from test_search_runner import RecordingReporter, settings, start, study, trials_file
+from test_search_runner import RecordingReporter, int8, settings, start, study, trials_file
 
 from slimformer.adapters import ModelFacts
 from slimformer.passes import get_pass
 from slimformer.recipe import Recipe, Step
+from slimformer.search import runner
 from slimformer.search.neighbours import neighbours
 from slimformer.search.records import TrialRecord
+from slimformer.search.run_folder import RunFolder
 
 PASSES = ("prune.ffn", "prune.heads", "prune.layers", "recover.distill", "runtime.onnxruntime")
 OFFERED = [get_pass(name) for name in PASSES]
@@ -143,3 +145,44 @@ def test_a_study_tries_the_best_recipes_neighbour_between_sampled_trials(tmp_pat
     off = settings(tmp_path / "off", trials=3, starts=(layers,))
     study(tmp_path / "off", off, FakeBuilder(tmp_path / "off"), FakeEvaluator(), reporter=quiet)
     assert not any("local search" in m for m in quiet.of("message"))
+
+
+def test_when_a_trial_would_not_fit_in_the_time_left_one_served_from_a_kept_model_goes_next(
+    tmp_path,
+):
+    layer = ("prune.layers", {"count": 1, "criterion": "block_influence"})
+    distill = ("recover.distill", {"steps": 200})
+    attention_int8 = int8("attention")
+    trained = start(layer, distill, *[(s["pass"], s["config"]) for s in int8("all")["steps"]])
+    chosen = settings(
+        tmp_path,
+        trials=None,
+        time_budget_s=600.0,
+        passes=("prune.layers", "recover.distill", "quantize.dynamic_int8"),
+        starts=(attention_int8, trained),
+        local_search=True,
+        max_drop=0.02,
+    )
+    # A distillation takes longer than the whole budget; only a kept one leaves time.
+    builder = FakeBuilder(tmp_path, pass_seconds={"recover.distill": 5_000.0}, reuse=True)
+    reporter = RecordingReporter()
+    (tmp_path / "run").mkdir()
+    study_runner = runner.Study(
+        chosen, RunFolder(tmp_path / "run"), reporter, builder=builder, evaluator=FakeEvaluator()
+    )
+    study_runner.prepare()
+    optuna_study = study_runner.open_study()
+    study_runner.run_trials(optuna_study, 3)  # the baseline, then the two starts
+    fits = study_runner._fitting(optuna_study)
+    served_otherwise = Recipe.from_dict(
+        start(layer, distill, *[(s["pass"], s["config"]) for s in attention_int8["steps"]])
+    )
+    assert fits(served_otherwise)
+    assert not fits(Recipe.from_dict(start(("prune.layers", {"count": 2}), distill)))
+    assert study_runner._queue_neighbour(optuna_study, fits)
+    queued = reporter.of("message")[-1]
+    assert queued.startswith("local search: next, prune.layers(count=1,criterion=block_influence)")
+    assert queued.endswith(
+        "+ quantize.dynamic_int8(scope=attention,per_channel=False,keep_sensitive=0)"
+    )
+    assert not study_runner._queue_neighbour(optuna_study, lambda recipe: False)

@@ -475,6 +475,12 @@ class Study:
                 continue
             except _DoesNotFit as why:
                 study.tell(trial, state=TrialState.FAIL)  # ran nothing: --resume runs it first
+                # A neighbour that fits in the time left (one served from a kept trained
+                # model takes seconds) goes next instead of ending the study here.
+                fits = self._fitting(study)
+                if self.settings.local_search and self._queue_neighbour(study, fits):
+                    self.reporter.message(f"not started: {why}")
+                    continue
                 self.reporter.note(f"the time budget is spent: {why}; not started")
                 break
             except CandidateFailed:
@@ -497,12 +503,25 @@ class Study:
             done += 1
             self.after_trial(study, frozen)
 
-    def _queue_neighbour(self, study: optuna.Study) -> None:
+    def _fitting(self, study: optuna.Study) -> Callable[[Recipe], bool]:
+        """Whether a trial of a recipe would finish in the time left, by the budget's estimate
+        from the trials measured so far."""
+        history = self.timings(study)
+
+        def fits(recipe: Recipe) -> bool:
+            return estimate(self.builder.passes_to_run(recipe), history) <= self.budget.left()
+
+        return fits
+
+    def _queue_neighbour(
+        self, study: optuna.Study, fits: Callable[[Recipe], bool] | None = None
+    ) -> bool:
         """Queue the first neighbour of the measured recipes (neighbours.py) no trial has
-        tried, unless recipes are queued already (the warm start, resumed trials)."""
+        tried (and, given `fits`, that it accepts), unless recipes are queued already (the
+        warm start, resumed trials). Whether one was queued."""
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
-            return
+            return False
         proposals = neighbours(
             self.records(study),
             self.pass_classes,
@@ -516,10 +535,13 @@ class Study:
             params = recipe_params(recipe, self.pass_classes)
             if recipe.describe() in tried or params in queued:
                 continue
+            if fits is not None and not fits(recipe):
+                continue
             given = start_values(recipe, self.pass_classes)
             study.enqueue_trial(params, user_attrs={START_VALUES: given} if given else None)
             self.reporter.message(f"local search: next, {recipe.describe()}")
-            return
+            return True
+        return False
 
     def trials_spent(self, study: optuna.Study) -> bool:
         """Whether the trial budget is used up: by the trials of every worker of this machine
