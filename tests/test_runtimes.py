@@ -118,6 +118,21 @@ def test_pruned_model_with_uneven_heads_exports_and_matches():
     assert difference(pruned, served, tiny.calibration(model)[1]) < 1e-4
 
 
+def test_fused_export_of_a_head_count_that_does_not_divide_the_hidden_size_matches_eager():
+    model = tiny.build("bert")  # 4 heads of 8 over a hidden size of 32
+    pruned = serve(model, ("prune.heads", {"keep": 0.75, "criterion": "magnitude"}))
+    assert {
+        pruned.adapter.attention_linears(i)["query"].out_features for i in range(tiny.NUM_LAYERS)
+    } == {24}  # 3 heads in every block: 32 % 3 != 0
+    served = apply_recipe(
+        pruned,
+        Recipe(steps=(Step("runtime.onnxruntime", {"optimize": True}),)),
+        tiny.calibration(model),
+    )
+    assert served.recipe.steps[-1].resolved["fusions"]  # the optimizer ran
+    assert difference(pruned, served, tiny.calibration(model)[1]) < 1e-4
+
+
 def test_model_quantized_by_a_torch_pass_is_refused_with_the_reason():
     model = tiny.build("bert")
     with pytest.raises(SlimformerError, match="cannot export layers quantized by a PyTorch"):

@@ -154,7 +154,9 @@ class OnnxRuntimePass(Pass):
                 str(source),
                 model_type=model_type,
                 num_heads=heads,
-                hidden_size=model.config.hidden_size if heads else 0,
+                # The attention's width, not the model's: 9 heads pruned from 12 attend over
+                # 9 x 32 = 288 values, and 384 would fail the optimizer's divisibility check.
+                hidden_size=heads * model.adapter.head_dim(),
                 opt_level=0,  # only the transformer fusions; the session applies the rest
             )
         finally:
