@@ -165,6 +165,9 @@ class FakeEvaluator:
     timed: list[str] = field(default_factory=list)  # recipes timed
     # Recipe description -> factor on its fake latency: a candidate slower than it should be.
     slowdown: dict[str, float] = field(default_factory=dict)
+    # Recipe description -> factor on the latency the study reads (scored evaluations) only:
+    # a single in-study reading that was off, which timing it again does not repeat.
+    in_study: dict[str, float] = field(default_factory=dict)
     fronts: list[dict[str, Any] | None] = field(default_factory=list)  # the probe's comparisons
 
     def __call__(
@@ -189,6 +192,8 @@ class FakeEvaluator:
             raise CandidateFailed("the candidate crashed")
         quality, latency = fake_scores(recipe)
         latency *= self.slowdown.get(recipe.describe(), 1.0)
+        if score:
+            latency *= self.in_study.get(recipe.describe(), 1.0)
         screening = None
         if screen and score and self.staged:
             # As staged scoring would see it on a subset: the drop from the fake original

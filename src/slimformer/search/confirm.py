@@ -95,3 +95,24 @@ def confirm_ratios(
         "chosen": measured["chosen"],
         "cpu": cpu,
     }
+
+
+def time_alternately(
+    folders: dict[int, Path],
+    evaluate: Evaluator,
+    workdir: Path,
+    rounds: int,
+    on_stage: Callable[[str], None] | None = None,
+) -> dict[int, list[dict[str, Any]]]:
+    """Time each model `rounds` times in fresh processes, the order rotating between rounds
+    (so no model always goes first); every model's measurements, by its key."""
+    keys = list(folders)
+    measured: dict[int, list[dict[str, Any]]] = {key: [] for key in keys}
+    for index in range(rounds):
+        shift = index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if on_stage:
+                on_stage(f"run-off: round {index + 1}/{rounds}, trial {key}")
+            result = evaluate(folders[key], workdir / f"round-{index + 1}-trial-{key}", score=False)
+            measured[key].append(result.measurement)
+    return measured

@@ -32,6 +32,7 @@ import hashlib
 import os
 import shutil
 import socket
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from slimformer.recipe import Recipe
 from slimformer.search import distributed, guards, liveness, optuna_study
 from slimformer.search.budget import TimeBudget, Timings, estimate
 from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
-from slimformer.search.confirm import confirm_ratios
+from slimformer.search.confirm import confirm_ratios, time_alternately
 from slimformer.search.cores import claim_cores
 from slimformer.search.distributed import (
     Follower,
@@ -72,7 +73,7 @@ from slimformer.search.run_folder import (
     read_storage,
     write_best_facts,
 )
-from slimformer.search.selection import choose, pareto_front
+from slimformer.search.selection import choose, pareto_front, runoff_contenders
 from slimformer.search.settings import StudySettings
 from slimformer.search.space import (
     START_VALUES,
@@ -589,6 +590,9 @@ class Study:
         front = self._write_outputs(records, reference)
         chosen, met = choose(records, front, self.task.direction, self.settings.objective)
         best_dir, confirmed = None, None
+        elsewhere = not reference.same_machine(self.cpu)
+        if chosen is not None and met and self.settings.confirm_rounds and not elsewhere:
+            chosen = self._runoff(records, front, chosen)
         if chosen is not None:
             best = BestModel(
                 chosen=chosen,
@@ -599,7 +603,6 @@ class Study:
                 cpu=reference.to_dict(),
             )
             best_dir = self.folder.save_best(best, self._rebuild(chosen), self.write_card)
-            elsewhere = not reference.same_machine(self.cpu)
             if elsewhere and not chosen.is_baseline and self.settings.confirm_rounds:
                 # Timing here would confirm nothing about the machines that measured it.
                 note = "the ratios were not confirmed: the trials were measured on another "
@@ -620,6 +623,41 @@ class Study:
             confirmed,
             tuple(self.notes),
         )
+
+    def _runoff(self, records: list[TrialRecord], front: list[int], chosen: TrialRecord):
+        """The within-budget point of the front that is fastest when timed again: the chosen
+        one and those whose single reading came close (selection.runoff_contenders), each
+        timed `confirm_rounds` times in fresh processes, rotating; the best median wins."""
+        objective, field = self.settings.objective, self.settings.cost_field
+        contenders = [
+            r
+            for r in runoff_contenders(records, front, chosen, objective)
+            if (self.folder.candidate_dir(r.number) / "slimformer.json").is_file()
+        ]
+        if len(contenders) < 2 or chosen not in contenders:
+            return chosen
+        numbers = ", ".join(str(r.number) for r in contenders)
+        self.reporter.message(f"run-off: trials {numbers} are close; timing them again")
+        try:
+            timed = time_alternately(
+                {r.number: self.folder.candidate_dir(r.number) for r in contenders},
+                self.evaluate,
+                self.folder.logs("runoff"),
+                self.settings.confirm_rounds,
+                on_stage=self.reporter.message,
+            )
+        except CandidateFailed as error:
+            self.notes.append(f"the run-off could not time the close trials ({error})")
+            return chosen
+        medians = {n: statistics.median(m[field] for m in timed[n]) for n in timed}
+        maximize = self.settings.cost_direction == "maximize"
+        winner = (max if maximize else min)(medians, key=lambda n: medians[n])
+        readings = ", ".join(f"trial {n} {medians[n]:.4g}" for n in medians)
+        note = f"run-off ({field}, median of {self.settings.confirm_rounds}): {readings}"
+        note += f"; chose trial {winner}"
+        self.notes.append(note)
+        self.reporter.note(note)
+        return next(r for r in contenders if r.number == winner)
 
     def _rebuild(self, chosen: TrialRecord) -> Callable[[Path], Built]:
         """Replays the chosen recipe into a folder, in a build child, when its saved candidate

@@ -5,6 +5,13 @@ from __future__ import annotations
 from slimformer.figures import OBJECTIVES
 from slimformer.search.records import TrialRecord, find
 
+# The run-off (runner.py): within-budget points of the front whose single in-study reading is
+# within this factor of the chosen one's are timed again before the choice is final. One
+# reading spreads that much on a busy 2-core machine: the same OpenVINO int8 recipe read
+# 828/s in one study and 1293/s in another (bench/results/search_efficiency.json).
+RUNOFF_SPAN = 1.6
+RUNOFF_SIZE = 3  # the chosen one and at most two more
+
 
 def pareto_front(records: list[TrialRecord], direction: str, objective: str) -> list[int]:
     """Trial numbers not dominated in (quality, cost); duplicates of earlier trials, and
@@ -43,3 +50,26 @@ def choose(
         return baseline, False
     sign_q = -1 if direction == "maximize" else 1
     return min(optimized, key=lambda r: (sign_q * r.quality, r.number)), False
+
+
+def runoff_contenders(
+    records: list[TrialRecord], front: list[int], chosen: TrialRecord, objective: str
+) -> list[TrialRecord]:
+    """The chosen trial and the other optimized, within-budget points of the front whose cost
+    is within RUNOFF_SPAN of its own, closest first; at most RUNOFF_SIZE."""
+    maximize = OBJECTIVES[objective][1] == "maximize"
+    best = chosen.cost(objective)
+
+    def gap(record: TrialRecord) -> float:
+        cost = record.cost(objective)
+        return best / cost if maximize else cost / best
+
+    others = [
+        find(records, number)
+        for number in front
+        if number != chosen.number
+        and not find(records, number).is_baseline
+        and find(records, number).feasible
+    ]
+    close = sorted((r for r in others if gap(r) <= RUNOFF_SPAN), key=gap)
+    return [chosen, *close][:RUNOFF_SIZE]
