@@ -174,8 +174,8 @@ bench-embedding: assets
 bench-embedding-curves: assets
 	$(BIN)/python bench/embedding_curves.py
 
-# Early stopping's worth: the default 20-minute throughput study with --no-early-stop, then by
-# default, one after the other, trials evaluated per hour and the chosen model against the
+# Early stopping's and reused training's worth: the default 20-minute throughput study with
+# --no-early-stop --no-reuse-trained, then by default, one after the other, trials evaluated per hour and the chosen model against the
 # best peer (~50 min on an idle machine). `python bench/search_efficiency.py --quick` is a check.
 # First how far early stopping's short timing reads from the full one (bench/timing_probe.py,
 # ~2 min), which sets its margin.
