@@ -265,8 +265,9 @@ def optimize(
     confirm_rounds: Annotated[
         int,
         typer.Option(
-            help="at the end, time baseline and chosen model again this many rounds, "
-            "alternating, in fresh processes; the printed ratios are their medians (0 = off)"
+            help="at the end, time the close candidates for the choice (the run-off), then "
+            "baseline and chosen model, again this many rounds each, in fresh processes; the "
+            "printed ratios are their medians (0 = off)"
         ),
     ] = 3,
     allow_other_cpu: Annotated[
