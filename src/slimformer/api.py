@@ -222,8 +222,9 @@ def optimize(
     `starts`: recipes (or recipe files) the study tries first, before its sampler explores.
     `passes`: pass names, or `pass:setting=value` to offer a setting this CPU would not
     profit from. `confirm_rounds`: fresh-process timings at the end, rotating: of the
-    close candidates for the choice (the run-off), then of baseline and chosen (0 = off). `allow_other_cpu`: resume a run measured on another machine,
-    measuring its trials again here. `guards`: conditions on the task's figures a chosen model
+    close candidates for the choice (the run-off), then of baseline and chosen (0 = off).
+    `allow_other_cpu`: resume a run measured on another machine, measuring its trials again
+    here. `guards`: conditions on the task's figures a chosen model
     must meet beside `max_drop` (e.g. "cosine_fidelity>=0.95"); the task's own default guards
     are added unless `default_guards` is false (a guard of yours on the same figure replaces
     the default one). `warm_start`: measure each engine's int8 alone first (search/portfolio.py),
