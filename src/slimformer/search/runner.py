@@ -624,7 +624,9 @@ class Study:
             tuple(self.notes),
         )
 
-    def _runoff(self, records: list[TrialRecord], front: list[int], chosen: TrialRecord):
+    def _runoff(
+        self, records: list[TrialRecord], front: list[int], chosen: TrialRecord
+    ) -> TrialRecord:
         """The within-budget point of the front that is fastest when timed again: the chosen
         one and those whose single reading came close (selection.runoff_contenders), each
         timed `confirm_rounds` times in fresh processes, rotating; the best median wins."""
