@@ -44,6 +44,7 @@ RANKS = {
     "checkpoint": 5,  # never passes or assets
     "passes": 5,  # never search, api, cli, report
     "pipeline": 6,
+    "trained_prefix": 6,  # models kept after training for later builds: checkpoint, passes
     "assets": 6,
     "tasks": 7,
     "measure": 8,
