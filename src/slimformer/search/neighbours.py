@@ -22,7 +22,7 @@ And first, because they cost seconds where the others cost minutes:
   another engine, another int8), best of those first. Its trained model is kept by the first
   build (trained_prefix.py), so such a trial only converts, scores and times it; which engine
   serves a pruned, distilled model best is not known before it is measured (OpenVINO's int8
-  wins with VNNI, ONNX Runtime's without: bench/results/search_efficiency.json).
+  wins with VNNI, ONNX Runtime's without: README, "How a run works").
 
 The runner queues the first of these that no trial has tried yet, every other trial, so the
 sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
