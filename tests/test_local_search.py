@@ -3,6 +3,7 @@ and that the study loop queues them between the sampler's proposals (fake models
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fakes import FakeBuilder, FakeEvaluator
@@ -145,6 +146,23 @@ def test_a_study_tries_the_best_recipes_neighbour_between_sampled_trials(tmp_pat
     off = settings(tmp_path / "off", trials=3, starts=(layers,))
     study(tmp_path / "off", off, FakeBuilder(tmp_path / "off"), FakeEvaluator(), reporter=quiet)
     assert not any("local search" in m for m in quiet.of("message"))
+
+
+def test_a_trained_recipe_is_not_proposed_on_an_engine_that_cannot_export_its_prefix():
+    offered = [*OFFERED, get_pass("reduce.tokens"), get_pass("quantize.dynamic_int8")]
+    tokens = ("reduce.tokens", {"mode": "prune", "keep": 0.75})
+    int8 = ("quantize.dynamic_int8", {})
+    trained = record(1, [tokens, DISTILL_200, int8], 0.004, 400.0)
+    exported = record(2, [ORT_INT8], 0.002, 350.0)
+    text = dataclasses.replace(FACTS, fixed_token_count=False)  # an encoder of sentences
+    records = [BASELINE, trained, exported]
+    proposals = [r.describe() for r in neighbours(records, offered, text, THROUGHPUT, BUDGET)]
+    # Token counts vary with the input, so no engine exports the reduced encoder: the sampler
+    # would drop reduce.tokens from such a recipe and train another prefix.
+    assert not any("runtime.onnxruntime" in p for p in proposals)
+    images = dataclasses.replace(FACTS, fixed_token_count=True)  # a ViT: the graph exports
+    proposals = [r.describe() for r in neighbours(records, offered, images, THROUGHPUT, BUDGET)]
+    assert proposals[0].endswith("runtime.onnxruntime(optimize=True,int8=dynamic)")
 
 
 def test_when_a_trial_would_not_fit_in_the_time_left_one_served_from_a_kept_model_goes_next(

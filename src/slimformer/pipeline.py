@@ -63,6 +63,19 @@ def steps_conflict(first: Step, second: Step) -> bool:
     )
 
 
+def conflicts_for_model(recipe: Recipe, facts: Any) -> bool:
+    """Whether a step's pass declares, for this model (`Pass.conflicts_for(facts)`), a conflict
+    with another step of `recipe` (e.g. token reduction in an encoder no engine can export):
+    the search space never samples such a recipe."""
+    return any(
+        _matches(other, step_config(other), pattern)
+        for step in recipe.steps
+        for pattern in get_pass(step.pass_name).conflicts_for(facts)
+        for other in recipe.steps
+        if other is not step
+    )
+
+
 def check_recipe(recipe: Recipe) -> None:
     """Refuse a recipe that cannot run (see the module docstring); cheap, runs no pass."""
     configs = [step_config(step) for step in recipe.steps]  # names and settings first

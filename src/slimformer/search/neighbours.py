@@ -37,7 +37,7 @@ from typing import Any
 
 from slimformer.errors import SlimformerError
 from slimformer.passes import Choice, FloatRange, IntRange, Pass, Phase, get_pass
-from slimformer.pipeline import check_recipe, sorted_steps
+from slimformer.pipeline import check_recipe, conflicts_for_model, sorted_steps
 from slimformer.recipe import Recipe, Step
 from slimformer.search.records import TrialRecord
 from slimformer.trained_prefix import split_at_training
@@ -78,7 +78,7 @@ def neighbours(
 
     timed = [r for r in here if r.comparable and r.measurement.get(cost_field) is not None]
     best = max((r for r in timed if r.feasible), key=better, default=None)
-    proposals: list[Recipe] = _served_otherwise(timed, better, budget)
+    proposals: list[Recipe] = _served_otherwise(timed, better, budget, facts)
     if best is not None:
         proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
     for recipe in _recoverable(here, offered, best, better, budget):
@@ -90,7 +90,7 @@ def neighbours(
 
 
 def _served_otherwise(
-    timed: Sequence[TrialRecord], better: Any, budget: tuple[str, float]
+    timed: Sequence[TrialRecord], better: Any, budget: tuple[str, float], facts: Any
 ) -> list[Recipe]:
     """Trained recipes within RECOVERABLE budgets, best first, each with the deployment steps
     of the recipes measured within budget, best first, in place of its own (see above)."""
@@ -115,9 +115,12 @@ def _served_otherwise(
             candidate = dataclasses.replace(recipe, steps=_bare(trained) + steps)
             try:
                 check_recipe(candidate)
-            except SlimformerError:  # e.g. an engine that cannot export a pass before it
+            except SlimformerError:
                 continue
-            proposals.append(candidate)
+            # e.g. token reduction in an encoder, which no engine can export: the sampler
+            # would leave a pass out of such a recipe, and train another prefix.
+            if not conflicts_for_model(candidate, facts):
+                proposals.append(candidate)
     return proposals
 
 
