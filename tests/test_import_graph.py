@@ -44,9 +44,9 @@ RANKS = {
     "checkpoint": 5,  # never passes or assets
     "passes": 5,  # never search, api, cli, report
     "pipeline": 6,
-    "trained_prefix": 6,  # models kept after training for later builds: checkpoint, passes
     "assets": 6,
     "tasks": 7,
+    "trained_prefix": 7,  # models kept after training for later builds: pipeline, checkpoint
     "measure": 8,
     "figures": 8,  # the table of measured figures: no slimformer imports
     "evaluate": 9,

@@ -27,12 +27,7 @@ from slimformer.child import child_main, report_stage, report_value, run_child
 from slimformer.passes import get_pass
 from slimformer.recipe import Recipe
 from slimformer.taskspec import TaskSpec
-from slimformer.trained_prefix import (
-    TrainedPrefixes,
-    prefix_key,
-    ran_to_the_end,
-    split_at_training,
-)
+from slimformer.trained_prefix import TrainedPrefixes, ran_to_the_end, split_recipe
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +165,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
 
     from slimformer.checkpoint import load_model, save_model
     from slimformer.passes.base import intermediate_values, passes_deadline
-    from slimformer.pipeline import apply_recipe, check_recipe, sorted_steps
+    from slimformer.pipeline import apply_recipe, check_recipe
     from slimformer.tasks import make_task
 
     for module in request["pass_modules"]:
@@ -184,10 +179,10 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     # A recipe that trains is built in two parts, the trained prefix kept for later trials
     # that start with the same steps (trained_prefix.py); one kept by an earlier trial is
     # loaded instead of trained again, and the original is not needed at all.
-    prefix, rest = split_at_training(sorted_steps(recipe))
+    split = split_recipe(request["model"], request["task"], recipe)
+    prefix, rest = split.prefix, split.rest
     prefixes = TrainedPrefixes(Path(request["reuse"])) if request.get("reuse") else None
-    key = prefix_key(request["model"], request["task"], prefix, recipe.seed) if prefix else ""
-    kept = prefixes.find(key) if prefixes is not None and prefix else None
+    kept = prefixes.find(split.key) if prefixes is not None and prefix else None
     if kept is not None:
         report_stage("loading the trained model an earlier trial kept")
         start, to_run = load_model(kept, head=task.head), rest
@@ -212,7 +207,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
                 general,
             )
             if prefixes is not None and ran_to_the_end(start.recipe.steps[before:]):
-                prefixes.keep(key, start)
+                prefixes.keep(split.key, start)
         candidate = apply_recipe(
             start, replace(recipe, steps=rest), calibration, clock.progress, training, general
         )

@@ -21,11 +21,13 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimformer.passes import get_pass
-from slimformer.recipe import Step, plain
+from slimformer.pipeline import sorted_steps
+from slimformer.recipe import Recipe, Step, plain
 
 if TYPE_CHECKING:
     from slimformer.model import SlimModel
@@ -58,6 +60,23 @@ def prefix_key(model: str, task: dict[str, Any] | None, prefix: Sequence[Step], 
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_CHARS]
 
 
+@dataclass(frozen=True)
+class Split:
+    """A recipe's steps in recipe order, cut after its last training pass (`split_at_training`),
+    and the trained prefix's key ("" when nothing trains)."""
+
+    prefix: tuple[Step, ...]
+    rest: tuple[Step, ...]
+    key: str
+
+
+def split_recipe(model: str, task: dict[str, Any] | None, recipe: Recipe) -> Split:
+    """`recipe` applied to the original in folder `model` for `task`, split for reuse: the one
+    place the build child and the study's time estimate both cut and key a recipe."""
+    prefix, rest = split_at_training(sorted_steps(recipe))
+    return Split(prefix, rest, prefix_key(model, task, prefix, recipe.seed) if prefix else "")
+
+
 def ran_to_the_end(applied: Sequence[Step]) -> bool:
     """Whether every applied step did all its config asked (a pass that stopped early
     records why in `resolved["stopped"]`)."""
@@ -73,7 +92,7 @@ class TrainedPrefixes:
     def find(self, key: str, touch: bool = True) -> Path | None:
         """The kept model of this prefix, or None; `touch` marks it used now."""
         path = self.folder / key
-        if not (path / "slimformer.json").is_file():
+        if not path.is_dir():  # saved atomically: a folder there is a whole model
             return None
         if touch:
             os.utime(path)

@@ -22,10 +22,9 @@ from slimformer.checkpoint import load_model
 from slimformer.evaluate import EvaluationResult, evaluate_isolated
 from slimformer.measure import MeasureSettings
 from slimformer.passes import Pass
-from slimformer.pipeline import sorted_steps
 from slimformer.recipe import Recipe
 from slimformer.tasks import TaskSpec, make_task, reference_state
-from slimformer.trained_prefix import TrainedPrefixes, prefix_key, split_at_training
+from slimformer.trained_prefix import TrainedPrefixes, split_recipe
 
 Stage = Callable[[str], None]
 
@@ -196,10 +195,10 @@ class ModelBuilder:
         )
 
     def passes_to_run(self, recipe: Recipe) -> list[str]:
-        steps = sorted_steps(recipe)
-        prefix, rest = split_at_training(steps)
-        if self.reuse is not None and prefix:
-            key = prefix_key(str(self.reference_dir), self.task.spec.to_dict(), prefix, recipe.seed)
-            if TrainedPrefixes(self.reuse).find(key, touch=False) is not None:
-                steps = rest
-        return [step.pass_name for step in steps]
+        split = split_recipe(str(self.reference_dir), self.task.spec.to_dict(), recipe)
+        kept = (
+            self.reuse is not None
+            and split.prefix
+            and TrainedPrefixes(self.reuse).find(split.key, touch=False) is not None
+        )
+        return [step.pass_name for step in (split.rest if kept else split.prefix + split.rest)]

@@ -41,6 +41,32 @@ def unsteady(confirmed: dict[str, Any]) -> str | None:
     )
 
 
+def time_alternately(
+    folders: dict[str, Path],
+    evaluate: Evaluator,
+    workdir: Path,
+    rounds: int,
+    what: str,
+    on_stage: Callable[[str], None] | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any] | None]:
+    """Time each model `rounds` times in fresh processes, the order rotating between rounds
+    (with two models: alternating), so that no model always goes first; every model's
+    measurements by its name, and the CPU the last timing reported. `what`: the stage's name
+    in the messages (`on_stage`)."""
+    names = list(folders)
+    measured: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    cpu = None
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if on_stage:
+                on_stage(f"{what}: round {index + 1}/{rounds}, {name}")
+            result = evaluate(folders[name], workdir / f"round-{index + 1}-{name}", score=False)
+            measured[name].append(result.measurement)
+            cpu = result.cpu or cpu
+    return measured, cpu
+
+
 def confirm_ratios(
     baseline_dir: Path,
     chosen_dir: Path,
@@ -52,16 +78,7 @@ def confirm_ratios(
     """Time baseline and chosen `rounds` times each, alternating; return per-figure ratios
     (median, min, max, every round's) and both sides' per-round measurements."""
     sides = {"baseline": baseline_dir, "chosen": chosen_dir}
-    measured: dict[str, list[dict[str, Any]]] = {"baseline": [], "chosen": []}
-    cpu = None
-    for index in range(rounds):
-        order = ("baseline", "chosen") if index % 2 == 0 else ("chosen", "baseline")
-        for side in order:
-            if on_stage:
-                on_stage(f"confirming: round {index + 1}/{rounds}, {side}")
-            result = evaluate(sides[side], workdir / f"round-{index + 1}-{side}", score=False)
-            measured[side].append(result.measurement)
-            cpu = result.cpu or cpu
+    measured, cpu = time_alternately(sides, evaluate, workdir, rounds, "confirming", on_stage)
     # Figures this model has (decoding speed: causal LMs only) in every round.
     present = {
         figure: spec
@@ -95,24 +112,3 @@ def confirm_ratios(
         "chosen": measured["chosen"],
         "cpu": cpu,
     }
-
-
-def time_alternately(
-    folders: dict[int, Path],
-    evaluate: Evaluator,
-    workdir: Path,
-    rounds: int,
-    on_stage: Callable[[str], None] | None = None,
-) -> dict[int, list[dict[str, Any]]]:
-    """Time each model `rounds` times in fresh processes, the order rotating between rounds
-    (so no model always goes first); every model's measurements, by its key."""
-    keys = list(folders)
-    measured: dict[int, list[dict[str, Any]]] = {key: [] for key in keys}
-    for index in range(rounds):
-        shift = index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            if on_stage:
-                on_stage(f"run-off: round {index + 1}/{rounds}, trial {key}")
-            result = evaluate(folders[key], workdir / f"round-{index + 1}-trial-{key}", score=False)
-            measured[key].append(result.measurement)
-    return measured

@@ -109,8 +109,9 @@ def _served_otherwise(
         trained, _ = split_at_training(sorted_steps(recipe))
         if not trained:
             continue
+        own = _deployment(recipe)
         for steps in deployments:
-            if steps == _deployment(recipe):
+            if steps == own:
                 continue
             candidate = dataclasses.replace(recipe, steps=_bare(trained) + steps)
             try:

@@ -634,24 +634,28 @@ class Study:
         contenders = [
             r
             for r in runoff_contenders(records, front, chosen, objective)
-            if (self.folder.candidate_dir(r.number) / "slimformer.json").is_file()
+            if self.folder.candidate_dir(r.number).is_dir()  # saved atomically: whole
         ]
         if len(contenders) < 2 or chosen not in contenders:
             return chosen
         numbers = ", ".join(str(r.number) for r in contenders)
         self.reporter.message(f"run-off: trials {numbers} are close; timing them again")
         try:
-            timed = time_alternately(
-                {r.number: self.folder.candidate_dir(r.number) for r in contenders},
+            timed, _ = time_alternately(
+                {f"trial-{r.number}": self.folder.candidate_dir(r.number) for r in contenders},
                 self.evaluate,
                 self.folder.logs("runoff"),
                 self.settings.confirm_rounds,
+                "run-off",
                 on_stage=self.reporter.message,
             )
         except CandidateFailed as error:
             self.notes.append(f"the run-off could not time the close trials ({error})")
             return chosen
-        medians = {n: statistics.median(m[field] for m in timed[n]) for n in timed}
+        medians = {
+            r.number: statistics.median(m[field] for m in timed[f"trial-{r.number}"])
+            for r in contenders
+        }
         maximize = self.settings.cost_direction == "maximize"
         winner = (max if maximize else min)(medians, key=lambda n: medians[n])
         readings = ", ".join(f"trial {n} {medians[n]:.4g}" for n in medians)

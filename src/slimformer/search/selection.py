@@ -64,12 +64,7 @@ def runoff_contenders(
         cost = record.cost(objective)
         return best / cost if maximize else cost / best
 
-    others = [
-        find(records, number)
-        for number in front
-        if number != chosen.number
-        and not find(records, number).is_baseline
-        and find(records, number).feasible
-    ]
+    on_front = [find(records, number) for number in front if number != chosen.number]
+    others = [r for r in on_front if not r.is_baseline and r.feasible]
     close = sorted((r for r in others if gap(r) <= RUNOFF_SPAN), key=gap)
     return [chosen, *close][:RUNOFF_SIZE]
