@@ -28,9 +28,12 @@ from slimformer.assets.vit_fashion import (
     accuracy,
     build_vit,
     mimetic_attention,
+    normalize,
     save_vit,
+    teacher_logits,
     train_vit,
     train_vit_resumable,
+    training_logits,
 )
 from slimformer.checkpoint import load_model, save_model
 from slimformer.errors import SlimformerError
@@ -270,6 +273,45 @@ def test_a_vit_training_paused_after_every_step_ends_with_the_same_weights(tmp_p
             pauses.append(paused.step)
     assert pauses == list(range(1, 8)) and seconds > 0
     _same_weights(whole, model)
+
+
+def test_a_vit_training_with_a_teacher_resumes_to_the_same_weights_training_it_once(
+    tmp_path: Path,
+) -> None:
+    images, labels = digits()
+    plan = replace(TINY_PLAN, teacher_epochs=2)
+    whole = train_vit(images, labels, TINY_VIT, plan, log=lambda line: None)
+    checkpoint, lines = tmp_path / "training.safetensors", []
+    while True:
+        try:
+            model, _ = train_vit_resumable(
+                images, labels, TINY_VIT, plan, None, lines.append, checkpoint, pause_after_s=0
+            )
+            break
+        except TrainingPaused:
+            pass
+    # The teacher's logits travel in the checkpoint: trained in the first call only.
+    assert sum("teacher:" in line for line in lines) == 1
+    _same_weights(whole, model)
+
+
+def test_the_convolutional_teacher_learns_the_training_labels() -> None:
+    images, labels = digits()
+    pixels, targets = normalize(images), torch.from_numpy(labels)
+    plan = TrainingPlan(teacher_epochs=20, threads=1)
+    logits = teacher_logits(pixels, targets, 10, plan, log=lambda line: None)
+    assert logits.shape == (len(images), 10)
+    assert float((logits.argmax(-1) == targets).float().mean()) >= 0.9  # chance: 0.1
+
+
+def test_the_class_token_shortcut_of_training_gives_the_models_own_logits() -> None:
+    model = build_vit(replace(TINY_VIT, num_hidden_layers=2), 10).eval()
+    mimetic_attention(model, torch.Generator().manual_seed(1))
+    pixels = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+        every_token = training_logits(model, pixels, keep=10**9, generator=None)
+    torch.testing.assert_close(every_token, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_vit_checkpoint_of_another_plan_or_damaged_is_not_resumed(tmp_path: Path) -> None:

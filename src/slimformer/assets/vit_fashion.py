@@ -6,11 +6,13 @@ where token merging and pruning matter. Training is deterministic (fixed seeds, 
 thread count), so every machine builds the same weights up to its kernels' float rounding.
 
 At 197 tokens a training step on two cores is dominated by attention over every token pair, so
-the model is narrow (width 64, 4 blocks) to see three epochs in the time a width-192 model sees
-less than one, and its attention starts "mimetic" (Trockman & Kolter 2023: query-key and
-value-output products like a pretrained ViT's) with sine-cosine positions, which lets a small
-ViT trained from scratch on a small data set learn much faster (bench/vit_training_probes.py;
-README, "Tasks", has the accuracy and training time).
+the model is narrow (width 64, 4 blocks) to see four epochs in the time a width-192 model sees
+less than one. Three things let it learn that fast (bench/vit_training_probes.py and
+bench/vit_training_plans.py; README, "Tasks", has the accuracy and training time): its attention
+starts "mimetic" (Trockman & Kolter 2023: query-key and value-output products like a pretrained
+ViT's) with sine-cosine positions; a small convnet trained first for a minute teaches it
+through its softened predictions (DeiT's convnet teacher); and a step computes the last block
+at the class token only, the one token the classifier reads.
 
 Training writes a checkpoint every minute (weights, AdamW's moments, the data order and the
 generator's state, one safetensors file), so a killed training goes on where it stopped, with
@@ -34,6 +36,7 @@ import numpy as np
 
 from slimformer.assets.cache import cache_dir
 from slimformer.assets.fashion_mnist import CLASSES, fashion_mnist
+from slimformer.cpu import fingerprint
 from slimformer.files import publish_dir, write_atomic
 
 VIT_FASHION_INSTALL = "slimformer assets install vit-fashion (trains once; needs fashion-mnist)"
@@ -46,7 +49,7 @@ MEAN, STD = 0.5, 0.5
 @dataclass(frozen=True)
 class ViTShape:
     # Narrow and shallow: at 197 tokens a training step costs the attention over every token
-    # pair, so on two cores a width-64 model sees 2.4 epochs in the time width 192 sees 0.6
+    # pair, so on two AVX2 cores a width-64 model sees 2.4 epochs in the time width 192 sees 0.6
     # (bench/results/vit_training_probes*.json: 87.2% vs 76.8% in 15 minutes).
     hidden_size: int = 64
     num_hidden_layers: int = 4
@@ -59,8 +62,8 @@ class ViTShape:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    epochs: float = 3.0
-    batch_size: int = 64
+    epochs: float = 4.0
+    batch_size: int = 32
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
@@ -80,6 +83,14 @@ class TrainingPlan:
     # embeddings of ~0.04 at Hugging Face's initialization: 196 tokens and 4 blocks learn past
     # that, but a 2-block ViT on a 4x4 grid (8x8 digits) stayed at chance.
     sincos: bool = True
+    # Knowledge distillation from a small convolutional network trained first, for this many
+    # epochs (0: none). A convnet's inductive bias learns Fashion-MNIST in a minute; its softened
+    # predictions tell the ViT which classes look alike (DeiT, Touvron et al. 2021, trains ViTs
+    # on little data from a convnet teacher). The loss mixes the labels' cross-entropy and the
+    # teacher's (KL at `distill_temperature`, scaled by its square) by `distill_weight`.
+    teacher_epochs: float = 4.0
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
     seed: int = 0
     threads: int = 2
     limit_images: int | None = None  # train on the first N only (quick checks)
@@ -108,7 +119,7 @@ def normalize(images: np.ndarray):
     return pixels.sub_(MEAN).div_(STD).unsqueeze(1)
 
 
-def _logits_kept(model, pixels, keep: int, generator):
+def training_logits(model, pixels, keep: int, generator):
     """The classifier's logits with each image's patch tokens cut to a random `keep`."""
     import torch
 
@@ -119,9 +130,33 @@ def _logits_kept(model, pixels, keep: int, generator):
         chosen = torch.rand(hidden.shape[0], patches, generator=generator).argsort(1)[:, :keep]
         index = (chosen + 1).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         hidden = torch.cat([hidden[:, :1], hidden.gather(1, index)], dim=1)
-    for layer in vit.layers:
+    for layer in vit.layers[:-1]:
         hidden = layer(hidden, None)
-    return model.classifier(vit.layernorm(hidden)[:, 0])
+    return model.classifier(vit.layernorm(_class_token_out(vit.layers[-1], hidden)))
+
+
+def _class_token_out(layer, hidden):
+    """A ViTLayer's output at the class token alone. The classifier reads nothing else from the
+    last block, so its other tokens' queries, attention rows and MLP can be skipped: the same
+    loss and gradients for about a fifth less arithmetic a training step."""
+    import torch
+
+    attention = layer.attention
+    normed = layer.layernorm_before(hidden)
+    batch, tokens, _ = normed.shape
+
+    def heads(states):
+        return states.view(batch, states.shape[1], -1, attention.head_dim).transpose(1, 2)
+
+    query = heads(attention.q_proj(normed[:, :1]))
+    mixed = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        heads(attention.k_proj(normed)),
+        heads(attention.v_proj(normed)),
+        scale=attention.scaling,
+    )
+    token = hidden[:, 0] + attention.o_proj(mixed.transpose(1, 2).reshape(batch, -1))
+    return token + layer.mlp(layer.layernorm_after(token))
 
 
 def mimetic_attention(model, generator, query_key: float = 0.7, value_output: float = 0.4) -> None:
@@ -173,6 +208,55 @@ def sincos_positions(model) -> None:
         table[0, 1:, : 4 * quarter] = torch.cat(parts, dim=1)
 
 
+def _conv_teacher(channels: int, classes: int, side: int):
+    """Two 3x3 convolution + pooling stages and a small classifier head."""
+    from torch import nn
+
+    width = 32
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * (side // 4) ** 2, 128),
+        nn.ReLU(),
+        nn.Linear(128, classes),
+    )
+
+
+def teacher_logits(pixels, targets, classes: int, plan: TrainingPlan, log: Callable[[str], None]):
+    """Train the convolutional teacher on the training images (AdamW, cosine schedule) and
+    return its logits for every one of them, [n, classes]."""
+    import torch
+
+    torch.manual_seed(plan.seed + 2)
+    teacher = _conv_teacher(pixels.shape[1], classes, pixels.shape[-1])
+    optimizer = torch.optim.AdamW(teacher.parameters(), lr=2e-3, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(plan.seed + 2)
+    batch = 128
+    per_epoch = len(pixels) // batch
+    steps = max(1, round(plan.teacher_epochs * per_epoch))
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(pixels), generator=generator)
+        index = order[(step % per_epoch) * batch : (step % per_epoch + 1) * batch]
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = torch.nn.functional.cross_entropy(teacher(pixels[index]), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    teacher.eval()
+    with torch.inference_mode():
+        logits = torch.cat([teacher(pixels[at : at + 256]) for at in range(0, len(pixels), 256)])
+    agreement = (logits.argmax(-1) == targets).float().mean().item()
+    log(f"  teacher: {steps} steps, agrees with {agreement:.1%} of the training labels")
+    return logits.clone()
+
+
 class TrainingPaused(Exception):
     """Training stopped at its `pause_after_s`; the checkpoint holds every step done so far and
     the same call goes on from there."""
@@ -191,7 +275,7 @@ def _checkpoint_facts(shape: ViTShape, plan: TrainingPlan, images: int) -> dict:
     return {"shape": asdict(shape), "plan": asdict(plan), "images": images}
 
 
-def _save_checkpoint(path: Path, model, optimizer, generator, order, facts: dict) -> None:
+def _save_checkpoint(path: Path, model, optimizer, generator, order, teacher, facts: dict) -> None:
     """Everything the next step needs, in one safetensors file (no pickle), written atomically."""
     import torch
     from safetensors.torch import save
@@ -202,11 +286,14 @@ def _save_checkpoint(path: Path, model, optimizer, generator, order, facts: dict
             tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value).contiguous()
     tensors["generator"] = generator.get_state()
     tensors["order"] = order.contiguous()
+    if teacher is not None:
+        tensors["teacher"] = teacher.contiguous()
     write_atomic(path, save(tensors, metadata={"facts": json.dumps(facts)}))
 
 
 def _load_checkpoint(path: Path, model, optimizer, generator, facts: dict):
-    """(step, seconds, order) from a checkpoint of this very training, else None."""
+    """(step, seconds, order, teacher logits or None) from a checkpoint of this very training,
+    else None."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -227,7 +314,7 @@ def _load_checkpoint(path: Path, model, optimizer, generator, facts: dict):
         {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
     )
     generator.set_state(tensors["generator"])
-    return saved["step"], saved["seconds"], tensors["order"]
+    return saved["step"], saved["seconds"], tensors["order"], tensors.get("teacher")
 
 
 def train_vit(
@@ -293,12 +380,15 @@ def train_vit_resumable(
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=plan.label_smoothing)
     order = torch.randperm(len(pixels), generator=generator)
     facts = _checkpoint_facts(shape, plan, len(pixels))
-    first, seconds_before = 0, 0.0
+    first, seconds_before, teacher = 0, 0.0, None
     resumed = checkpoint and _load_checkpoint(checkpoint, model, optimizer, generator, facts)
     if resumed:
-        first, seconds_before, order = resumed
+        first, seconds_before, order, teacher = resumed
         log(f"  going on from step {first}/{steps} ({seconds_before:.0f}s trained before)")
     started = time.perf_counter()
+    if plan.teacher_epochs and teacher is None:
+        teacher = teacher_logits(pixels, targets, num_labels, plan, log)
+    temperature = plan.distill_temperature
     last_report = last_saved = started
 
     def save(step: int) -> None:
@@ -309,6 +399,7 @@ def train_vit_resumable(
             optimizer,
             generator,
             order,
+            teacher,
             facts | {"step": step, "seconds": seconds},
         )
 
@@ -322,7 +413,17 @@ def train_vit_resumable(
             flipped = torch.rand(len(batch), generator=generator) < 0.5
             batch = torch.where(flipped[:, None, None, None], batch.flip(-1), batch)
         keep = 10**9 if step >= full_from or plan.keep_tokens is None else plan.keep_tokens
-        loss = loss_fn(_logits_kept(model, batch, keep, generator), targets[index])
+        logits = training_logits(model, batch, keep, generator)
+        loss = loss_fn(logits, targets[index])
+        if teacher is not None:
+            taught = torch.nn.functional.kl_div(
+                torch.log_softmax(logits / temperature, -1),
+                torch.log_softmax(teacher[index] / temperature, -1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            weight = plan.distill_weight
+            loss = (1 - weight) * loss + weight * temperature**2 * taught
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -432,6 +533,7 @@ def vit_fashion_path(
                 "shape": asdict(shape),
                 "plan": asdict(plan),
                 "training_seconds": round(seconds, 1),
+                "cpu": fingerprint(plan.threads).label,
                 "test_accuracy": test_accuracy,
             },
         )
