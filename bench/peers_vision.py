@@ -54,6 +54,7 @@ from common import (
 
 import slimformer
 from slimformer.recipe import Step
+from slimformer.search.confirm import time_alternately
 from slimformer.tasks import TaskSpec
 
 MODEL = "vit-fashion"
@@ -169,20 +170,21 @@ def as_row(label: str, kind: str, measured: dict) -> dict:
 
 def time_again(rows: list[dict], folders: list, spec: TaskSpec, rounds: int) -> None:
     """Give every row the median of `rounds` readings (the first one already taken), each in a
-    fresh process, the order rotating between rounds. On a shared 2-core machine one model's
-    readings have jumped by a third from one process to the next; a single reading per row
-    cannot rank rows 20% apart."""
+    fresh process, the order rotating between rounds (the study's own `time_alternately`). On
+    a shared 2-core machine one model's readings have jumped by a third from one process to the
+    next; a single reading per row cannot rank rows 20% apart."""
+
+    def evaluate(folder, workdir: Path, score: bool):
+        return slimformer.benchmark(folder, task=spec, batch_size=32)
+
+    # Starting one row on: the first round already went in row order.
+    later = [*range(1, len(rows)), 0]
+    measured, _ = time_alternately(
+        {rows[i]["label"]: folders[i] for i in later}, evaluate, Path("."), rounds - 1, "timing"
+    )
     for row in rows:
-        row["readings"] = {key: [row[key]] for key in TIMED}
-    for index in range(1, rounds):
-        shift = index % len(rows)
-        for position in list(range(shift, len(rows))) + list(range(shift)):
-            measurement = slimformer.benchmark(
-                folders[position], task=spec, batch_size=32
-            ).measurement
-            for key in TIMED:
-                rows[position]["readings"][key].append(measurement[key])
-    for row in rows:
+        readings = [row, *measured[row["label"]]]
+        row["readings"] = {key: [reading[key] for reading in readings] for key in TIMED}
         for key in TIMED:
             row[key] = statistics.median(row["readings"][key])
 
