@@ -23,6 +23,7 @@ from slimformer.search.budget import (
     TimeBudget,
     after_passes,
     estimate,
+    work,
 )
 from slimformer.search.runner import run_study
 from slimformer.search.settings import StudySettings
@@ -124,6 +125,28 @@ def test_a_trial_is_estimated_from_the_builds_before_their_passes_its_passes_and
     assert estimate(["prune"], []) == 0.0
 
 
+def test_a_distillation_is_estimated_per_step_from_the_earlier_ones():
+    """A 50-step distillation after 200-step ones is not taken for as long (a study on 2
+    cores left such trials unstarted with minutes to go)."""
+    history = [
+        timings(10.0, 4.0),
+        {**timings(110.0, 5.0, distill=100.0), "work": {"distill": 200.0}},
+        {**timings(70.0, 5.0, distill=60.0), "work": {"distill": 100.0}},
+    ]
+    after = after_passes(history)  # before the passes: median(9, 9, 9) = 9
+    assert estimate(["distill"], history, {"distill": 50.0}) == pytest.approx(9 + 27.5 + after)
+    assert estimate(["distill"], history, {"distill": 400.0}) == pytest.approx(9 + 220 + after)
+    # Without the planned steps, or runs that recorded none: their median time as a whole.
+    assert estimate(["distill"], history) == pytest.approx(9 + 80 + after)
+    unrecorded = [{k: v for k, v in t.items() if k != "work"} for t in history]
+    assert estimate(["distill"], unrecorded, {"distill": 50.0}) == pytest.approx(9 + 80 + after)
+    steps = (
+        Step("prune.layers", {"count": 1}),
+        Step("recover.distill", {"steps": 50}),
+    )
+    assert work(steps) == {"recover.distill": 50.0}
+
+
 def test_trials_end_before_the_budget_and_passes_early_enough_to_save_and_evaluate():
     budget = TimeBudget(100.0, started=1000.0)
     assert budget.end == 1100.0 and budget.trials_end == 1100.0 - FINISH_S
@@ -206,8 +229,10 @@ def test_a_study_with_a_distillation_longer_than_its_budget_ends_within_it(tiny_
     resolved = distilled[0].recipe["steps"][-1]["resolved"]
     assert 0 < resolved["steps"] < 4000, (resolved, clock.events)
     assert resolved["stopped"] == "at the study's deadline"
-    # The saved recipe replays what was trained, not the 4000 steps asked.
+    # The saved recipe replays what was trained, not the 4000 steps asked; the budget's
+    # estimates of later distillations count those steps too.
     assert distilled[0].recipe["steps"][-1]["config"]["steps"] == resolved["steps"]
+    assert distilled[0].timings["work"] == {"recover.distill": resolved["steps"]}
     assert result.best_dir is not None
 
 

@@ -220,6 +220,13 @@ class Pass(ABC):
         return config
 
     @classmethod
+    def work(cls, config: Any) -> float | None:
+        """How much work a run with `config` does, in units its time grows in proportion to
+        (a distillation's steps), so the study's time budget can estimate a run of 50 steps
+        from one of 200; None: its time is estimated from earlier runs as a whole."""
+        return None
+
+    @classmethod
     def applies_to(cls, model: SlimModel) -> bool:
         """Whether the study should offer this pass for `model` at all."""
         return True

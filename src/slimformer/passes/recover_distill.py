@@ -241,6 +241,10 @@ class Distill(Pass):
         return resolved
 
     @classmethod
+    def work(cls, config: DistillConfig) -> float:
+        return float(config.steps)
+
+    @classmethod
     def as_applied(cls, config: DistillConfig, resolved: dict[str, Any]) -> DistillConfig:
         """A distillation stopped early is recorded with the steps it trained (`resolved`
         keeps the reason), so `slimformer apply` of the saved recipe trains as many; a time

@@ -6,8 +6,11 @@ Four things hold the deadline:
 - A trial that cannot finish in the time left is not started. What it needs is estimated from
   the trials measured so far (each records its `timings`): the median time a build takes
   before its passes (child start, loading), each of its passes' median time in earlier
-  trials, and the room kept after the passes (below). A pass not run yet counts as free: its
-  first run teaches its cost, and the limits below bound what that first run can overrun.
+  trials, and the room kept after the passes (below). A pass whose time grows with a
+  setting (`Pass.work`: a distillation's steps) is estimated per unit of it instead, so a
+  50-step distillation is not taken for the 200-step ones before it. A pass not run yet
+  counts as free: its first run teaches its cost, and the limits below bound what that
+  first run can overrun.
 - A trial's passes must be done early enough to leave time to save and evaluate the candidate
   (`passes_deadline`: `MARGIN` times the median save and evaluation, and `AFTER_PASSES_S`,
   before the end of the time for trials). Long passes check it: distillation stops and keeps
@@ -25,7 +28,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-Timings = Mapping[str, Any]  # a trial's: build_s, evaluate_s, load_s, save_s, passes {name: s}
+from slimformer.passes import get_pass
+from slimformer.pipeline import step_config
+from slimformer.recipe import Step
+
+# A trial's: build_s, evaluate_s, load_s, save_s, passes {name: s}, work {name: units}.
+Timings = Mapping[str, Any]
 # The end of the budget kept for saving best/ and the run's outputs (trials end before it).
 FINISH_S = 5.0
 MARGIN = 1.5  # the save and evaluation a trial's passes leave room for, times their median
@@ -53,22 +61,48 @@ class TimeBudget:
         return self.trials_end - after_passes(history)
 
 
-def estimate(pass_names: Sequence[str], history: Iterable[Timings]) -> float:
+def work(steps: Iterable[Step]) -> dict[str, float]:
+    """The work of each step whose pass measures it (`Pass.work`), by pass name."""
+    units: dict[str, float] = {}
+    for step in steps:
+        amount = get_pass(step.pass_name).work(step_config(step))
+        if amount is not None:
+            units[step.pass_name] = units.get(step.pass_name, 0.0) + amount
+    return units
+
+
+def estimate(
+    pass_names: Sequence[str],
+    history: Iterable[Timings],
+    planned: Mapping[str, float] | None = None,
+) -> float:
     """Seconds a trial of these passes needs, from the timings of earlier trials: before its
-    passes, for each of them, and after them (`after_passes`). 0 before any trial."""
+    passes, for each of them, and after them (`after_passes`). 0 before any trial.
+    `planned`: the work of the passes that measure it (`work`); such a pass is estimated at
+    the median seconds per unit of its earlier runs that recorded theirs."""
     history = list(history)
     builds = [t for t in history if "build_s" in t]
     if not builds:
         return 0.0
     per_pass: dict[str, list[float]] = {}
+    per_unit: dict[str, list[float]] = {}
     for timings in builds:
+        done = timings.get("work", {})
         for name, seconds in timings.get("passes", {}).items():
             per_pass.setdefault(name, []).append(seconds)
+            if done.get(name, 0) > 0:
+                per_unit.setdefault(name, []).append(seconds / done[name])
     before_passes = _median(
         max(0.0, t["build_s"] - sum(t.get("passes", {}).values()) - t.get("save_s", 0.0))
         for t in builds
     )
-    passes = sum(statistics.median(per_pass[n]) for n in pass_names if n in per_pass)
+    planned = planned or {}
+    passes = 0.0
+    for name in pass_names:
+        if name in planned and name in per_unit:
+            passes += statistics.median(per_unit[name]) * planned[name]
+        elif name in per_pass:
+            passes += statistics.median(per_pass[name])
     return before_passes + passes + after_passes(history)
 
 

@@ -50,7 +50,7 @@ from slimformer.errors import SlimformerError
 from slimformer.evaluate import PROBED_COSTS, EvaluationResult
 from slimformer.recipe import Recipe
 from slimformer.search import distributed, guards, liveness, optuna_study
-from slimformer.search.budget import TimeBudget, Timings, estimate
+from slimformer.search.budget import TimeBudget, Timings, estimate, work
 from slimformer.search.candidates import Builder, Evaluator, ModelBuilder, child_evaluator
 from slimformer.search.confirm import confirm_ratios, time_alternately
 from slimformer.search.cores import claim_cores
@@ -230,7 +230,7 @@ class Study:
                 trial.study.enqueue_trial(params)
             raise _BaselineFirst
         history = self.timings(trial.study)
-        needed = estimate(self.builder.passes_to_run(recipe), history)
+        needed = estimate(self.builder.passes_to_run(recipe), history, work(recipe.steps))
         if needed > self.budget.left():
             raise _DoesNotFit(
                 f"trial {trial.number} ({description}) needs about {needed:.0f} s, "
@@ -421,6 +421,8 @@ class Study:
             load_s=built.load_s,
             save_s=built.save_s,
             passes=built.pass_seconds,
+            # as applied: a distillation stopped at the deadline records the steps it trained
+            work={k: v for k, v in work(built.recipe.steps).items() if k in built.pass_seconds},
             **({"reused": list(built.reused)} if built.reused else {}),
         )
         began = time.monotonic()
@@ -510,7 +512,8 @@ class Study:
         history = self.timings(study)
 
         def fits(recipe: Recipe) -> bool:
-            return estimate(self.builder.passes_to_run(recipe), history) <= self.budget.left()
+            needed = estimate(self.builder.passes_to_run(recipe), history, work(recipe.steps))
+            return needed <= self.budget.left()
 
         return fits
 
