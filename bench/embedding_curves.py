@@ -12,6 +12,8 @@ while staying within a point on both domains?
     python bench/embedding_curves.py                    # every structure, ~60 min on 2 idle cores
     python bench/embedding_curves.py --only ffn0.7      # one structure; merged into the results
     python bench/embedding_curves.py --speed-only       # only the throughput rows
+    python bench/embedding_curves.py --only layers-2 --marks 400,800,1200 --lr 3e-4 \
+        --out bench/results/embedding_structure_curves_layers2_lr3e-4.json   # a variant
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -60,7 +62,7 @@ def drops(score, baseline) -> dict:
     }
 
 
-def curve(structure: list[tuple[str, dict]], marks: list[int]) -> list[dict]:
+def curve(structure: list[tuple[str, dict]], marks: list[int], distill: dict) -> list[dict]:
     task = make_task(SPEC)
     original = slimformer.load("default")
     state = task.prepare(original)
@@ -71,7 +73,7 @@ def curve(structure: list[tuple[str, dict]], marks: list[int]) -> list[dict]:
     rows, done, started = [], 0, time.time()
     for index, mark in enumerate(marks):
         # Distillation continues from the previous mark (a fresh optimizer each chunk).
-        config = DistillConfig(**DISTILL, steps=mark - done, time_budget_s=1e9)
+        config = DistillConfig(**distill, steps=mark - done, time_budget_s=1e9)
         context = PassContext(
             training=training, general=general, teacher=original, seed=100 + index
         )
@@ -103,15 +105,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(STRUCTURES), default=list(STRUCTURES))
     parser.add_argument("--marks", default="200,400", help="distillation steps to score at")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--lr", type=float, default=DISTILL["lr"], help="distillation's lr")
+    parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {"structures": {}}
-    results["distill"] = DISTILL
+    out = args.out
+    if args.lr != DISTILL["lr"] and out == OUT:  # one file, one distillation setting
+        parser.error("another --lr needs its own --out file")
+    results = json.loads(out.read_text()) if out.exists() else {"structures": {}}
+    results["distill"] = DISTILL | {"lr": args.lr}
     if not args.speed_only:
         for name in args.only:
-            rows = curve(STRUCTURES[name], [int(m) for m in args.marks.split(",")])
+            marks = [int(m) for m in args.marks.split(",")]
+            rows = curve(STRUCTURES[name], marks, results["distill"])
             results["structures"][name] = {"structure": STRUCTURES[name], "curve": rows}
             results["curves_machine"] = machine()
-            OUT.write_text(json.dumps(results, indent=1) + "\n")
+            out.write_text(json.dumps(results, indent=1) + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         peer = throughput([], Path(tmp) / "peer")
         speed = {"openvino_int8_unpruned_per_s": round(peer, 1), "load_average_1min": []}
@@ -123,7 +131,7 @@ def main() -> None:
             speed["load_average_1min"].append(round(os.getloadavg()[0], 2))
             print(f"{name:<20} {rate:8.1f}/s  {rate / peer:.2f}x", flush=True)
     results["speed"] = speed | {"machine": machine()}
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
