@@ -16,14 +16,18 @@ STAMP := $(VENV)/.installed
 # so a .venv that meets another CPU rebuilds it instead of crashing on an illegal instruction;
 # slimformer also refuses, with this hint, a library built for instructions this CPU lacks.
 # About 4 minutes of CPU on 2 cores (14.5 min wall on a loaded machine); LLAVA_BUILD=OFF skips
-# the multimodal library slimformer does not use.
+# the multimodal library slimformer does not use. On x86 the AMX instructions are left out
+# (GCC keeps an explicit -mno- over -march=native): llama.cpp's AMX backend segfaulted on q8_0
+# weights on an AMX Xeon (llama.cpp#20824), taking the test run down; AVX-512/VNNI stay.
 CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
-LLAMACPP := $(VENV)/.llamacpp-built-for-cpu-$(CPU_ID)
+LLAMACPP := $(VENV)/.llamacpp-built-for-cpu-$(CPU_ID)-no-amx
+NO_AMX := $(if $(filter x86_64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 
 $(LLAMACPP): constraints.txt | $(STAMP)
 	rm -f $(VENV)/.llamacpp-built-for-cpu-*
 	$(BIN)/pip uninstall --quiet --yes llama-cpp-python
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF \
+		-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'" \
 		$(BIN)/pip install --quiet -c constraints.txt \
 		--no-binary llama-cpp-python --no-cache-dir llama-cpp-python
 	touch $@

@@ -282,6 +282,27 @@ def test_a_library_built_for_another_cpu_is_refused_not_crashed():
     assert missing_instructions(info, zen3 | {"avx512f", "avx512_vnni"}) == []
 
 
+def test_a_library_built_with_amx_loads_weights_without_its_extra_buffers(monkeypatch):
+    import llama_cpp
+
+    from slimformer.engines import llamacpp
+
+    amx = "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"
+    assert "AMX_INT8" in llamacpp.built_instructions(amx)
+    monkeypatch.setitem(llamacpp._state, "extra_buffers", False)
+    assert llamacpp.model_params(llama_cpp).use_extra_bufts is False
+    monkeypatch.setitem(llamacpp._state, "extra_buffers", True)
+    assert llamacpp.model_params(llama_cpp).use_extra_bufts is True
+
+
+def test_make_builds_llama_cpp_without_the_amx_backend():
+    import llama_cpp
+
+    from slimformer.engines.llamacpp import built_instructions
+
+    assert "AMX_INT8" not in built_instructions(llama_cpp.llama_print_system_info().decode())
+
+
 @pytest.mark.parametrize(
     ("family", "config", "message"),
     [

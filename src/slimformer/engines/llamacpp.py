@@ -10,7 +10,9 @@ needs to match eager PyTorch (positions are not shifted by padding).
 llama-cpp-python is built from source on the machine (`make`'s environment, -march=native), so
 its library may use instructions another CPU lacks: `library()` compares the instruction sets
 it was compiled with against this CPU's and refuses with a rebuild hint rather than crash on an
-illegal instruction.
+illegal instruction. A library compiled with llama.cpp's AMX backend (-march=native on a Xeon
+with AMX) is used without its extra weight buffers: that backend's quantized matmul segfaults
+on some machines (llama.cpp#20824; q8_0 here on a 2-core AMX Xeon), so `make` builds without it.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from slimformer.errors import SlimformerError
 GGUF_FILE = "model.gguf"
 DEFAULT_CONTEXT = 2048  # tokens of context (KV cache) a served model is given unless told
 INSTALL_HINT = (
-    "install it with `make test` (or: CMAKE_ARGS='-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF' pip "
-    "install -c constraints.txt --no-binary llama-cpp-python --no-cache-dir "
-    "llama-cpp-python)"
+    "install it with `make test` (or: CMAKE_ARGS='-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF "
+    "-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8' pip install -c "
+    "constraints.txt --no-binary llama-cpp-python --no-cache-dir llama-cpp-python)"
 )
 # llama.cpp's names for the instruction sets its CPU backend was compiled with -> Linux's.
 _BUILD_FLAGS = {
@@ -81,7 +83,8 @@ def library() -> Any:
         import llama_cpp
     except ImportError:
         raise SlimformerError(f"llama-cpp-python is not installed: {INSTALL_HINT}") from None
-    missing = missing_instructions(llama_cpp.llama_print_system_info().decode(), cpu.cpu_flags())
+    system_info = llama_cpp.llama_print_system_info().decode()
+    missing = missing_instructions(system_info, cpu.cpu_flags())
     if missing:
         raise SlimformerError(
             f"llama-cpp-python was built for a CPU with {', '.join(missing)}, which this one "
@@ -90,21 +93,37 @@ def library() -> Any:
     llama_cpp.llama_log_set(_log, None)
     llama_cpp.llama_backend_init()
     _state["lib"] = llama_cpp
+    _state["extra_buffers"] = "AMX_INT8" not in built_instructions(system_info)
     return llama_cpp
 
 
-def missing_instructions(system_info: str, flags: set[str]) -> list[str]:
-    """Instruction sets the library was compiled with (llama.cpp's system info, e.g.
-    "CPU : AVX2 = 1 | AVX512 = 1 |") that the CPU's flags lack; none when the flags are
-    unknown (not Linux)."""
-    if not flags:
-        return []
+def built_instructions(system_info: str) -> list[str]:
+    """The instruction sets llama.cpp's CPU backend was compiled with, from its system info
+    (e.g. "CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |")."""
     built = []
     for part in system_info.split("|"):
         name, _, value = part.rpartition(":")[2].partition("=")
         if value.strip() == "1" and name.strip() in _BUILD_FLAGS:
             built.append(name.strip())
-    return [name for name in built if _BUILD_FLAGS[name] not in flags]
+    return built
+
+
+def missing_instructions(system_info: str, flags: set[str]) -> list[str]:
+    """Instruction sets the library was compiled with that the CPU's flags lack; none when
+    the flags are unknown (not Linux)."""
+    if not flags:
+        return []
+    return [name for name in built_instructions(system_info) if _BUILD_FLAGS[name] not in flags]
+
+
+def model_params(lib: Any) -> Any:
+    """llama.cpp's default model parameters, without the extra (repacked) weight buffers when
+    the library was built with the AMX backend, whose quantized matmul can segfault
+    (llama.cpp#20824): a crash would take the whole study down, a slower matmul does not."""
+    params = lib.llama_model_default_params()
+    if not _state["extra_buffers"]:
+        params.use_extra_bufts = False
+    return params
 
 
 def llama_cpp_version() -> str:
@@ -238,9 +257,7 @@ class LlamaCppModule(ServedModule):
                 handles["threads"] = threads
             return handles
         lib = library()
-        model = lib.llama_model_load_from_file(
-            str(self.path).encode(), lib.llama_model_default_params()
-        )
+        model = lib.llama_model_load_from_file(str(self.path).encode(), model_params(lib))
         if not model:
             raise SlimformerError(f"llama.cpp could not load {self.path}{last_errors()}")
         threads = torch.get_num_threads()
