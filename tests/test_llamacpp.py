@@ -289,9 +289,10 @@ def test_a_library_built_with_amx_loads_weights_without_its_extra_buffers(monkey
 
     amx = "CPU : AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 | REPACK = 1 |"
     assert "AMX_INT8" in llamacpp.built_instructions(amx)
-    monkeypatch.setitem(llamacpp._state, "extra_buffers", False)
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: amx.encode())
     assert llamacpp.model_params(llama_cpp).use_extra_bufts is False
-    monkeypatch.setitem(llamacpp._state, "extra_buffers", True)
+    without_amx = amx.replace("AMX_INT8 = 1", "AMX_INT8 = 0")
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: without_amx.encode())
     assert llamacpp.model_params(llama_cpp).use_extra_bufts is True
 
 

@@ -83,8 +83,7 @@ def library() -> Any:
         import llama_cpp
     except ImportError:
         raise SlimformerError(f"llama-cpp-python is not installed: {INSTALL_HINT}") from None
-    system_info = llama_cpp.llama_print_system_info().decode()
-    missing = missing_instructions(system_info, cpu.cpu_flags())
+    missing = missing_instructions(llama_cpp.llama_print_system_info().decode(), cpu.cpu_flags())
     if missing:
         raise SlimformerError(
             f"llama-cpp-python was built for a CPU with {', '.join(missing)}, which this one "
@@ -93,7 +92,6 @@ def library() -> Any:
     llama_cpp.llama_log_set(_log, None)
     llama_cpp.llama_backend_init()
     _state["lib"] = llama_cpp
-    _state["extra_buffers"] = "AMX_INT8" not in built_instructions(system_info)
     return llama_cpp
 
 
@@ -121,7 +119,7 @@ def model_params(lib: Any) -> Any:
     the library was built with the AMX backend, whose quantized matmul can segfault
     (llama.cpp#20824): a crash would take the whole study down, a slower matmul does not."""
     params = lib.llama_model_default_params()
-    if not _state["extra_buffers"]:
+    if "AMX_INT8" in built_instructions(lib.llama_print_system_info().decode()):
         params.use_extra_bufts = False
     return params
 
