@@ -14,6 +14,8 @@ while staying within a point on both domains?
     python bench/embedding_curves.py --speed-only       # only the throughput rows
     python bench/embedding_curves.py --only layers-2 --marks 400,800,1200 --lr 3e-4 \
         --out bench/results/embedding_structure_curves_layers2_lr3e-4.json   # a variant
+    python bench/embedding_curves.py --only layers-2 --layer-weight 1 \
+        --out bench/results/embedding_structure_curves_layers2_layer_matching.json
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -106,13 +108,22 @@ def main() -> None:
     parser.add_argument("--marks", default="200,400", help="distillation steps to score at")
     parser.add_argument("--speed-only", action="store_true")
     parser.add_argument("--lr", type=float, default=DISTILL["lr"], help="distillation's lr")
+    parser.add_argument(
+        "--layer-weight",
+        type=float,
+        default=0.0,
+        help="distillation's layer-to-layer matching (recover.distill layer_weight)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
     out = args.out
-    if args.lr != DISTILL["lr"] and out == OUT:  # one file, one distillation setting
-        parser.error("another --lr needs its own --out file")
+    distill = DISTILL | {"lr": args.lr}
+    if args.layer_weight:
+        distill["layer_weight"] = args.layer_weight
+    if distill != DISTILL and out == OUT:  # one file, one distillation setting
+        parser.error("other distillation settings need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}
-    results["distill"] = DISTILL | {"lr": args.lr}
+    results["distill"] = distill
     if not args.speed_only:
         for name in args.only:
             marks = [int(m) for m in args.marks.split(",")]

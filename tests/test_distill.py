@@ -92,3 +92,50 @@ def test_a_listening_study_gets_the_held_out_loss_at_intervals_and_the_same_stud
     assert reported[-1][1] < reported[0][1]  # the student nears its teacher
     batch = calibration[0]
     assert torch.equal(tiny.output(watched, batch), tiny.output(plain, batch))
+
+
+def test_kept_blocks_remember_which_original_block_they_were():
+    model = tiny.build("bert")
+    assert model.adapter.block_origins() == list(range(tiny.NUM_LAYERS))
+    model.adapter.keep_blocks([0, 2, 3])
+    model.adapter.keep_blocks([0, 2])  # a second removal composes with the first
+    assert model.adapter.block_origins() == [0, 3]
+
+
+def _relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(student, teacher) / teacher.pow(2).mean()
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_layer_matching_pairs_each_block_with_the_original_it_came_from(family):
+    import copy
+
+    from slimformer.passes.recover_distill import layer_matching_loss
+
+    teacher = tiny.build(family)
+    batch = tiny.calibration(teacher)[0]
+    with torch.no_grad():
+        target = teacher(**batch, output_hidden_states=True)
+        assert layer_matching_loss(teacher, target, target) == 0
+
+        student = copy.deepcopy(teacher)
+        student.adapter.keep_blocks([0, 2])  # blocks 1 and 3 of four removed
+        output = student(**batch, output_hidden_states=True)
+        # Block 0 stays block 0's output exactly; the last block answers for the last.
+        expected = _relative_mse(output.hidden_states[2], target.hidden_states[-1]) / 2
+        assert torch.allclose(layer_matching_loss(student, output, target), expected)
+
+
+def test_distillation_with_layer_matching_recovers_a_model_with_a_block_removed():
+    model = tiny.build("bert")
+    recipe = Recipe(
+        steps=(
+            Step("prune.layers", {"count": 1}),
+            Step("recover.distill", {"steps": 100, "lr": 1e-4, "layer_weight": 1.0}),
+        ),
+        seed=3,
+    )
+    calibration = tiny.calibration(model)
+    distilled = apply_recipe(model, recipe, calibration, training=training_batches(model))
+    resolved = distilled.recipe.steps[-1].resolved
+    assert resolved["held_out_loss_after"] < resolved["held_out_loss_before"]

@@ -62,6 +62,11 @@ class ModelFacts:
     fixed_token_count: bool = False
 
 
+# A kept block's index before blocks were removed: a plain attribute, so it lives as long as the
+# module in memory and is never saved (a reloaded model is an original of its own).
+ORIGIN_ATTRIBUTE = "slimformer_origin"
+
+
 def get_submodule(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
@@ -105,9 +110,16 @@ class ModelAdapter:
     def num_layers(self) -> int:
         return len(self.blocks())
 
+    def block_origins(self) -> list[int]:
+        """Each block's index in the model before any `keep_blocks` in this process (what a
+        layer-to-layer distillation matches it to in the original)."""
+        return [getattr(b, ORIGIN_ATTRIBUTE, i) for i, b in enumerate(self.blocks())]
+
     def keep_blocks(self, keep: Sequence[int]) -> None:
         """Keep only the blocks at these indices (in order) and update the config to match."""
         blocks = self.blocks()
+        for block, origin in zip(blocks, self.block_origins(), strict=True):
+            setattr(block, ORIGIN_ATTRIBUTE, origin)
         kept = nn.ModuleList(blocks[i] for i in sorted(keep))
         parent_path, _, attr = self._block_path.rpartition(".")
         setattr(get_submodule(self.base, parent_path), attr, kept)

@@ -4,8 +4,9 @@ pruned one.
 Trains the student on unlabeled task inputs (never the scored split) to match the teacher's
 outputs: KL divergence of temperature-softened logits for LMs and classifiers, cosine distance
 of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
-states, and of the batch's similarity matrix (each pair of inputs' cosine similarity, so the
-student keeps the teacher's neighbourhoods, not only each vector's direction). A share of the
+states, of every block's output against the original block it came from, and of the batch's
+similarity matrix (each pair of inputs' cosine similarity, so the student keeps the teacher's
+neighbourhoods, not only each vector's direction). A share of the
 steps may train on a general corpus the task provides (Wikipedia sentences for the embedding
 task) instead, so what the student learns holds beyond the task's own domain. AdamW, a step
 budget and a time budget, deterministic for a seed. At the study's deadline it stops early and
@@ -74,6 +75,16 @@ class DistillConfig:
         "share of the steps trained on the task's general corpus (Wikipedia sentences for the "
         "embedding task) instead of its own inputs",
     )
+    # Not searched: on all-MiniLM-L6-v2 with 2 of 6 blocks removed it changed nothing that 200
+    # or 400 steps recovered (bench/results/embedding_structure_curves_layers2_layer_matching
+    # .json against embedding_structure_curves.json), and a setting that does not pay only
+    # thins a short study's trials. Deeper students may differ; a recipe can set it.
+    layer_weight: float = fixed(
+        0.0,
+        "weight of layer-to-layer matching: each block's output against the output of the "
+        "original's block it was (after removed blocks, the one it came from)",
+        valid=Interval(0, None),
+    )
     temperature: float = fixed(2.0, "softening of teacher and student logits")
     time_budget_s: float = fixed(600.0, "stop training after this many seconds")
 
@@ -117,12 +128,50 @@ def distillation_loss(
     batch: dict[str, torch.Tensor],
     config: DistillConfig,
 ) -> torch.Tensor:
-    wants_hidden = student.head != "embedding" and (
-        config.hidden_weight > 0 or config.similarity_weight > 0
+    wants_hidden = config.layer_weight > 0 or (
+        student.head != "embedding" and (config.hidden_weight > 0 or config.similarity_weight > 0)
     )
     with torch.no_grad():
         target = teacher(**batch, output_hidden_states=wants_hidden)
     output = student(**batch, output_hidden_states=wants_hidden)
+    loss = _output_loss(student, output, target, batch, config)
+    if config.layer_weight > 0:
+        loss = loss + config.layer_weight * layer_matching_loss(student, output, target)
+    return loss
+
+
+def layer_matching_loss(student: SlimModel, output: Any, target: Any) -> torch.Tensor:
+    """Mean over the student's blocks of the squared difference between its output and the
+    output of the teacher's block it came from, relative to the teacher's mean square (as the
+    final-hidden-state term): a signal at every depth, which a student with blocks removed
+    needs to re-learn what the missing ones did. The last block is matched to the teacher's
+    last whatever it came from: it makes the model's output (and transformers gives the last
+    hidden state after the final norm of a pre-norm model, the others before it)."""
+    origins = student.adapter.block_origins()
+    states, targets = output.hidden_states, target.hidden_states
+    if states is None or len(states) != len(origins) + 1:
+        raise SlimformerError("recover.distill: layer_weight needs each block's hidden state")
+    pairs = [(index + 1, origin + 1) for index, origin in enumerate(origins[:-1])]
+    pairs.append((len(states) - 1, len(targets) - 1))
+    terms = []
+    for mine, theirs in pairs:
+        s, t = states[mine], targets[theirs]
+        if s.shape != t.shape:  # reduce.tokens gives its states back at every input position
+            raise SlimformerError(
+                f"recover.distill: layer_weight cannot match a block's output of shape "
+                f"{tuple(s.shape)} to the original's {tuple(t.shape)}; use layer_weight=0"
+            )
+        terms.append(F.mse_loss(s, t) / t.pow(2).mean())
+    return torch.stack(terms).mean()
+
+
+def _output_loss(
+    student: SlimModel,
+    output: Any,
+    target: Any,
+    batch: dict[str, torch.Tensor],
+    config: DistillConfig,
+) -> torch.Tensor:
     if student.head == "embedding":
         s, t = output.last_hidden_state, target.last_hidden_state
         s_pooled, t_pooled = _pooled(s, batch), _pooled(t, batch)
