@@ -204,3 +204,56 @@ def test_when_a_trial_would_not_fit_in_the_time_left_one_served_from_a_kept_mode
         "+ quantize.dynamic_int8(scope=attention,per_channel=False,keep_sensitive=0)"
     )
     assert not study_runner._queue_neighbour(optuna_study, lambda recipe: False)
+
+
+def test_a_recipe_too_long_for_the_time_left_is_shortened_to_the_most_distillation_that_fits():
+    from slimformer.search.neighbours import shortened
+
+    ffn = ("prune.ffn", {"keep": 0.5})
+    long = Recipe.from_dict(start(ffn, ("recover.distill", {"steps": 400, "lr": 1e-4}), ORT_INT8))
+
+    def steps_of(recipe: Recipe) -> int:
+        return next(s.config["steps"] for s in recipe.steps if s.pass_name == "recover.distill")
+
+    # 400 -> 200 -> 100: the first that fits.
+    fitting = shortened(long, OFFERED, FACTS, lambda recipe: steps_of(recipe) <= 150)
+    assert fitting is not None and steps_of(fitting) == 100
+    assert fitting.describe().startswith(
+        "prune.ffn(keep=0.5) + recover.distill(steps=100,lr=0.0001"
+    )
+    assert fitting.describe().endswith("runtime.onnxruntime(optimize=True,int8=dynamic)")
+    assert shortened(long, OFFERED, FACTS, lambda recipe: False) is None  # not even 50 steps
+    untrained = Recipe.from_dict(start(ffn, ORT_INT8))
+    assert shortened(untrained, OFFERED, FACTS, lambda recipe: True) is None
+
+
+def test_when_a_sampled_distillation_would_not_fit_the_same_recipe_trained_shorter_goes_next(
+    tmp_path,
+):
+    first = start(("prune.ffn", {"keep": 0.7}), ("recover.distill", {"steps": 200}))
+    deeper = start(("prune.ffn", {"keep": 0.5}), ("recover.distill", {"steps": 200}))
+    chosen = settings(
+        tmp_path,
+        trials=None,
+        time_budget_s=60.0,
+        passes=("prune.ffn", "recover.distill"),
+        starts=(first, deeper),
+        local_search=True,
+        max_drop=0.02,
+    )
+    # 200 steps take 80 s: once measured, the second 200-step distillation does not fit in the
+    # minute; 100 steps (40 s, the time is estimated per step) do.
+    builder = FakeBuilder(tmp_path, pass_seconds={"recover.distill": 80.0})
+    reporter = RecordingReporter()
+    (tmp_path / "run").mkdir()
+    study_runner = runner.Study(
+        chosen, RunFolder(tmp_path / "run"), reporter, builder=builder, evaluator=FakeEvaluator()
+    )
+    study_runner.prepare()
+    optuna_study = study_runner.open_study()
+    study_runner.run_trials(optuna_study, 3)
+    built = builder.built[-1]
+    assert built.startswith("prune.ffn(keep=0.5") and "recover.distill(steps=100," in built
+    assert not any("keep=0.5" in b and "steps=200" in b for b in builder.built)
+    [queued] = [m for m in reporter.of("message") if "trained shorter" in m]
+    assert queued == f"local search: next, trained shorter to fit the time left, {built}"

@@ -26,13 +26,15 @@ And first, because they cost seconds where the others cost minutes:
 
 The runner queues the first of these that no trial has tried yet, every other trial, so the
 sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
+When a sampled trial would not finish in the time left, the first of these that would goes
+next, else the sampled recipe itself with shorter distillation (`shortened`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from slimformer.errors import SlimformerError
@@ -175,14 +177,47 @@ def _declared(offered: dict[str, type[Pass]], step: Step, way: str) -> list[data
     return [f for f in dataclasses.fields(cls.config_class) if f.metadata.get(way)]
 
 
-def _moved(recipe: Recipe, offered: dict[str, type[Pass]], facts: Any, way: str) -> list[Recipe]:
-    """`recipe` with one setting declared `way` moved one step that way, for each such setting."""
+def shortened(
+    recipe: Recipe,
+    pass_classes: Sequence[type[Pass]],
+    facts: Any,
+    fits: Callable[[Recipe], bool],
+) -> Recipe | None:
+    """`recipe` with less recovery (fewer distillation steps: the settings declared
+    `recovers=`, moved the other way one option at a time), the most of it that `fits`; None
+    when even the least does not fit, or the recipe trains nothing.
+
+    Why: a study whose sampled trial no longer fits in the time left used to end there, with
+    up to a third of its budget unspent (bench/results/search_efficiency.json: ~7 of 20
+    minutes, a 200-step distillation estimated at 440 s); the same recipe trained shorter is
+    the nearest trial that fits, and distillation's time is estimated per step."""
+    offered = {cls.name: cls for cls in pass_classes}
+    current = recipe
+    while moved := _moved(current, offered, facts, "recovers", backwards=True):
+        current = moved[0]
+        if fits(current):
+            return current
+    return None
+
+
+def _moved(
+    recipe: Recipe,
+    offered: dict[str, type[Pass]],
+    facts: Any,
+    way: str,
+    backwards: bool = False,
+) -> list[Recipe]:
+    """`recipe` with one setting declared `way` moved one step that way (`backwards`: the
+    other way), for each such setting."""
     moved = []
     for index, step in enumerate(recipe.steps):
         cls = offered.get(step.pass_name)
         for setting in _declared(offered, step, way):
             current = dataclasses.asdict(cls.make_config(step.config))[setting.name]
-            value = _step_from(current, setting.metadata["space"], setting.metadata[way], facts)
+            direction = setting.metadata[way]
+            if backwards:
+                direction = "lower" if direction == "higher" else "higher"
+            value = _step_from(current, setting.metadata["space"], direction, facts)
             if value is None:
                 continue
             changed = Step(step.pass_name, {**step.config, setting.name: value})

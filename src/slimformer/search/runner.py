@@ -63,7 +63,7 @@ from slimformer.search.distributed import (
 from slimformer.search.early_stop import DistillWatch, distill_study
 from slimformer.search.killpoints import kill_point
 from slimformer.search.lock import RunLock
-from slimformer.search.neighbours import neighbours
+from slimformer.search.neighbours import neighbours, shortened
 from slimformer.search.records import BestModel, StudyResult, TrialRecord, find
 from slimformer.search.run_folder import (
     CardWriter,
@@ -95,6 +95,10 @@ class _BaselineFirst(Exception):
 
 class _DoesNotFit(Exception):
     """The sampled trial would not finish in the time left: it is not started."""
+
+    def __init__(self, message: str, recipe: Recipe):
+        super().__init__(message)
+        self.recipe = recipe
 
 
 class _Pruned(Exception):
@@ -234,7 +238,8 @@ class Study:
         if needed > self.budget.left():
             raise _DoesNotFit(
                 f"trial {trial.number} ({description}) needs about {needed:.0f} s, "
-                f"{max(0.0, self.budget.left()):.0f} s are left"
+                f"{max(0.0, self.budget.left()):.0f} s are left",
+                recipe,
             )
         self.reporter.trial_started(trial.number, description)
         candidate_dir = self.folder.candidate_dir(trial.number)
@@ -479,9 +484,13 @@ class Study:
             except _DoesNotFit as why:
                 study.tell(trial, state=TrialState.FAIL)  # ran nothing: --resume runs it first
                 # A neighbour that fits in the time left (one served from a kept trained
-                # model takes seconds) goes next instead of ending the study here.
+                # model takes seconds), else the same recipe trained shorter, goes next
+                # instead of ending the study here.
                 fits = self._fitting(study)
-                if self.settings.local_search and self._queue_neighbour(study, fits):
+                if self.settings.local_search and (
+                    self._queue_neighbour(study, fits)
+                    or self._queue_shortened(study, why.recipe, fits)
+                ):
                     self.reporter.message(f"not started: {why}")
                     continue
                 self.reporter.note(f"the time budget is spent: {why}; not started")
@@ -533,19 +542,46 @@ class Study:
             (self.settings.cost_field, self.settings.cost_direction == "maximize"),
             (self.task.metric, self.settings.max_drop),
         )
+        is_new = self._untried(study)
+        for recipe in proposals:
+            if is_new(recipe) and (fits is None or fits(recipe)):
+                self._enqueue(study, recipe, "local search: next")
+                return True
+        return False
+
+    def _queue_shortened(
+        self, study: optuna.Study, recipe: Recipe, fits: Callable[[Recipe], bool]
+    ) -> bool:
+        """Queue `recipe` with its distillation shortened to the most that fits in the time
+        left and no trial tried (neighbours.shortened). Whether one was queued."""
+        is_new = self._untried(study)
+        fitting = shortened(
+            recipe, self.pass_classes, self.builder.facts, lambda r: is_new(r) and fits(r)
+        )
+        if fitting is None:
+            return False
+        self._enqueue(study, fitting, "local search: next, trained shorter to fit the time left")
+        return True
+
+    def _untried(self, study: optuna.Study) -> Callable[[Recipe], bool]:
+        """Whether no trial of the study has tried or queued a recipe yet."""
+        trials = study.get_trials(deepcopy=False)
         tried = {t.user_attrs.get("description") for t in trials}
         queued = [t.system_attrs.get("fixed_params") for t in trials]
-        for recipe in proposals:
+
+        def is_new(recipe: Recipe) -> bool:
             params = recipe_params(recipe, self.pass_classes)
-            if recipe.describe() in tried or params in queued:
-                continue
-            if fits is not None and not fits(recipe):
-                continue
-            given = start_values(recipe, self.pass_classes)
-            study.enqueue_trial(params, user_attrs={START_VALUES: given} if given else None)
-            self.reporter.message(f"local search: next, {recipe.describe()}")
-            return True
-        return False
+            return recipe.describe() not in tried and params not in queued
+
+        return is_new
+
+    def _enqueue(self, study: optuna.Study, recipe: Recipe, say: str) -> None:
+        given = start_values(recipe, self.pass_classes)
+        study.enqueue_trial(
+            recipe_params(recipe, self.pass_classes),
+            user_attrs={START_VALUES: given} if given else None,
+        )
+        self.reporter.message(f"{say}, {recipe.describe()}")
 
     def trials_spent(self, study: optuna.Study) -> bool:
         """Whether the trial budget is used up: by the trials of every worker of this machine
