@@ -316,3 +316,34 @@ def test_normalize_resets_the_settings_the_mode_does_not_use():
     prune = token_pass.make_config({"mode": "prune", "r": 8, "schedule": "decreasing"})
     assert (merge.keep, merge.criterion) == (0.8, "cls")
     assert (prune.r, prune.schedule) == (2, "constant")
+
+
+@pytest.mark.parametrize("family", ["bert", "vit"])
+def test_token_scores_are_taken_apart_from_the_attention_and_agree_with_its_q_and_k(family):
+    from slimformer.tokens import _heads, _merge_metric, _scoring_logits
+
+    model = tiny.build(family)
+    block = model.adapter.encoder_block(1)
+    head_dim = model.adapter.head_dim()
+    h = torch.randn(3, 9, model.module.config.hidden_size)
+    q, k = _heads(block.query(h), head_dim), _heads(block.key(h), head_dim)
+    with torch.no_grad():
+        reference = (q @ k.transpose(-1, -2)).softmax(-1)
+        # Through the key's weights, without its bias: a shift per query, the same softmax.
+        for rows in (1, None):
+            logits = _scoring_logits(block, h, head_dim, rows)
+            expected = reference[:, :, :1] if rows == 1 else reference
+            assert torch.allclose(logits.softmax(-1), expected, atol=1e-5)
+        assert torch.allclose(_merge_metric(block, h, head_dim), k.mean(1), atol=1e-5)
+
+
+def test_rows_are_gathered_as_torch_gathers_them():
+    from slimformer.tokens import gather_rows
+
+    x = torch.randn(4, 7, 5)
+    index = torch.tensor([[0, 3, 6], [1, 1, 2], [6, 5, 4], [0, 0, 0]])
+    assert torch.equal(gather_rows(x, index), x.gather(1, index.unsqueeze(-1).expand(-1, -1, 5)))
+    assert torch.equal(
+        gather_rows(x[:, ::2], index % 4),
+        x[:, ::2].gather(1, (index % 4).unsqueeze(-1).expand(-1, -1, 5)),
+    )

@@ -225,18 +225,28 @@ def reduce_blocks(
     for index, amount in enumerate(reduction.amounts):
         block = adapter.encoder_block(index)
         bias = size.log()[:, None, None, :].to(x.dtype) if biased else None
-        x, q, k = _attention(block, x, bias, head_dim, eager)
+        x, h = _attention(block, x, bias, head_dim, eager)
         if reduction.mode == "merge" and amount >= 1:
-            x, size, source = merge_tokens(x, size, source, k.mean(1), int(amount), padded)
+            metric = _merge_metric(block, h, head_dim)
+            x, size, source = merge_tokens(x, size, source, metric, int(amount), padded)
             biased = True
         elif reduction.mode == "prune" and amount < 1:
-            scores = attention_received(q, k, bias, size, reduction.criterion)
+            rows = 1 if reduction.criterion == "cls" else None
+            logits = _scoring_logits(block, h, head_dim, rows)
+            scores = attention_received(logits * head_dim**-0.5, bias, size, reduction.criterion)
             x, size, source = prune_tokens(x, size, source, scores, amount)
-            biased = True
+            # Every row keeps as many tokens when none is padding (images), all of size 1:
+            # no mask, so the attention kernel runs without one.
         x = _feed_forward(block, x)
         if states is not None:
             states.append(unmerge(x, source, size if pruning else None))
     return unmerge(x, source, size if pruning else None), tuple(states) if states else None
+
+
+def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[batch, tokens, heads·head_dim] -> [batch, heads, tokens, head_dim]."""
+    batch, tokens, _ = t.shape
+    return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
 
 
 def _attention(
@@ -245,15 +255,15 @@ def _attention(
     bias: torch.Tensor | None,
     head_dim: int,
     eager: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The block's attention with its residual (and norm); also the heads' q and k."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's attention with its residual (and norm); also its input to q, k and v."""
     h = block.attention_norm(x) if block.pre_norm else x
     batch, tokens, _ = x.shape
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(batch, tokens, -1, head_dim).transpose(1, 2)
-
-    q, k, v = heads(block.query(h)), heads(block.key(h)), heads(block.value(h))
+    q, k, v = (
+        _heads(block.query(h), head_dim),
+        _heads(block.key(h), head_dim),
+        _heads(block.value(h), head_dim),
+    )
     if eager:  # ToMe's ToMeAttention.forward: (q k^T)·scale + log(size), softmax, then V
         logits = (q @ k.transpose(-2, -1)) * head_dim**-0.5
         if bias is not None:
@@ -264,7 +274,45 @@ def _attention(
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=head_dim**-0.5)
     out = block.attention_out(context.transpose(1, 2).reshape(batch, tokens, -1))
     x = x + out if block.pre_norm else block.attention_norm(out + x)
-    return x, q, k
+    return x, h
+
+
+def _key_weights(block: EncoderBlock, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The key projection's weight [heads, head_dim, width] and bias [heads, head_dim], where it
+    is a plain Linear (None otherwise: factorized, quantized)."""
+    key = block.key
+    if not isinstance(key, nn.Linear):
+        return None
+    weight = key.weight.view(-1, head_dim, key.in_features)
+    bias = key.bias if key.bias is not None else key.weight.new_zeros(key.out_features)
+    return weight, bias.view(-1, head_dim)
+
+
+def _merge_metric(block: EncoderBlock, h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """ToMe's metric, the keys averaged over heads [batch, tokens, head_dim] — for a Linear key
+    as one projection by the heads' mean weights (see `_scoring_logits` for why not k)."""
+    folded = _key_weights(block, head_dim)
+    if folded is None:
+        return _heads(block.key(h), head_dim).mean(1)
+    weight, bias = folded
+    return F.linear(h, weight.mean(0), bias.mean(0))
+
+
+def _scoring_logits(
+    block: EncoderBlock, h: torch.Tensor, head_dim: int, rows: int | None
+) -> torch.Tensor:
+    """q·k [batch, heads, queries, tokens] of the first `rows` queries (None: all), unscaled,
+    for scoring tokens. Not from the attention's q and k: a q or k that also feeds anything
+    else keeps OpenVINO from fusing the attention, and NNCF's int8 then runs it unfused (on
+    vit-fashion's shape pruning cost more than the tokens it removed). With a Linear key the
+    product is taken through its weights, q·(W h + b) = (qW)·h + q·b, dropping q·b: the same
+    for every token of a query, so the softmax over tokens does not see it."""
+    q = _heads(block.query(h if rows is None else h[:, :rows]), head_dim)
+    folded = _key_weights(block, head_dim)
+    if folded is None:
+        return q @ _heads(block.key(h), head_dim).transpose(-1, -2)
+    weight, _ = folded
+    return (q @ weight) @ h.unsqueeze(1).transpose(-1, -2)
 
 
 def _feed_forward(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
@@ -273,11 +321,22 @@ def _feed_forward(block: EncoderBlock, x: torch.Tensor) -> torch.Tensor:
     return block.ffn_norm(block.ffn_out(block.activation(block.ffn_in(x))) + x)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[batch, len(index[b]), width]: the rows `index` [batch, n] of each `x` [batch, tokens,
+    width] — `x.gather(1, index expanded over width)`, written as one flat `index_select`.
+    Why: a gather along dim 1 exports as GatherElements, which OpenVINO's CPU plugin runs with
+    its reference kernel in a layout of its own (a reorder before and after); a flat row
+    select is its jitted Gather. Same values."""
+    batch, tokens, width = x.shape
+    offsets = torch.arange(batch, device=x.device).unsqueeze(1) * tokens
+    flat = x.reshape(batch * tokens, width).index_select(0, (index + offsets).reshape(-1))
+    return flat.reshape(batch, index.shape[1], width)
+
+
 def unmerge(x: torch.Tensor, source: torch.Tensor, size: torch.Tensor | None) -> torch.Tensor:
     """Each input position's state: its token's; with `size` (pruning), a pruned position
     (source -1) gets the size-weighted mean of the tokens left, so it adds nothing to a mean."""
-    width = x.shape[-1]
-    out = x.gather(1, source.clamp(min=0).unsqueeze(-1).expand(-1, -1, width))
+    out = gather_rows(x, source.clamp(min=0))
     if size is None:
         return out
     weights = size.unsqueeze(-1).to(x.dtype)
@@ -318,13 +377,10 @@ def merge_tokens(
     xa, xb = weighted[:, ::2], weighted[:, 1::2]
     sa, sb = size[:, ::2], size[:, 1::2]
 
-    def rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return t.gather(1, index.unsqueeze(-1).expand(-1, -1, width))
-
-    xb = xb.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, width), rows(xa, merged))
+    xb = xb.scatter_add(1, target.unsqueeze(-1).expand(-1, -1, width), gather_rows(xa, merged))
     sb = sb.scatter_add(1, target, sa.gather(1, merged))
     new_size = torch.cat([sa.gather(1, kept), sb], dim=1)
-    new_x = torch.cat([rows(xa, kept), xb], dim=1)
+    new_x = torch.cat([gather_rows(xa, kept), xb], dim=1)
     new_x = new_x / new_size.clamp(min=1e-6).unsqueeze(-1).to(x.dtype)
     # Where each old position went: kept A tokens first, then the B tokens.
     n_kept = n_a - r
@@ -337,25 +393,22 @@ def merge_tokens(
         new_of_old = torch.cat([new_of_old, new_a[:, n_b:]], dim=1)
     if padded:  # real tokens ahead of padding, so the next split matches the unpadded input
         order = (new_size == 0).to(torch.int8).argsort(dim=1, stable=True)
-        new_x, new_size = rows(new_x, order), new_size.gather(1, order)
+        new_x, new_size = gather_rows(new_x, order), new_size.gather(1, order)
         new_of_old = order.argsort(dim=1).gather(1, new_of_old)
     return new_x, new_size, new_of_old.gather(1, source)
 
 
 # --- pruning --------------------------------------------------------------------------------
 def attention_received(
-    q: torch.Tensor,
-    k: torch.Tensor,
+    logits: torch.Tensor,
     bias: torch.Tensor | None,
     size: torch.Tensor,
     criterion: str,
 ) -> torch.Tensor:
-    """[batch, tokens]: the attention each token receives, mean over heads — from the class
-    token's query (`cls`) or averaged over the real queries (`mean`), recomputed from q and k
-    because the fused kernel returns no weights."""
-    scale = q.shape[-1] ** -0.5
-    queries = q[:, :, :1] if criterion == "cls" else q
-    logits = queries @ k.transpose(-1, -2) * scale
+    """[batch, tokens]: the attention each token receives, mean over heads, from the scaled
+    attention logits [batch, heads, queries, tokens] — of the class token's query alone
+    (`cls`) or of the real queries, averaged by size (`mean`); recomputed because the fused
+    kernel returns no weights."""
     if bias is not None:
         logits = logits + bias
     weights = logits.float().softmax(dim=-1).mean(dim=1)  # [batch, queries, tokens]
@@ -390,5 +443,5 @@ def prune_tokens(
     slots = torch.arange(wide, device=x.device).expand(batch, wide)
     new_of_old = new_of_old.scatter(1, chosen, torch.where(alive, slots, -1))
     new_source = torch.where(source >= 0, new_of_old.gather(1, source.clamp(min=0)), -1)
-    new_x = x.gather(1, chosen.unsqueeze(-1).expand(-1, -1, width))
+    new_x = gather_rows(x, chosen)
     return new_x, size.gather(1, chosen) * alive, new_source
