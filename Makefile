@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
-	bench-quantization bench-peers bench-peers-vision bench-peers-decoder bench-tokens bench-isa \
-	bench-fuzz bench-deadline bench-crash bench-studies bench-lowrank bench-embedding \
+	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-peers-decoder \
+	bench-tokens bench-isa bench-fuzz bench-deadline bench-crash bench-studies bench-lowrank bench-embedding \
 	bench-embedding-curves bench-search-efficiency \
 	lint assets clean
 
@@ -116,12 +116,12 @@ endif
 # Every benchmark, one after another (about 13 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
-# bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding,
+# bench-vit-tokens, bench-peers-decoder, bench-tokens, bench-isa, bench-lowrank, bench-embedding,
 # bench-embedding-curves, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
-	bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding \
+	bench-vit-tokens bench-peers-decoder bench-tokens bench-isa bench-lowrank bench-embedding \
 	bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash \
 	bench-studies
 
@@ -153,6 +153,12 @@ bench-peers: assets
 bench-peers-vision: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/peers_vision.py --time-budget 20m
+
+# reduce.tokens on vit-fashion served by OpenVINO + NNCF int8: accuracy of each reduction, and
+# images/s of the saved models read side by side in rotating rounds (~8 min).
+bench-vit-tokens: assets
+	$(BIN)/slimformer assets install vit-fashion
+	$(BIN)/python bench/vit_tokens_openvino.py
 
 # reduce.tokens on MiniLM: merging and pruning alone and on top of the halved, distilled, int8
 # structure, at the ~27-token sentences and at 128 tokens (NYT editorial passages); ~1 h, eight
