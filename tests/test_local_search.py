@@ -51,6 +51,17 @@ def described(records) -> list[str]:
     return [r.describe() for r in neighbours(records, OFFERED, FACTS, THROUGHPUT, BUDGET)]
 
 
+def opened(tmp_path, chosen, builder) -> tuple[runner.Study, Any, RecordingReporter]:
+    """A study of fake models in tmp_path/run, prepared and open, not run yet."""
+    reporter = RecordingReporter()
+    (tmp_path / "run").mkdir()
+    study_runner = runner.Study(
+        chosen, RunFolder(tmp_path / "run"), reporter, builder=builder, evaluator=FakeEvaluator()
+    )
+    study_runner.prepare()
+    return study_runner, study_runner.open_study(), reporter
+
+
 def test_the_best_recipe_within_budget_is_proposed_one_step_cheaper_per_setting():
     best = record(2, [("prune.ffn", {"keep": 0.7}), DISTILL_200, ORT_INT8], 0.004, 400.0)
     slower = record(1, [("prune.layers", {"count": 1}), ORT_INT8], 0.002, 300.0)
@@ -183,13 +194,7 @@ def test_when_a_trial_would_not_fit_in_the_time_left_one_served_from_a_kept_mode
     )
     # A distillation takes longer than the whole budget; only a kept one leaves time.
     builder = FakeBuilder(tmp_path, pass_seconds={"recover.distill": 5_000.0}, reuse=True)
-    reporter = RecordingReporter()
-    (tmp_path / "run").mkdir()
-    study_runner = runner.Study(
-        chosen, RunFolder(tmp_path / "run"), reporter, builder=builder, evaluator=FakeEvaluator()
-    )
-    study_runner.prepare()
-    optuna_study = study_runner.open_study()
+    study_runner, optuna_study, reporter = opened(tmp_path, chosen, builder)
     study_runner.run_trials(optuna_study, 3)  # the baseline, then the two starts
     fits = study_runner._fitting(optuna_study)
     served_otherwise = Recipe.from_dict(
@@ -244,13 +249,7 @@ def test_when_a_sampled_distillation_would_not_fit_the_same_recipe_trained_short
     # 200 steps take 80 s: once measured, the second 200-step distillation does not fit in the
     # minute; 100 steps (40 s, the time is estimated per step) do.
     builder = FakeBuilder(tmp_path, pass_seconds={"recover.distill": 80.0})
-    reporter = RecordingReporter()
-    (tmp_path / "run").mkdir()
-    study_runner = runner.Study(
-        chosen, RunFolder(tmp_path / "run"), reporter, builder=builder, evaluator=FakeEvaluator()
-    )
-    study_runner.prepare()
-    optuna_study = study_runner.open_study()
+    study_runner, optuna_study, reporter = opened(tmp_path, chosen, builder)
     study_runner.run_trials(optuna_study, 3)
     built = builder.built[-1]
     assert built.startswith("prune.ffn(keep=0.5") and "recover.distill(steps=100," in built
