@@ -6,9 +6,9 @@ outputs: KL divergence of temperature-softened logits for LMs and classifiers, c
 of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
 states, of every block's output against the original block it came from, and of the batch's
 similarity matrix (each pair of inputs' cosine similarity, so the student keeps the teacher's
-neighbourhoods, not only each vector's direction). A share of the
-steps may train on a general corpus the task provides (Wikipedia sentences for the embedding
-task) instead, so what the student learns holds beyond the task's own domain. AdamW, a step
+neighbourhoods, not only each vector's direction). A share of the steps may train on a general
+corpus the task provides (Wikipedia sentences for the embedding task) instead, so what the
+student learns holds beyond the task's own domain. AdamW, a step
 budget and a time budget, deterministic for a seed. At the study's deadline it stops early and
 keeps what it trained (`resolved` records the steps done). Placed after the structural passes
 and before quantization, so the student trains in float.
