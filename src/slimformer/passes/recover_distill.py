@@ -8,10 +8,10 @@ states, of every block's output against the original block it came from, and of 
 similarity matrix (each pair of inputs' cosine similarity, so the student keeps the teacher's
 neighbourhoods, not only each vector's direction). A share of the steps may train on a general
 corpus the task provides (Wikipedia sentences for the embedding task) instead, so what the
-student learns holds beyond the task's own domain. AdamW, a step
-budget and a time budget, deterministic for a seed. At the study's deadline it stops early and
-keeps what it trained (`resolved` records the steps done). Placed after the structural passes
-and before quantization, so the student trains in float.
+student learns holds beyond the task's own domain. AdamW, a step budget and a time budget,
+deterministic for a seed. At the study's deadline it stops early and keeps what it trained
+(`resolved` records the steps done). Placed after the structural passes and before
+quantization, so the student trains in float.
 """
 
 from __future__ import annotations
