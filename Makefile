@@ -155,7 +155,7 @@ bench-peers-vision: assets
 	$(BIN)/python bench/peers_vision.py --time-budget 20m
 
 # reduce.tokens on vit-fashion served by OpenVINO + NNCF int8: accuracy of each reduction, and
-# images/s of the saved models read side by side in rotating rounds (~8 min).
+# images/s of the saved models read side by side in rotating rounds (~3 min).
 bench-vit-tokens: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/vit_tokens_openvino.py
