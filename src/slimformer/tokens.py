@@ -277,25 +277,23 @@ def _attention(
     return x, h
 
 
-def _key_weights(block: EncoderBlock, head_dim: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The key projection's weight [heads, head_dim, width] and bias [heads, head_dim], where it
-    is a plain Linear (None otherwise: factorized, quantized)."""
+def _head_key_weights(block: EncoderBlock, head_dim: int) -> torch.Tensor | None:
+    """The key projection's weight per head [heads, head_dim, width] where it is a plain
+    Linear (None otherwise: factorized, quantized)."""
     key = block.key
     if not isinstance(key, nn.Linear):
         return None
-    weight = key.weight.view(-1, head_dim, key.in_features)
-    bias = key.bias if key.bias is not None else key.weight.new_zeros(key.out_features)
-    return weight, bias.view(-1, head_dim)
+    return key.weight.view(-1, head_dim, key.in_features)
 
 
 def _merge_metric(block: EncoderBlock, h: torch.Tensor, head_dim: int) -> torch.Tensor:
     """ToMe's metric, the keys averaged over heads [batch, tokens, head_dim] — for a Linear key
     as one projection by the heads' mean weights (see `_scoring_logits` for why not k)."""
-    folded = _key_weights(block, head_dim)
-    if folded is None:
+    weight = _head_key_weights(block, head_dim)
+    if weight is None:
         return _heads(block.key(h), head_dim).mean(1)
-    weight, bias = folded
-    return F.linear(h, weight.mean(0), bias.mean(0))
+    bias = block.key.bias
+    return F.linear(h, weight.mean(0), None if bias is None else bias.view(-1, head_dim).mean(0))
 
 
 def _scoring_logits(
@@ -308,10 +306,9 @@ def _scoring_logits(
     product is taken through its weights, q·(W h + b) = (qW)·h + q·b, dropping q·b: the same
     for every token of a query, so the softmax over tokens does not see it."""
     q = _heads(block.query(h if rows is None else h[:, :rows]), head_dim)
-    folded = _key_weights(block, head_dim)
-    if folded is None:
+    weight = _head_key_weights(block, head_dim)
+    if weight is None:
         return q @ _heads(block.key(h), head_dim).transpose(-1, -2)
-    weight, _ = folded
     return (q @ weight) @ h.unsqueeze(1).transpose(-1, -2)
 
 
@@ -428,7 +425,7 @@ def prune_tokens(
     """Keep the class token and ceil(keep × the other real tokens), the highest `scores`
     first, at least one; the others leave (their source becomes -1). Each row keeps its own
     count, so the tensor is as wide as the largest; the rest of a row's slots are padding."""
-    batch, tokens, width = x.shape
+    batch, tokens, _ = x.shape
     real = size > 0
     others = real.sum(dim=1) - 1
     counts = torch.where(others > 0, (others * keep).ceil().clamp(min=1), others) + 1
