@@ -258,6 +258,16 @@ def test_a_vit_with_merged_tokens_exports_to_onnx_runtime():
     )
 
 
+def test_a_vit_with_pruned_tokens_exports_to_openvino():
+    pruning = Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1})
+    model = reduced(tiny.tiny_vit(), pruning)
+    served = reduced(tiny.tiny_vit(), pruning, Step("runtime.openvino", {}))
+    batch = {"pixel_values": torch.randn(5, 3, 16, 16)}  # another batch size than traced
+    torch.testing.assert_close(
+        tiny.output(served, batch), tiny.output(model, batch), atol=1e-4, rtol=0
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
