@@ -154,8 +154,9 @@ bench-peers-vision: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/peers_vision.py --time-budget 20m
 
-# reduce.tokens on vit-fashion served by OpenVINO + NNCF int8: accuracy of each reduction, and
-# images/s of the saved models read side by side in rotating rounds (~3 min).
+# reduce.tokens on vit-fashion served by OpenVINO + NNCF int8: accuracy of each reduction (three
+# of them distilled after, ~7 min each), and images/s of the saved models read side by side in
+# rotating rounds (~23 min on 2 cores).
 bench-vit-tokens: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/vit_tokens_openvino.py
