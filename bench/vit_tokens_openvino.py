@@ -1,6 +1,6 @@
 """Does token reduction pay on vit-fashion once OpenVINO serves it in int8? One run.
 
-    python bench/vit_tokens_openvino.py      # -> bench/results/vit_tokens_openvino.json (~25 min)
+    python bench/vit_tokens_openvino.py      # -> bench/results/vit_tokens_openvino.json (~23 min)
 
 Each row is `reduce.tokens` (or nothing) + OpenVINO with NNCF int8, applied to vit-fashion and
 saved; the last rows distill the pruned model from the original before it is quantized (1,600
