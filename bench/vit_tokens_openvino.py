@@ -1,6 +1,9 @@
 """Does token reduction pay on vit-fashion once OpenVINO serves it in int8? One run.
 
     python bench/vit_tokens_openvino.py      # -> bench/results/vit_tokens_openvino.json (~23 min)
+    python bench/vit_tokens_openvino.py --structure
+        # -> bench/results/vit_tokens_openvino_structure.json (~25 min): the distilled half-token
+        #    pruning alone and after FFN or head pruning
 
 Each row is `reduce.tokens` (or nothing) + OpenVINO with NNCF int8, applied to vit-fashion and
 saved; the last rows distill the pruned model from the original before it is quantized (1,600
@@ -15,6 +18,7 @@ between its operations, and the operation types that cost the most.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import statistics
@@ -36,6 +40,7 @@ OPENVINO_INT8 = Step("runtime.openvino", {"int8": "nncf"})
 DISTILL = Step(
     "recover.distill", {"steps": 1600, "lr": 3e-4, "hidden_weight": 1.0, "time_budget_s": 1800}
 )
+HALF_FROM_SECOND = Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1})
 ROWS: dict[str, tuple[Step, ...]] = {
     "OpenVINO int8": (),
     "prune keep 0.9 from block 1": (
@@ -44,23 +49,32 @@ ROWS: dict[str, tuple[Step, ...]] = {
     "prune keep 0.7 from block 1": (
         Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "start": 1}),
     ),
-    "prune keep 0.5 from block 1": (
-        Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1}),
-    ),
+    "prune keep 0.5 from block 1": (HALF_FROM_SECOND,),
     "prune keep 0.5 from block 2": (
         Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 2}),
     ),
     "merge r=16 from block 1": (Step("reduce.tokens", {"mode": "merge", "r": 16, "start": 1}),),
-    "prune keep 0.5 from block 1, distilled": (
-        Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1}),
-        DISTILL,
-    ),
+    "prune keep 0.5 from block 1, distilled": (HALF_FROM_SECOND, DISTILL),
     "prune keep 0.35 from block 1, distilled": (
         Step("reduce.tokens", {"mode": "prune", "keep": 0.35, "start": 1}),
         DISTILL,
     ),
     "prune keep 0.5 from block 0, distilled": (
         Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 0}),
+        DISTILL,
+    ),
+}
+STRUCTURE_ROWS: dict[str, tuple[Step, ...]] = {
+    "OpenVINO int8": (),
+    "prune keep 0.5 from block 1, distilled": (HALF_FROM_SECOND, DISTILL),
+    "ffn 0.5 + prune keep 0.5 from block 1, distilled": (
+        Step("prune.ffn", {"keep": 0.5}),
+        HALF_FROM_SECOND,
+        DISTILL,
+    ),
+    "heads 0.5 + prune keep 0.5 from block 1, distilled": (
+        Step("prune.heads", {"keep": 0.5}),
+        HALF_FROM_SECOND,
         DISTILL,
     ),
 }
@@ -107,11 +121,16 @@ def timed(folders: dict[str, Path]) -> dict[str, dict]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--structure", action="store_true", help="the rows with FFN or head pruning before"
+    )
+    structure = parser.parse_args().structure
     started = time.time()
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
-        for name, steps in ROWS.items():
+        for name, steps in (STRUCTURE_ROWS if structure else ROWS).items():
             recipe = Recipe(steps=(*steps, OPENVINO_INT8), task=SPEC)
             folder = Path(tmp) / str(len(folders))
             slimformer.apply("vit-fashion", recipe, out=folder)
@@ -132,13 +151,13 @@ def main() -> None:
         )
         print(f"{name:<30} {row['vs_openvino_int8']:.2f}x  {row['drop_pt']:+.2f} pt", flush=True)
     result = {
-        "command": "python bench/vit_tokens_openvino.py",
+        "command": "python bench/vit_tokens_openvino.py" + (" --structure" if structure else ""),
         "machine": machine(),
         "workload": "vit-fashion, batch 32, OpenVINO + NNCF int8, 2 threads",
         "rows": rows,
         "wall_seconds": round(time.time() - started),
     }
-    out = RESULTS / "vit_tokens_openvino.json"
+    out = RESULTS / f"vit_tokens_openvino{'_structure' if structure else ''}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
