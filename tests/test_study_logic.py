@@ -424,17 +424,21 @@ def test_a_start_recipe_is_proposed_exactly_by_the_sampler() -> None:
     )
     # 300 steps is not among the searched options (50..400): the trial carries it as given.
     assert start_values(start, passes) == {"recover.distill": {"steps": 300}}
+    # On a model of width 32 the learning rates searched are 8x MiniLM's: the default 5e-5 is
+    # not among them either.
+    model = facts(4)
+    given = start_values(start, passes, model)
+    assert given == {"recover.distill": {"steps": 300, "lr": 5e-5}}
     study = make_study()
-    study.enqueue_trial(
-        recipe_params(start, passes), user_attrs={START_VALUES: start_values(start, passes)}
-    )
+    study.enqueue_trial(recipe_params(start, passes, model), user_attrs={START_VALUES: given})
     trial = study.ask()
-    proposed = sample_recipe(trial, passes, facts(4), TaskSpec(name="embedding"), seed=0)
+    proposed = sample_recipe(trial, passes, model, TaskSpec(name="embedding"), seed=0)
     chosen = {step.pass_name: step.config for step in proposed.steps}
     assert set(chosen) == {"prune.ffn", "recover.distill", "runtime.onnxruntime"}
     assert chosen["prune.ffn"]["keep"] == 0.5 and chosen["prune.ffn"]["criterion"] == "fisher"
     assert chosen["runtime.onnxruntime"]["int8"] == "dynamic"
     assert chosen["recover.distill"]["steps"] == 300
+    assert chosen["recover.distill"]["lr"] == 5e-5
 
 
 def test_a_start_recipe_cut_off_runs_again_with_its_values_outside_the_searched_options(
@@ -452,14 +456,15 @@ def test_a_start_recipe_cut_off_runs_again_with_its_values_outside_the_searched_
         starts=(start.to_dict(),),
         passes=("recover.distill",),
     )
-    storage, cpu = f"sqlite:///{tmp_path / 'study.db'}", fingerprint(1)
-    study = open_study(storage, settings, ["maximize", "minimize"], passes, cpu)
+    storage, cpu, model = f"sqlite:///{tmp_path / 'study.db'}", fingerprint(1), facts(4)
+    directions = ["maximize", "minimize"]
+    study = open_study(storage, settings, directions, passes, cpu, facts=model)
     study.tell(study.ask(), [1.0, 1.0])  # the baseline
     cut_off = study.ask()  # the start recipe, then the process dies
-    first = sample_recipe(cut_off, passes, facts(4), TaskSpec("embedding"), 0)
+    first = sample_recipe(cut_off, passes, model, TaskSpec("embedding"), 0)
     assert first.steps[0].config["steps"] == 1000
-    resumed = open_study(storage, settings, ["maximize", "minimize"], passes, cpu)
-    again = sample_recipe(resumed.ask(), passes, facts(4), TaskSpec("embedding"), 0)
+    resumed = open_study(storage, settings, directions, passes, cpu, facts=model)
+    again = sample_recipe(resumed.ask(), passes, model, TaskSpec("embedding"), 0)
     assert again.steps[0].config["steps"] == 1000
 
 
@@ -572,3 +577,77 @@ def test_a_new_study_measures_the_baseline_then_the_portfolio_then_the_starts(tm
         "prune.ffn",  # the starts; the one the portfolio already holds is not repeated
     ]
     assert proposed[1].steps[0].config["int8"] == "dynamic"
+
+
+# --- distillation's search space follows the model ------------------------------------------
+MINILM = ModelFacts(
+    num_layers=6, num_heads=12, num_kv_heads=12, hidden_size=384, intermediate_size=1536
+)
+VIT_FASHION = ModelFacts(
+    num_layers=4,
+    num_heads=2,
+    num_kv_heads=2,
+    hidden_size=64,
+    intermediate_size=256,
+    fixed_token_count=True,
+    tokens_per_example=197,
+)
+
+
+def test_distillation_offers_a_small_vit_more_steps_and_larger_learning_rates() -> None:
+    space = get_pass("recover.distill").search_space()
+    # The options were measured on MiniLM: it keeps them, and so does text of unknown length.
+    assert space["steps"].resolve(MINILM) == (50, 100, 200, 400)
+    assert space["lr"].resolve(MINILM) == (2e-5, 5e-5, 1e-4)
+    # vit-fashion's step costs ~1/5 of MiniLM's and it is 6x narrower.
+    assert space["steps"].resolve(VIT_FASHION) == (200, 400, 800, 1600)
+    assert space["lr"].resolve(VIT_FASHION) == (1.2e-4, 3e-4, 6e-4)
+    study = make_study()
+    passes = [get_pass("recover.distill")]
+    seen = set()
+    for _ in range(12):
+        recipe = sample_recipe(
+            study.ask(), passes, VIT_FASHION, TaskSpec("image-classification"), 0
+        )
+        seen |= {(s.config["steps"], s.config["lr"]) for s in recipe.steps}
+    assert seen and all(steps >= 200 and lr >= 1.2e-4 for steps, lr in seen)
+
+
+def test_a_larger_model_keeps_the_measured_distillation_options() -> None:
+    space = get_pass("recover.distill").search_space()
+    bert_base = replace(MINILM, num_layers=12, hidden_size=768, intermediate_size=3072)
+    vit_base = replace(bert_base, fixed_token_count=True, tokens_per_example=197)
+    for model in (bert_base, vit_base):
+        assert space["steps"].resolve(model) == (50, 100, 200, 400)
+        assert space["lr"].resolve(model) == (2e-5, 5e-5, 1e-4)
+
+
+def test_a_vit_reports_its_patch_tokens_and_the_class_token() -> None:
+    from tiny import tiny_vit
+
+    model = tiny_vit()
+    config = model.module.config
+    patches = (config.image_size // config.patch_size) ** 2
+    assert model.adapter.facts().tokens_per_example == patches + 1
+
+
+def test_an_image_study_warm_starts_with_pruned_tokens_distilled_for_its_model() -> None:
+    from slimformer.search.portfolio import warm_start_recipes
+
+    names = ("prune.ffn", "reduce.tokens", "recover.distill", "runtime.openvino")
+    offered = [get_pass(n) for n in names]
+    spec = TaskSpec("image-classification")
+    described = [r.describe() for r in warm_start_recipes(offered, {}, spec, 0, VIT_FASHION)]
+    assert described == [
+        "runtime.openvino(int8=nncf)",
+        "prune.ffn(keep=0.5) + reduce.tokens(mode=prune,keep=0.5,start=1) + "
+        "recover.distill(steps=1600,lr=0.0003,hidden_weight=1.0) + runtime.openvino(int8=nncf)",
+    ]
+    # The recipe's values are the options it stands for: the sampler proposes it exactly.
+    (_, structured) = warm_start_recipes(offered, {}, spec, 0, VIT_FASHION)
+    assert start_values(structured, offered, VIT_FASHION) == {}
+    # A model the options were measured on gets them as written.
+    (_, as_written) = warm_start_recipes(
+        offered, {}, spec, 0, replace(MINILM, tokens_per_example=197, fixed_token_count=True)
+    )
+    assert "recover.distill(steps=400,lr=5e-05,hidden_weight=1.0)" in as_written.describe()

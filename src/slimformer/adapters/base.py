@@ -60,6 +60,8 @@ class ModelFacts:
     intermediate_size: int
     # Image patches: a fixed number of tokens, so token reduction can be exported (tokens.py).
     fixed_token_count: bool = False
+    # Tokens per input where the model fixes them (patches + class token); None for text.
+    tokens_per_example: int | None = None
 
 
 # A kept block's index before blocks were removed: a plain attribute, so it lives as long as the
@@ -243,4 +245,9 @@ class ModelAdapter:
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
             fixed_token_count=self.fixed_token_count,
+            tokens_per_example=self.tokens_per_example(),
         )
+
+    def tokens_per_example(self) -> int | None:
+        """How many tokens every input has, where the model fixes it (image patches)."""
+        return None

@@ -40,6 +40,10 @@ class ViTAdapter(ModelAdapter):
             pre_norm=True,
         )
 
+    def tokens_per_example(self) -> int:
+        config = self.model.config
+        return (int(config.image_size) // int(config.patch_size)) ** 2 + 1  # + the class token
+
     def embeddings(self) -> nn.Module:
         return self.base.embeddings
 

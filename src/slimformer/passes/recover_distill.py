@@ -16,6 +16,7 @@ quantization, so the student trains in float.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimformer.adapters import ModelFacts
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
 from slimformer.passes.base import (
@@ -48,18 +50,68 @@ STOPPED = "at the study's deadline"
 STOPPED_BY_OWN_BUDGET = "at its time budget (time_budget_s)"
 
 
+# The steps and learning rates below were sized on all-MiniLM-L6-v2: 6 blocks of width 384 on
+# the movie-review sentences (~27 tokens). A model whose training step costs a fraction of that
+# affords proportionally more steps in the same minutes, and a narrower one wants a larger Adam
+# learning rate (muP: the hidden matrices' learning rate goes as 1/width). On vit-fashion (4
+# blocks of width 64, 197 tokens: a step ~1/5 of MiniLM's) half the tokens pruned from the second
+# block and distilled 200 steps at 1e-4 stayed 2.95 points below the original; 1,600 steps at
+# 3e-4 (the options below times 4 and 6 for it) 0.45 point (bench/results/
+# vit_tokens_openvino.json). Only ever scaled up: larger models keep the options they were
+# measured with. Text's token count depends on the data, so text models keep the step options.
+REFERENCE_WIDTH = 384
+REFERENCE_COST = 6 * 27 * (4 * 384**2 + 2 * 384 * 1536 + 2 * 27 * 384)
+MAX_SCALE = 8
+
+
+def _example_cost(facts: ModelFacts, tokens: int) -> int:
+    """Multiply-adds of one input through the blocks: the projections and the attention."""
+    hidden, intermediate = facts.hidden_size, facts.intermediate_size
+    per_token = 4 * hidden**2 + 2 * hidden * intermediate + 2 * tokens * hidden
+    return facts.num_layers * tokens * per_token
+
+
+def step_scale(facts: ModelFacts) -> float:
+    """How many times the reference's steps this model affords: a power of two, 1 to 8."""
+    if facts.tokens_per_example is None:
+        return 1.0
+    ratio = REFERENCE_COST / _example_cost(facts, facts.tokens_per_example)
+    return float(2 ** min(int(math.log2(MAX_SCALE)), max(0, math.floor(math.log2(ratio)))))
+
+
+def learning_rate_scale(facts: ModelFacts) -> float:
+    """The reference width over the model's, 1 to 8."""
+    return min(float(MAX_SCALE), max(1.0, REFERENCE_WIDTH / facts.hidden_size))
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     # 0 steps: what a saved recipe records for a distillation the deadline stopped before its
     # first step (`as_applied`), so that replaying it rebuilds the same model.
     steps: int = searchable(
         100,
-        Choice((50, 100, 200, 400), only=False),
-        "optimizer steps",
+        Choice(
+            (50, 100, 200, 400),
+            only=False,
+            scale=step_scale,
+            scale_label="x step factor",
+        ),
+        "optimizer steps; the searched options times 2, 4 or 8 for a model whose step costs "
+        "under 1/2, 1/4 or 1/8 of all-MiniLM-L6-v2's",
         valid=Interval(0, None),
         recovers="higher",
     )
-    lr: float = searchable(5e-5, Choice((2e-5, 5e-5, 1e-4), only=False), "AdamW learning rate")
+    lr: float = searchable(
+        5e-5,
+        Choice(
+            (2e-5, 5e-5, 1e-4),
+            only=False,
+            scale=learning_rate_scale,
+            scale_label="x 384/width",
+        ),
+        "AdamW learning rate; the searched options times 384/width (up to 8) for a model "
+        "narrower than all-MiniLM-L6-v2",
+    )
     hidden_weight: float = searchable(
         0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
     )

@@ -25,13 +25,37 @@ Bound = int | Callable[[ModelFacts], int]
 @dataclass(frozen=True)
 class Choice:
     """Options the study samples. `only=False` (numbers): a user may also set any other
-    positive value."""
+    positive value. `scale`: numbers whose right size depends on the model (a model whose
+    training step is cheap affords more distillation steps); the study samples the options
+    times `scale(facts)`, `scale_label` says how (e.g. "x the model's step-cost factor")."""
 
     options: tuple[Any, ...]
     only: bool = True
+    scale: Callable[[ModelFacts], float] | None = None
+    scale_label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scale is not None and self.only:
+            raise ValueError("a scaled Choice must accept other values too (only=False)")
+
+    def resolve(self, facts: ModelFacts | None) -> tuple[Any, ...]:
+        """The options the study samples for this model (without facts: as declared)."""
+        if self.scale is None or facts is None:
+            return self.options
+        factor = self.scale(facts)
+        return tuple(_scaled(option, factor) for option in self.options)
 
     def describe(self) -> str:
-        return " | ".join(str(o) for o in self.options)
+        options = " | ".join(str(o) for o in self.options)
+        return f"({options}) {self.scale_label}" if self.scale_label else options
+
+
+def _scaled(option: Any, factor: float) -> Any:
+    """An option times `factor`: an integer stays one; a float keeps two significant digits,
+    so recipes read 0.0003, not 0.00030000000000000003."""
+    if isinstance(option, int):
+        return round(option * factor)
+    return float(f"{option * factor:.2g}")
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,8 @@ def _step_from(current: Any, space: Any, direction: str, facts: Any) -> Any:
     """The next value of a setting in its space, that way; None at the space's end."""
     sign = 1 if direction == "higher" else -1
     if isinstance(space, Choice):  # numbers; a value outside the options moves onto them
-        beyond = [option for option in space.options if (option - current) * sign > 0]
+        options = space.resolve(facts)
+        beyond = [option for option in options if (option - current) * sign > 0]
         return min(beyond, key=lambda option: abs(option - current), default=None)
     if isinstance(space, IntRange):
         low, high = space.resolve(facts)

@@ -19,6 +19,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -46,6 +47,7 @@ def open_study(
     pass_classes: Sequence[type[Pass]],
     cpu: CpuFingerprint,
     withheld: Withheld | None = None,
+    facts: Any = None,
 ) -> optuna.Study:
     """Create or load the study; queue what must run (again) before the sampler explores:
     interrupted trials, trials measured on another machine, or for a new study the baseline,
@@ -67,13 +69,16 @@ def open_study(
     if not study.trials:
         study.enqueue_trial(baseline_params(pass_classes))
         if settings.warm_start:
-            for recipe in warm_start_recipes(pass_classes, withheld, settings.task, settings.seed):
-                study.enqueue_trial(recipe_params(recipe, pass_classes), skip_if_exists=True)
+            portfolio = warm_start_recipes(
+                pass_classes, withheld, settings.task, settings.seed, facts
+            )
+            for recipe in portfolio:
+                study.enqueue_trial(recipe_params(recipe, pass_classes, facts), skip_if_exists=True)
         for start in settings.starts:
             recipe = Recipe.from_dict(start)
-            given = start_values(recipe, pass_classes)
+            given = start_values(recipe, pass_classes, facts)
             study.enqueue_trial(
-                recipe_params(recipe, pass_classes),
+                recipe_params(recipe, pass_classes, facts),
                 user_attrs={START_VALUES: given} if given else None,
                 skip_if_exists=True,
             )

@@ -6,7 +6,9 @@ ONNX Runtime int8 alone gives about 3x). So a new study first measures each engi
 alone (and, for tasks where one was measured, a structured recipe), then the user's `--start`
 recipes, then lets the sampler explore. A recipe is measured only when the study searches all
 its passes; a setting this CPU would not profit from (`Withheld`: OpenVINO's NNCF int8 without
-VNNI) is left at the pass's default instead.
+VNNI) is left at the pass's default instead. A setting whose options scale with the model
+(distillation's steps and learning rate, `Choice.scale`) is written as for the reference model
+its options were measured on, and scaled like them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from slimformer.passes import Pass
+from slimformer.passes import Choice, Pass, get_pass
 from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import Withheld
 from slimformer.tasks import TaskSpec
@@ -56,6 +58,20 @@ FFN_TRIMMED_AND_DISTILLED: KnownGood = (
         (("runtime.openvino", {"int8": "nncf"}), ("runtime.onnxruntime", {"int8": "dynamic"})),
     ),
 )
+# An image classifier's first structured recipe: half the FFN neurons, half the tokens pruned
+# from the second block on, distilled at the top of the (scaled) step options and at the default
+# learning rate (scaled), then int8. On vit-fashion (1,600 steps at 3e-4 there) it served 1.42x
+# OpenVINO int8 alone's images/s at 0.80 point (AMX Xeon, 2 cores; bench/results/
+# vit_tokens_openvino_structure.json), where distillations of the sampler's first draws leave
+# pruned tokens points behind. One trial of ~7 minutes on 2 cores.
+TRIMMED_TOKENS_DISTILLED: KnownGood = (
+    (
+        ("prune.ffn", {"keep": 0.5}),
+        ("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1}),
+        ("recover.distill", {"steps": 400, "lr": 5e-5, "hidden_weight": 1.0}),
+        (("runtime.openvino", {"int8": "nncf"}), ("runtime.onnxruntime", {"int8": "dynamic"})),
+    ),
+)
 KNOWN_GOOD: KnownGood = ENGINES_INT8
 # Decoders are judged by batch-1 decoding, which reads every weight per token: int8 *weights*
 # (activations kept f32) quarter the bytes at +0.1% perplexity on SmolLM2, where PyTorch's
@@ -71,6 +87,7 @@ KNOWN_GOOD_BY_TASK: dict[str, KnownGood] = {
         (("runtime.openvino", {"weights": "int8_asym"}),),
     ),
     "embedding": ENGINES_INT8 + FFN_TRIMMED_AND_DISTILLED,
+    "image-classification": ENGINES_INT8 + TRIMMED_TOKENS_DISTILLED,
 }
 
 
@@ -100,16 +117,34 @@ def _pick_step(
     )
 
 
+def _scaled_for(step: Step, facts: Any) -> Step:
+    """`step` with each value of a setting whose options scale with the model replaced by the
+    option it stands for on this model (the same place among the options)."""
+    space = get_pass(step.pass_name).search_space()
+    config = dict(step.config)
+    for key, value in step.config.items():
+        choice = space.get(key)
+        if isinstance(choice, Choice) and choice.scale is not None and value in choice.options:
+            config[key] = choice.resolve(facts)[choice.options.index(value)]
+    return Step(step.pass_name, config)
+
+
 def warm_start_recipes(
-    pass_classes: Sequence[type[Pass]], withheld: Withheld, task: TaskSpec, seed: int
+    pass_classes: Sequence[type[Pass]],
+    withheld: Withheld,
+    task: TaskSpec,
+    seed: int,
+    facts: Any = None,
 ) -> list[Recipe]:
     """The portfolio for this study: the known-good recipes for its task whose passes the study
     all offers, each setting this CPU withholds left at its pass's default (or swapped for the
-    recipe's alternative step, where it names one)."""
+    recipe's alternative step, where it names one), settings that scale with the model scaled
+    for the model of `facts`."""
     offered = {cls.name for cls in pass_classes}
     recipes = []
     for known in KNOWN_GOOD_BY_TASK.get(task.name, KNOWN_GOOD):
         steps = [_pick_step(entry, offered, withheld) for entry in known]
         if all(step is not None for step in steps):
-            recipes.append(Recipe(steps=tuple(steps), task=task, seed=seed))
+            scaled = tuple(_scaled_for(step, facts) for step in steps)
+            recipes.append(Recipe(steps=scaled, task=task, seed=seed))
     return recipes

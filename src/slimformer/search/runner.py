@@ -191,6 +191,7 @@ class Study:
             self.pass_classes,
             self.cpu,
             self.withheld,
+            self.builder.facts,
         )
         optuna_study.share(study, self.settings, self.withheld, self.started)
         return study
@@ -570,15 +571,15 @@ class Study:
         queued = [t.system_attrs.get("fixed_params") for t in trials]
 
         def is_new(recipe: Recipe) -> bool:
-            params = recipe_params(recipe, self.pass_classes)
+            params = recipe_params(recipe, self.pass_classes, self.builder.facts)
             return recipe.describe() not in tried and params not in queued
 
         return is_new
 
     def _enqueue(self, study: optuna.Study, recipe: Recipe, say: str) -> None:
-        given = start_values(recipe, self.pass_classes)
+        given = start_values(recipe, self.pass_classes, self.builder.facts)
         study.enqueue_trial(
-            recipe_params(recipe, self.pass_classes),
+            recipe_params(recipe, self.pass_classes, self.builder.facts),
             user_attrs={START_VALUES: given} if given else None,
         )
         self.reporter.message(f"{say}, {recipe.describe()}")

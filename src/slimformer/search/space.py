@@ -74,7 +74,8 @@ def sample_recipe(
                 continue  # irrelevant given the settings before it: left at its default
             elif isinstance(space, Choice):
                 left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
-                options = [o for o in space.options if str(o) not in left_out] or [space.options[0]]
+                offered = space.resolve(facts)
+                options = [o for o in offered if str(o) not in left_out] or [offered[0]]
                 values[name] = trial.suggest_categorical(key, options)
             elif isinstance(space, IntRange):
                 low, high = space.resolve(facts)
@@ -107,10 +108,12 @@ def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
 START_VALUES = "start values"  # the trial attribute that carries them
 
 
-def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
+def recipe_params(
+    recipe: Recipe, pass_classes: Sequence[type[Pass]], facts: Any = None
+) -> dict[str, Any]:
     """The sampler's parameters that make `sample_recipe` propose `recipe`. Settings outside
-    the searched options (e.g. 250 distillation steps) are not parameters: `start_values`
-    carries them."""
+    the searched options for the model of `facts` (e.g. 250 distillation steps) are not
+    parameters: `start_values` carries them."""
     offered = {cls.name: cls for cls in pass_classes}
     unknown = [s.pass_name for s in recipe.steps if s.pass_name not in offered]
     if unknown:
@@ -123,27 +126,30 @@ def recipe_params(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[st
     for cls in pass_classes:
         if cls.name in used:
             params[cls.group or f"use {cls.name}"] = cls.name if cls.group else True
-    for cls, name, value, searched in _settings_of(recipe, pass_classes):
+    for cls, name, value, searched in _settings_of(recipe, pass_classes, facts):
         if searched:
             params[f"{cls.name}.{name}"] = value
     return params
 
 
-def start_values(recipe: Recipe, pass_classes: Sequence[type[Pass]]) -> dict[str, dict]:
-    """The settings of `recipe` that lie outside their searched options, by pass: a trial
-    enqueued with them (attribute `START_VALUES`) runs them as given."""
+def start_values(
+    recipe: Recipe, pass_classes: Sequence[type[Pass]], facts: Any = None
+) -> dict[str, dict]:
+    """The settings of `recipe` that lie outside their searched options (for the model of
+    `facts`), by pass: a trial enqueued with them (attribute `START_VALUES`) runs them as
+    given."""
     found: dict[str, dict] = {}
-    for cls, name, value, searched in _settings_of(recipe, pass_classes):
+    for cls, name, value, searched in _settings_of(recipe, pass_classes, facts):
         if not searched:
             found.setdefault(cls.name, {})[name] = value
     return found
 
 
 def _settings_of(
-    recipe: Recipe, pass_classes: Sequence[type[Pass]]
+    recipe: Recipe, pass_classes: Sequence[type[Pass]], facts: Any
 ) -> Iterator[tuple[type[Pass], str, Any, bool]]:
     """Each searched setting of each offered pass `recipe` uses: (pass, setting, value,
-    whether the value is among the searched options)."""
+    whether the value is among the options searched for the model of `facts`)."""
     used = {step.pass_name: step for step in recipe.steps}
     for cls in pass_classes:
         if cls.name in used:
@@ -156,5 +162,5 @@ def _settings_of(
                     cls,
                     name,
                     value,
-                    not (isinstance(space, Choice) and value not in space.options),
+                    not (isinstance(space, Choice) and value not in space.resolve(facts)),
                 )
