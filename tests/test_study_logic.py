@@ -634,13 +634,13 @@ def test_a_vit_reports_its_patch_tokens_and_the_class_token() -> None:
 def test_an_image_study_warm_starts_with_pruned_tokens_distilled_for_its_model() -> None:
     from slimformer.search.portfolio import warm_start_recipes
 
-    names = ("prune.ffn", "reduce.tokens", "recover.distill", "runtime.openvino")
+    names = ("reduce.tokens", "recover.distill", "runtime.openvino")
     offered = [get_pass(n) for n in names]
     spec = TaskSpec("image-classification")
     described = [r.describe() for r in warm_start_recipes(offered, {}, spec, 0, VIT_FASHION)]
     assert described == [
         "runtime.openvino(int8=nncf)",
-        "prune.ffn(keep=0.5) + reduce.tokens(mode=prune,keep=0.5,start=1) + "
+        "reduce.tokens(mode=prune,keep=0.5,start=1) + "
         "recover.distill(steps=1600,lr=0.0003,hidden_weight=1.0) + runtime.openvino(int8=nncf)",
     ]
     # The recipe's values are the options it stands for: the sampler proposes it exactly.

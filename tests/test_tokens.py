@@ -258,6 +258,19 @@ def test_a_vit_with_merged_tokens_exports_to_onnx_runtime():
     )
 
 
+def test_a_vit_with_pruned_tokens_serves_in_onnx_runtime_per_channel_int8():
+    # The class-token scores multiply by the key projection folded into heads, a 3-D weight
+    # ONNX Runtime's per-channel int8 MatMul rejects at run time; it stays float.
+    pruning = Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1})
+    model = reduced(tiny.tiny_vit(), pruning)
+    int8 = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic", "per_channel": True})
+    served = reduced(tiny.tiny_vit(), pruning, int8)
+    batch = {"pixel_values": torch.randn(5, 3, 16, 16)}
+    logits, expected = tiny.output(served, batch), tiny.output(model, batch)
+    assert logits.shape == expected.shape
+    assert torch.nn.functional.cosine_similarity(logits, expected).min() > 0.9
+
+
 def test_a_vit_with_pruned_tokens_exports_to_openvino():
     pruning = Step("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1})
     model = reduced(tiny.tiny_vit(), pruning)

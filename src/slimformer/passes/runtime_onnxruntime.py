@@ -174,6 +174,11 @@ class OnnxRuntimePass(Pass):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         target = folder / "quantized.onnx"
+        # ONNX Runtime's per-channel int8 MatMul takes a matrix as its weight; a MatMul against a
+        # stack of per-head matrices (token pruning's class-token scores: the key projection
+        # folded into heads) quantizes but then fails at run time ("b zero point is not
+        # valid"). Those stay float; they are a sliver of the work.
+        stacked = _matmuls_with_stacked_weights(onnx.load(str(source))) if per_channel else []
         logging.disable(logging.WARNING)
         try:
             quantize_dynamic(
@@ -182,9 +187,20 @@ class OnnxRuntimePass(Pass):
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
                 reduce_range=reduce_range,
+                nodes_to_exclude=stacked,
                 # Fused graphs (Attention, SkipLayerNorm) carry no type info for the quantizer.
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         finally:
             logging.disable(logging.NOTSET)
         return target
+
+
+def _matmuls_with_stacked_weights(graph_model: Any) -> list[str]:
+    """The MatMul nodes whose weight (second input) is a constant of more than two dimensions."""
+    stacked = {i.name for i in graph_model.graph.initializer if len(i.dims) > 2}
+    return [
+        node.name
+        for node in graph_model.graph.node
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in stacked
+    ]
