@@ -54,11 +54,11 @@ STOPPED_BY_OWN_BUDGET = "at its time budget (time_budget_s)"
 # the movie-review sentences (~27 tokens). A model whose training step costs a fraction of that
 # affords proportionally more steps in the same minutes, and a narrower one wants a larger Adam
 # learning rate (muP: the hidden matrices' learning rate goes as 1/width). On vit-fashion (4
-# blocks of width 64, 197 tokens: a step ~1/5 of MiniLM's) half the tokens pruned from the second
-# block and distilled 200 steps at 1e-4 stayed 2.95 points below the original; 1,600 steps at
-# 3e-4 (the options below times 4 and 6 for it) 0.45 point (bench/results/
-# vit_tokens_openvino.json). Only ever scaled up: larger models keep the options they were
-# measured with. Text's token count depends on the data, so text models keep the step options.
+# blocks of width 64, 197 tokens: a step ~1/5 of MiniLM's; 88.3% on the AMX Xeon) half the
+# tokens pruned from the second block and distilled 200 steps at 1e-4 scored 85.1% (an
+# exploratory run); 1,600 steps at 3e-4, the options below times 4 and 6 for it, 87.5%
+# (bench/results/vit_tokens_openvino.json). Only ever scaled up: larger models keep the options
+# they were measured with. Text's token count depends on the data: text keeps the step options.
 REFERENCE_WIDTH = 384
 REFERENCE_COST = 6 * 27 * (4 * 384**2 + 2 * 384 * 1536 + 2 * 27 * 384)
 MAX_SCALE = 8
