@@ -27,7 +27,7 @@ class Choice:
     """Options the study samples. `only=False` (numbers): a user may also set any other
     positive value. `scale`: numbers whose right size depends on the model (a model whose
     training step is cheap affords more distillation steps); the study samples the options
-    times `scale(facts)`, `scale_label` says how (e.g. "x the model's step-cost factor")."""
+    times `scale(facts)`, `scale_label` says how (e.g. "x 384/width")."""
 
     options: tuple[Any, ...]
     only: bool = True

@@ -63,8 +63,8 @@ FFN_TRIMMED_AND_DISTILLED: KnownGood = (
 # then int8. On vit-fashion (1,600 steps at 3e-4 there) it served 1.32x OpenVINO int8 alone's
 # images/s at 0.80 point below fp32 (AMX Xeon, 2 cores; bench/results/vit_tokens_openvino.json),
 # where distillations of the sampler's first draws leave pruned tokens points behind. With half
-# the FFN neurons removed too it served 1.42x but lost 1.15 points, over a 1% budget (the study
-# behind bench/results/peers_vision.json at 0555b3e). One trial of ~6 minutes on 2 cores.
+# the FFN neurons removed too it served 1.42x but lost 1.15 points, over a 1% budget (bench/
+# results/peers_vision_amx_xeon_ffn_tokens_warm_start.json). One trial of ~6 minutes on 2 cores.
 TOKENS_DISTILLED: KnownGood = (
     (
         ("reduce.tokens", {"mode": "prune", "keep": 0.5, "start": 1}),
