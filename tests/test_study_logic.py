@@ -651,3 +651,31 @@ def test_an_image_study_warm_starts_with_pruned_tokens_distilled_for_its_model()
         offered, {}, spec, 0, replace(MINILM, tokens_per_example=197, fixed_token_count=True)
     )
     assert "recover.distill(steps=400,lr=5e-05,hidden_weight=1.0)" in as_written.describe()
+
+
+def test_start_recipes_differing_only_outside_the_searched_options_all_run(tmp_path) -> None:
+    from slimformer.cpu import fingerprint
+    from slimformer.search.optuna_study import open_study
+    from slimformer.search.settings import StudySettings
+
+    passes = [get_pass("recover.distill")]
+    starts = [Recipe(steps=(Step("recover.distill", {"lr": lr}),)) for lr in (2e-5, 5e-5, 5e-5)]
+    settings = StudySettings(
+        model="m",
+        task=TaskSpec("embedding"),
+        starts=tuple(s.to_dict() for s in starts),
+        passes=("recover.distill",),
+        warm_start=False,
+    )
+    # Width 32: the searched rates are 8x MiniLM's, so neither start's rate is among them.
+    storage, model = f"sqlite:///{tmp_path / 'study.db'}", facts(4)
+    study = open_study(
+        storage, settings, ["maximize", "minimize"], passes, fingerprint(1), facts=model
+    )
+    study.tell(study.ask(), [1.0, 1.0])  # the baseline
+    rates = []
+    for _ in range(2):
+        recipe = sample_recipe(study.ask(), passes, model, TaskSpec("embedding"), 0)
+        rates.append(recipe.steps[0].config["lr"])
+    assert rates == [2e-5, 5e-5]  # the repeated start once, neither lost
+    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 0

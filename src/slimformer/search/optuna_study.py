@@ -74,13 +74,22 @@ def open_study(
             )
             for recipe in portfolio:
                 study.enqueue_trial(recipe_params(recipe, pass_classes, facts), skip_if_exists=True)
+        # Optuna's skip_if_exists compares the sampler's parameters only, and starts that
+        # differ only in values outside the searched options (two learning rates a small
+        # model's scaled options do not hold) share them: those are told apart by the values
+        # they carry.
+        carried = []
         for start in settings.starts:
             recipe = Recipe.from_dict(start)
             given = start_values(recipe, pass_classes, facts)
+            params = recipe_params(recipe, pass_classes, facts)
+            if given and (params, given) in carried:
+                continue
+            carried.append((params, given))
             study.enqueue_trial(
-                recipe_params(recipe, pass_classes, facts),
+                params,
                 user_attrs={START_VALUES: given} if given else None,
-                skip_if_exists=True,
+                skip_if_exists=not given,
             )
     return study
 
