@@ -448,6 +448,31 @@ def test_a_decode_study_fails_a_candidate_that_cannot_decode_and_chooses_by_toke
     assert result.chosen is not None and "all_but_ffn_out" in result.chosen.description
 
 
+def test_a_within_budget_trial_off_the_front_whose_reading_came_low_enters_the_run_off(
+    tmp_path,
+):
+    """A trial whose single reading came out low is dominated by the chosen one when it also
+    scores a little lower; within the budget it competes on cost alone, so it is kept on disk
+    and timed again, and wins when it is truly faster."""
+    lucky = start(
+        (
+            "quantize.dynamic_int8",
+            {"scope": "all_but_ffn_out", "per_channel": True, "keep_sensitive": 0},
+        )
+    )  # truly 1.2x slower, read 0.7x once, and a little better quality
+    unlucky = FEASIBLE  # truly faster, read 1.1x once: dominated, off the front
+    described = {name: Recipe.from_dict(r).describe() for name, r in (("l", lucky), ("u", unlucky))}
+    evaluator = FakeEvaluator(
+        slowdown={described["l"]: 1.2},
+        in_study={described["l"]: 0.7, described["u"]: 1.1},
+    )
+    result = study(tmp_path, settings(tmp_path, 3, starts=(lucky, unlucky)), None, evaluator)
+    front = [r.description for r in result.trials if r.number in result.pareto]
+    assert described["u"] not in front
+    assert result.chosen.description == described["u"]
+    assert any("run-off" in note for note in result.notes)
+
+
 def test_the_decode_objective_is_refused_for_an_encoder_task(tmp_path):
     with pytest.raises(SlimformerError, match="--objective decode is a decoder's figure"):
         settings(tmp_path, objective="decode")

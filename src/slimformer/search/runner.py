@@ -598,10 +598,15 @@ class Study:
         records = self.records(study)
         front = self._write_outputs(records)
         # The front's models stay on disk (the baseline's too): the chosen one is copied to
-        # best/ at the end, not rebuilt after the deadline. So do those of running trials
-        # (other workers', in a shared folder).
+        # best/ at the end, not rebuilt after the deadline. So do the run-off's contenders as
+        # it stands (they may lie off the front) and those of running trials (other
+        # workers', in a shared folder).
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        self.folder.keep_candidates(set(front) | {t.number for t in running})
+        objective = self.settings.objective
+        chosen, met = choose(records, front, self.task.direction, objective)
+        contenders = runoff_contenders(records, chosen, objective) if chosen and met else []
+        kept = set(front) | {r.number for r in contenders} | {t.number for t in running}
+        self.folder.keep_candidates(kept)
         self._report(study)
         self.reporter.trial_finished(find(records, trial.number))
 
@@ -632,7 +637,7 @@ class Study:
         best_dir, confirmed = None, None
         elsewhere = not reference.same_machine(self.cpu)
         if chosen is not None and met and self.settings.confirm_rounds and not elsewhere:
-            chosen = self._runoff(records, front, chosen)
+            chosen = self._runoff(records, chosen)
         if chosen is not None:
             best = BestModel(
                 chosen=chosen,
@@ -664,16 +669,14 @@ class Study:
             tuple(self.notes),
         )
 
-    def _runoff(
-        self, records: list[TrialRecord], front: list[int], chosen: TrialRecord
-    ) -> TrialRecord:
-        """The within-budget point of the front that is fastest when timed again: the chosen
-        one and those whose single reading came close (selection.runoff_contenders), each
+    def _runoff(self, records: list[TrialRecord], chosen: TrialRecord) -> TrialRecord:
+        """The within-budget trial that is fastest when timed again: the chosen one and those
+        whose single reading came close (selection.runoff_contenders), each
         timed `confirm_rounds` times in fresh processes, rotating; the best median wins."""
         objective, field = self.settings.objective, self.settings.cost_field
         contenders = [
             r
-            for r in runoff_contenders(records, front, chosen, objective)
+            for r in runoff_contenders(records, chosen, objective)
             if self.folder.candidate_dir(r.number).is_dir()  # saved atomically: whole
         ]
         if len(contenders) < 2 or chosen not in contenders:

@@ -5,10 +5,14 @@ from __future__ import annotations
 from slimformer.figures import OBJECTIVES
 from slimformer.search.records import TrialRecord, find
 
-# The run-off (runner.py): within-budget points of the front whose single in-study reading is
-# within this factor of the chosen one's are timed again before the choice is final. One
-# reading spreads that much on a busy 2-core machine: the same OpenVINO int8 recipe read
-# 828/s in one study and 1293/s in another (bench/results/search_efficiency.json).
+# The run-off (runner.py): within-budget trials whose single in-study reading is within this
+# factor of the chosen one's are timed again before the choice is final. One reading spreads
+# that much on a busy 2-core machine: the same OpenVINO int8 recipe read 828/s in one study and
+# 1293/s in another (bench/results/search_efficiency.json). Not only the front's: a trial
+# within the budget competes on cost alone, and one whose reading came out low is dominated
+# by the chosen one until timed again (vit-fashion's distilled half-token recipe read 867
+# images/s beside OpenVINO int8 alone's 1,003 in-study, 1.32x it side by side:
+# bench/results/peers_vision_amx_xeon.json, vit_tokens_openvino.json).
 RUNOFF_SPAN = 1.6
 RUNOFF_SIZE = 3  # the chosen one and at most two more
 
@@ -53,10 +57,10 @@ def choose(
 
 
 def runoff_contenders(
-    records: list[TrialRecord], front: list[int], chosen: TrialRecord, objective: str
+    records: list[TrialRecord], chosen: TrialRecord, objective: str
 ) -> list[TrialRecord]:
-    """The chosen trial and the other optimized, within-budget points of the front whose cost
-    is within RUNOFF_SPAN of its own, closest first; at most RUNOFF_SIZE."""
+    """The chosen trial and the other optimized, within-budget trials whose cost is within
+    RUNOFF_SPAN of its own, closest first; at most RUNOFF_SIZE."""
     maximize = OBJECTIVES[objective][1] == "maximize"
     best = chosen.cost(objective)
 
@@ -64,7 +68,10 @@ def runoff_contenders(
         cost = record.cost(objective)
         return best / cost if maximize else cost / best
 
-    on_front = [find(records, number) for number in front if number != chosen.number]
-    others = [r for r in on_front if not r.is_baseline and r.feasible]
+    others = [
+        r
+        for r in records
+        if r.comparable and r.feasible and not r.is_baseline and r.number != chosen.number
+    ]
     close = sorted((r for r in others if gap(r) <= RUNOFF_SPAN), key=gap)
     return [chosen, *close][:RUNOFF_SIZE]
