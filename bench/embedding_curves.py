@@ -16,6 +16,8 @@ while staying within a point on both domains?
         --out bench/results/embedding_structure_curves_layers2_lr3e-4.json   # a variant
     python bench/embedding_curves.py --only layers-2 --layer-weight 1 \
         --out bench/results/embedding_structure_curves_layers2_layer_matching.json
+    python bench/embedding_curves.py --only layers-2 --neighbour-weight 1 \
+        --out bench/results/embedding_structure_curves_layers2_neighbours.json
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -114,12 +116,20 @@ def main() -> None:
         default=0.0,
         help="distillation's layer-to-layer matching (recover.distill layer_weight)",
     )
+    parser.add_argument(
+        "--neighbour-weight",
+        type=float,
+        default=0.0,
+        help="distillation's neighbour-distribution matching (recover.distill neighbour_weight)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
     out = args.out
     distill = DISTILL | {"lr": args.lr}
     if args.layer_weight:
         distill["layer_weight"] = args.layer_weight
+    if args.neighbour_weight:
+        distill["neighbour_weight"] = args.neighbour_weight
     if distill != DISTILL and out == OUT:  # one file, one distillation setting
         parser.error("other distillation settings need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}

@@ -1,9 +1,11 @@
-"""recover.distill with a general corpus mixed in and similarity-matrix matching, on tiny models.
+"""recover.distill with a general corpus mixed in, similarity-matrix matching and neighbour-
+distribution matching, on tiny models.
 
 The mix draws the share of steps it is told to from the general corpus (and, at 0, exactly the
 draws distillation made before it could mix, so older recipes replay bit for bit); the
-similarity loss measures neighbourhoods, not vector scale; a study withholds the mix where the
-task has no general corpus.
+similarity and neighbour losses measure neighbourhoods, not vector scale; the neighbour bank is
+the teacher's embeddings of training inputs; a study withholds the mix where the task has no
+general corpus.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import torch
 
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
-from slimformer.passes.recover_distill import draw_batch, similarity_loss
+from slimformer.passes.recover_distill import (
+    ANCHORS,
+    DistillConfig,
+    draw_batch,
+    neighbour_bank,
+    neighbour_loss,
+    similarity_loss,
+)
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
 from slimformer.search.settings import StudySettings
@@ -48,6 +57,33 @@ def test_similarity_loss_sees_neighbourhoods_not_scale():
     assert similarity_loss(shuffled, teacher).item() > 0.01
 
 
+def test_neighbour_loss_sees_the_ranking_of_neighbours_not_scale():
+    torch.manual_seed(0)
+    teacher, anchors = torch.randn(8, 16), torch.randn(64, 16)
+    assert neighbour_loss(teacher * 5.0, teacher, anchors, 0.05).item() == pytest.approx(
+        0.0, abs=1e-5
+    )
+    slightly_off = teacher + 0.05 * torch.randn(8, 16)
+    shuffled = teacher[torch.randperm(8)]
+    near = neighbour_loss(slightly_off, teacher, anchors, 0.05).item()
+    assert 0 < near < neighbour_loss(shuffled, teacher, anchors, 0.05).item()
+
+
+def test_neighbour_bank_holds_the_teachers_embeddings_of_training_inputs_each_once():
+    teacher = tiny.tiny_bert()
+    train = tiny.calibration(teacher, batches=3)
+    bank = neighbour_bank(teacher, train, [], DistillConfig(neighbour_weight=1.0), seed=0)
+    rows = sum(len(batch["input_ids"]) for batch in train)
+    assert bank.shape == (min(rows, ANCHORS), 32)
+    pooled = []
+    for batch in train:
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled.append((tiny.output(teacher, batch) * mask).sum(1) / mask.sum(1))
+    assert torch.allclose(
+        torch.sort(bank, dim=0).values, torch.sort(torch.cat(pooled), dim=0).values, atol=1e-5
+    )
+
+
 def distill(model, seed: int = 1, **config):
     recipe = Recipe(
         steps=(
@@ -70,6 +106,19 @@ def test_distillation_with_the_mix_and_the_similarity_loss_learns_and_repeats_it
     batch = tiny.calibration(model)[0]
     assert torch.equal(tiny.output(a, batch), tiny.output(b, batch))
     plain = distill(model)
+    assert not torch.equal(tiny.output(a, batch), tiny.output(plain, batch))
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_distillation_matching_neighbour_distributions_learns_and_repeats_itself(family):
+    model = tiny.build(family)
+    settings = {"neighbour_weight": 1.0, "general_fraction": 0.5}
+    a, b = distill(model, **settings), distill(model, **settings)
+    resolved = a.recipe.steps[-1].resolved
+    assert resolved["held_out_loss_after"] < resolved["held_out_loss_before"]
+    batch = tiny.calibration(model)[0]
+    assert torch.equal(tiny.output(a, batch), tiny.output(b, batch))
+    plain = distill(model, general_fraction=0.5)
     assert not torch.equal(tiny.output(a, batch), tiny.output(plain, batch))
 
 

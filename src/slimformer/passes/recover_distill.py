@@ -6,7 +6,9 @@ outputs: KL divergence of temperature-softened logits for LMs and classifiers, c
 of mean-pooled embeddings for sentence encoders; optionally plus matching of the final hidden
 states, of every block's output against the original block it came from, and of the batch's
 similarity matrix (each pair of inputs' cosine similarity, so the student keeps the teacher's
-neighbourhoods, not only each vector's direction). A share of the steps may train on a general
+neighbourhoods, not only each vector's direction), and of each input's neighbour distribution
+over a fixed bank of the teacher's embeddings (which of thousands of inputs are its nearest, the
+ranking neighbour recall scores). A share of the steps may train on a general
 corpus the task provides (Wikipedia sentences for the embedding task) instead, so what the
 student learns holds beyond the task's own domain. AdamW, a step budget and a time budget,
 deterministic for a seed. At the study's deadline it stops early and keeps what it trained
@@ -62,6 +64,10 @@ STOPPED_BY_OWN_BUDGET = "at its time budget (time_budget_s)"
 REFERENCE_WIDTH = 384
 REFERENCE_COST = 6 * 27 * (4 * 384**2 + 2 * 384 * 1536 + 2 * 27 * 384)
 MAX_SCALE = 8
+# The neighbour bank: enough inputs that an input's ten nearest are a sharp choice among many
+# (neighbour recall@10 is scored among the held-out sentences), few enough that the teacher
+# embeds them in seconds and the [batch, bank] similarities cost little beside a step.
+ANCHORS = 2048
 
 
 def _example_cost(facts: ModelFacts, tokens: int) -> int:
@@ -127,6 +133,19 @@ class DistillConfig:
         "share of the steps trained on the task's general corpus (Wikipedia sentences for the "
         "embedding task) instead of its own inputs",
     )
+    neighbour_weight: float = fixed(
+        0.0,
+        "weight of neighbour-distribution matching: KL divergence between the teacher's and the "
+        "student's softmax of cosine similarities to a bank of the teacher's embeddings of "
+        f"{ANCHORS:,} training inputs",
+        valid=Interval(0, None),
+    )
+    neighbour_temperature: float = fixed(
+        0.05,
+        "softmax temperature of the neighbour distributions: small puts the weight on the "
+        "nearest few",
+        valid=Interval(1e-3, None),
+    )
     # Not searched: on all-MiniLM-L6-v2 with 2 of 6 blocks removed it changed nothing that 200
     # or 400 steps recovered (bench/results/embedding_structure_curves_layers2_layer_matching
     # .json against embedding_structure_curves.json), and a setting that does not pay only
@@ -161,6 +180,23 @@ def similarity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
     return F.mse_loss(s @ s.T, t @ t.T)
 
 
+def neighbour_loss(
+    student: torch.Tensor, teacher: torch.Tensor, anchors: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL divergence from the teacher's to the student's distribution over the bank's inputs,
+    each a softmax of cosine similarities (the bank is the teacher's, so both rank the same
+    points): CompRess/SEED's similarity-distribution distillation, which weighs getting the
+    nearest neighbours right above matching every distance."""
+    bank = F.normalize(anchors, dim=-1).T
+    s, t = F.normalize(student, dim=-1) @ bank, F.normalize(teacher, dim=-1) @ bank
+    return F.kl_div(
+        F.log_softmax(s / temperature, -1),
+        F.log_softmax(t / temperature, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
 def draw_batch(
     task: list[dict[str, torch.Tensor]],
     general: list[dict[str, torch.Tensor]],
@@ -174,19 +210,62 @@ def draw_batch(
     return task[order.randrange(len(task))]
 
 
+def neighbour_bank(
+    teacher: SlimModel,
+    train: list[dict[str, torch.Tensor]],
+    general: list[dict[str, torch.Tensor]],
+    config: DistillConfig,
+    seed: int,
+) -> torch.Tensor:
+    """The teacher's embeddings of about ANCHORS training inputs, drawn as training draws them
+    (the general corpus in its share), each batch once: [inputs, hidden]."""
+    order = random.Random(seed + 1)
+    available = len(train) + (len(general) if config.general_fraction > 0 else 0)
+    seen: set[int] = set()
+    vectors: list[torch.Tensor] = []
+    rows = 0
+    with torch.no_grad():
+        while rows < ANCHORS and len(seen) < available:
+            batch = draw_batch(train, general, config.general_fraction, order)
+            if id(batch) in seen:
+                continue
+            seen.add(id(batch))
+            wants_hidden = teacher.head != "embedding"
+            output = teacher(**batch, output_hidden_states=wants_hidden)
+            vectors.append(_pooled_output(teacher, output, batch))
+            rows += len(vectors[-1])
+    return torch.cat(vectors)[:ANCHORS]
+
+
 def distillation_loss(
     student: SlimModel,
     teacher: SlimModel,
     batch: dict[str, torch.Tensor],
     config: DistillConfig,
+    anchors: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The student's loss on one batch; `anchors` is the teacher's neighbour bank, needed when
+    `neighbour_weight` is set."""
     wants_hidden = config.layer_weight > 0 or (
-        student.head != "embedding" and (config.hidden_weight > 0 or config.similarity_weight > 0)
+        student.head != "embedding" and _pools_final_hidden(config)
     )
     with torch.no_grad():
         target = teacher(**batch, output_hidden_states=wants_hidden)
     output = student(**batch, output_hidden_states=wants_hidden)
     loss = _output_loss(student, output, target, batch, config)
+    if config.similarity_weight > 0 or config.neighbour_weight > 0:
+        s_pooled, t_pooled = (
+            _pooled_output(student, output, batch),
+            _pooled_output(student, target, batch),
+        )
+        if config.similarity_weight > 0:
+            loss = loss + config.similarity_weight * similarity_loss(s_pooled, t_pooled)
+        if config.neighbour_weight > 0:
+            if anchors is None:
+                raise SlimformerError("recover.distill: neighbour_weight needs a neighbour bank")
+            loss = loss + config.neighbour_weight * neighbour_loss(
+                s_pooled, t_pooled, anchors, config.neighbour_temperature
+            )
     if config.layer_weight > 0:
         loss = loss + config.layer_weight * layer_matching_loss(student, output, target)
     return loss
@@ -230,8 +309,6 @@ def _output_loss(
         loss = (1 - F.cosine_similarity(s_pooled, t_pooled, dim=-1)).mean()
         if config.hidden_weight > 0:
             loss = loss + config.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean()
-        if config.similarity_weight > 0:
-            loss = loss + config.similarity_weight * similarity_loss(s_pooled, t_pooled)
         return loss
     temp = config.temperature
     s_logits, t_logits = output.logits / temp, target.logits / temp
@@ -250,10 +327,20 @@ def _output_loss(
             * F.mse_loss(_final_hidden(output), t_hidden)
             / t_hidden.pow(2).mean()
         )
-    if config.similarity_weight > 0:
-        pooled = (_pooled(_final_hidden(h), batch) for h in (output, target))
-        loss = loss + config.similarity_weight * similarity_loss(*pooled)
     return loss
+
+
+def _pools_final_hidden(config: DistillConfig) -> bool:
+    """Whether a classifier's or LM's loss needs its final hidden states (an encoder's
+    embeddings are its last hidden state)."""
+    return config.hidden_weight > 0 or config.similarity_weight > 0 or config.neighbour_weight > 0
+
+
+def _pooled_output(model: SlimModel, output: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One vector per input: the embedding of an encoder, else the mean final hidden state."""
+    if model.head == "embedding":
+        return _pooled(output.last_hidden_state, batch)
+    return _pooled(_final_hidden(output), batch)
 
 
 @register_pass
@@ -287,7 +374,10 @@ class Distill(Pass):
         held = max(1, int(len(data) * HELD_OUT_FRACTION))
         train, held_out = data[:-held], data[-held:]
         measuring = time.monotonic()
-        losses = self._held_out_losses(model, ctx.teacher, held_out, config)
+        anchors = None
+        if config.neighbour_weight > 0:
+            anchors = neighbour_bank(ctx.teacher, train, general, config, ctx.seed)
+        losses = self._held_out_losses(model, ctx.teacher, held_out, config, anchors)
         before = sum(losses) / len(losses)
         held_out_s = time.monotonic() - measuring
         quick = held_out[:REPORT_BATCHES]
@@ -308,7 +398,7 @@ class Distill(Pass):
                 if at_deadline:  # keep what was trained so far
                     break
                 batch = draw_batch(train, general, config.general_fraction, order)
-                loss = distillation_loss(model, ctx.teacher, batch, config)
+                loss = distillation_loss(model, ctx.teacher, batch, config, anchors)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -316,7 +406,7 @@ class Distill(Pass):
                 if steps % 25 == 0:
                     ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
                 if ctx.report_value is not None and steps % REPORT_EVERY == 0:
-                    quick_losses = self._held_out_losses(model, ctx.teacher, quick, config)
+                    quick_losses = self._held_out_losses(model, ctx.teacher, quick, config, anchors)
                     ctx.report_value(steps, sum(quick_losses) / len(quick_losses))
         optimizer.zero_grad(set_to_none=True)
         # Measured again when there is the time it took the first time: past the deadline, the
@@ -325,7 +415,7 @@ class Distill(Pass):
         if steps:
             enough = ctx.time_left() > held_out_s
             if enough:
-                after_losses = self._held_out_losses(model, ctx.teacher, held_out, config)
+                after_losses = self._held_out_losses(model, ctx.teacher, held_out, config, anchors)
                 after = sum(after_losses) / len(after_losses)
             else:
                 after = None
@@ -358,8 +448,12 @@ class Distill(Pass):
 
     @staticmethod
     def _held_out_losses(
-        model: SlimModel, teacher: SlimModel, batches: list[dict], config: DistillConfig
+        model: SlimModel,
+        teacher: SlimModel,
+        batches: list[dict],
+        config: DistillConfig,
+        anchors: torch.Tensor | None,
     ) -> list[float]:
         """The loss on each held-out batch."""
         with torch.no_grad():
-            return [float(distillation_loss(model, teacher, b, config)) for b in batches]
+            return [float(distillation_loss(model, teacher, b, config, anchors)) for b in batches]
