@@ -136,7 +136,7 @@ bench-pruning: assets
 		--passes prune.ffn,prune.heads,recover.distill,quantize.dynamic_int8
 
 bench-quantization: assets
-	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/quant_kernels.py
 	$(BIN)/python bench/int8_fidelity.py
 	$(BIN)/python bench/quantization.py smollm2
 	$(BIN)/python bench/quantization.py minilm

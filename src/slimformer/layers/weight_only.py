@@ -15,7 +15,7 @@ and may change between torch versions, so it is never saved:
   packed tensor. Getting the codes back (saving, the many-rows path below) goes through the
   running kernel's packing permutation (`int4_codes.py`).
 
-Measured on this project's CPU (bench/kernels.py), the aten weight-only kernels are 5-15x
+Measured on this project's CPU (bench/quant_kernels.py), the aten weight-only kernels are 5-15x
 slower than an fp32 GEMM for one row and 40-80x slower for hundreds: weight-only quantization
 is memory-only here. So that prompts and evaluation stay usable, an input of `UNPACK_ROWS` rows
 or more unpacks the layer's weight to float for that one call (a transient copy of one layer,

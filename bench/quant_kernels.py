@@ -1,6 +1,6 @@
 """The int8/int4 kernels behind each quantization mode, timed alone on a decoder's shapes.
 
-    python bench/kernels.py      # -> bench/results/kernels.json (about a minute)
+    python bench/quant_kernels.py      # -> bench/results/kernels.json (about a minute)
 
 One Linear of SmolLM2-135M's MLP (576 -> 1536 and 1536 -> 576) at batch-1 decode (1 row) and
 a 256-token prefill (256 rows), fp32 against: dynamic int8 (fbgemm), static int8 (oneDNN),
@@ -71,7 +71,7 @@ def main() -> None:
             print(row)
     path = write_result(
         "kernels",
-        {"command": "python bench/kernels.py", "machine": machine(), "rows": rows},
+        {"command": "python bench/quant_kernels.py", "machine": machine(), "rows": rows},
     )
     print(f"wrote {path}")
 
