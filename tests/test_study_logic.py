@@ -613,6 +613,20 @@ def test_distillation_offers_a_small_vit_more_steps_and_larger_learning_rates() 
     assert seen and all(steps >= 200 and lr >= 1.2e-4 for steps, lr in seen)
 
 
+def test_a_study_begun_with_other_distillation_options_is_refused_in_one_line() -> None:
+    """A ViT study begun before the options scaled searched MiniLM's; resuming it now would
+    hit Optuna's refusal of changed categorical options, deep in the sampler."""
+    study = make_study()
+    passes = [get_pass("recover.distill")]
+    study.enqueue_trial({"use recover.distill": True})
+    first = study.ask()
+    sample_recipe(first, passes, MINILM, TaskSpec("image-classification"), 0)
+    study.tell(first, (0.9, 1.0))
+    study.enqueue_trial({"use recover.distill": True})
+    with pytest.raises(SlimformerError, match=r"searched recover\.distill\.steps over \[50, 100"):
+        sample_recipe(study.ask(), passes, VIT_FASHION, TaskSpec("image-classification"), 0)
+
+
 def test_a_larger_model_keeps_the_measured_distillation_options() -> None:
     space = get_pass("recover.distill").search_space()
     bert_base = replace(MINILM, num_layers=12, hidden_size=768, intermediate_size=3072)

@@ -76,7 +76,7 @@ def sample_recipe(
                 left_out = {v for setting, v in withheld.get(cls.name, ()) if setting == name}
                 offered = space.resolve(facts)
                 options = [o for o in offered if str(o) not in left_out] or [offered[0]]
-                values[name] = trial.suggest_categorical(key, options)
+                values[name] = _suggest_choice(trial, key, options)
             elif isinstance(space, IntRange):
                 low, high = space.resolve(facts)
                 values[name] = trial.suggest_int(key, low, high)
@@ -95,6 +95,30 @@ def sample_recipe(
         steps.append(step)
     steps.sort(key=lambda step: get_pass(step.pass_name).stage)
     return Recipe(steps=tuple(steps), task=spec, seed=seed)
+
+
+def _suggest_choice(trial: optuna.Trial, key: str, options: list[Any]) -> Any:
+    """Optuna refuses a categorical parameter whose options changed since a trial of the study
+    used it: a study begun by another version of slimformer whose options for this model
+    differ (distillation's steps and rates scale with the model since 0555b3e) cannot go on."""
+    try:
+        return trial.suggest_categorical(key, options)
+    except ValueError as error:
+        if "dynamic value space" not in str(error):
+            raise
+        earlier = next(
+            (
+                list(t.distributions[key].choices)
+                for t in trial.study.get_trials(deepcopy=False)
+                if key in t.distributions
+            ),
+            "other options",
+        )
+        raise SlimformerError(
+            f"this study searched {key} over {earlier}, this version of slimformer offers "
+            f"{options} for this model: it cannot be resumed; start a new study (another "
+            "--out, or --overwrite)"
+        ) from None
 
 
 def baseline_params(pass_classes: Sequence[type[Pass]]) -> dict[str, Any]:
