@@ -33,7 +33,7 @@ from slimformer.search.budget import AFTER_PASSES_S, FINISH_S
 from slimformer.search.lock import PID_FILE, RunLock
 from slimformer.search.records import TrialRecord
 from slimformer.search.run_folder import read_run
-from slimformer.search.selection import choose, pareto_front
+from slimformer.search.selection import choose, pareto_front, runoff_contenders
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
 
@@ -140,12 +140,17 @@ def test_a_whole_study_writes_its_trials_front_and_best_and_confirms_the_choice(
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["trial"] == fastest["number"] and metrics["met_max_drop"] is True
     assert metrics["cpu"] == json.loads((run / "run.json").read_text())["cpu"]
-    # Only the front's trials keep a saved candidate (the baseline's too, when on it).
+    # Only the front's trials keep a saved candidate (the baseline's too, when on it), and the
+    # within-budget trials whose reading came close enough to the choice's for the run-off.
     kept = {int(p.name.split("-")[1]) for p in (run / "candidates").iterdir()}
-    assert kept == set(front) and 0 in front
+    contenders = {r.number for r in runoff_contenders(records, result.chosen, "latency")}
+    assert kept == set(front) | contenders and 0 in front
 
-    # Confirmation: timing only, alternating, and its ratios are the fake's exact ratio.
-    confirm_calls = evaluator.calls[6:]
+    # The run-off (the fake's readings are exact: it keeps the choice), then the
+    # confirmation: timing only, alternating, and its ratios are the fake's exact ratio.
+    runoff = len(contenders) * 2 if len(contenders) > 1 else 0
+    assert not any(score for _, score in evaluator.calls[6 : 6 + runoff])
+    confirm_calls = evaluator.calls[6 + runoff :]
     assert [score for _, score in confirm_calls] == [False] * 4
     assert [d for d, _ in confirm_calls][::3] == ["baseline", "baseline"]
     ratio = round(10.0 / fastest["measurement"]["latency_ms_median"], 3)

@@ -11,7 +11,7 @@ report.html             the page a person reads: the front, every trial, the mac
                         rewritten after every trial and at the end
 task_state.safetensors  the task's reference arrays (the run stays self-contained)
 batches.safetensors     the calibration and training batches the build children read
-candidates/trial-NNN/   the models on the current front
+candidates/trial-NNN/   the models on the current front, and the run-off's contenders
 trained/KEY/            models as they stood after their recipe's training, for the later
                         trials that start with the same steps (trained_prefix.py)
 best/                   the chosen model, metrics.json and the model card
