@@ -226,6 +226,7 @@ def neighbour_bank(
     (the general corpus in its share), each batch once: [inputs, hidden]."""
     order = random.Random(seed + 1)
     available = len(train) + (len(general) if config.general_fraction > 0 else 0)
+    wants_hidden = teacher.head != "embedding"
     seen: set[int] = set()
     vectors: list[torch.Tensor] = []
     rows = 0
@@ -235,7 +236,6 @@ def neighbour_bank(
             if id(batch) in seen:
                 continue
             seen.add(id(batch))
-            wants_hidden = teacher.head != "embedding"
             output = teacher(**batch, output_hidden_states=wants_hidden)
             vectors.append(_pooled_output(teacher, output, batch))
             rows += len(vectors[-1])
@@ -257,12 +257,15 @@ def distillation_loss(
     with torch.no_grad():
         target = teacher(**batch, output_hidden_states=wants_hidden)
     output = student(**batch, output_hidden_states=wants_hidden)
-    loss = _output_loss(student, output, target, batch, config)
-    if config.similarity_weight > 0 or config.neighbour_weight > 0:
-        s_pooled, t_pooled = (
-            _pooled_output(student, output, batch),
-            _pooled_output(student, target, batch),
-        )
+    # One vector per input, pooled once: an encoder's output loss and the neighbourhood
+    # terms both use them.
+    neighbourhood = config.similarity_weight > 0 or config.neighbour_weight > 0
+    pooled = None
+    if student.head == "embedding" or neighbourhood:
+        pooled = (_pooled_output(student, output, batch), _pooled_output(student, target, batch))
+    loss = _output_loss(student, output, target, batch, config, pooled)
+    if neighbourhood:
+        s_pooled, t_pooled = pooled
         if config.similarity_weight > 0:
             loss = loss + config.similarity_weight * similarity_loss(s_pooled, t_pooled)
         if config.neighbour_weight > 0:
@@ -307,10 +310,13 @@ def _output_loss(
     target: Any,
     batch: dict[str, torch.Tensor],
     config: DistillConfig,
+    pooled: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
+    """The loss on the model's own output; `pooled`: the student's and the teacher's
+    embeddings, given for an encoder."""
     if student.head == "embedding":
         s, t = output.last_hidden_state, target.last_hidden_state
-        s_pooled, t_pooled = _pooled(s, batch), _pooled(t, batch)
+        s_pooled, t_pooled = pooled
         loss = (1 - F.cosine_similarity(s_pooled, t_pooled, dim=-1)).mean()
         if config.hidden_weight > 0:
             loss = loss + config.hidden_weight * F.mse_loss(s, t) / t.pow(2).mean()
