@@ -139,6 +139,28 @@ def test_a_trained_recipe_is_proposed_first_served_each_other_way_measured_withi
     assert not any("quantize.dynamic_int8" in p for p in proposals)
 
 
+def test_the_way_that_served_a_pruned_model_fastest_is_proposed_first_not_the_unpruned_fastest():
+    offered = [*OFFERED, get_pass("reduce.tokens"), get_pass("runtime.openvino")]
+    offered += [get_pass("quantize.dynamic_int8")]
+    images = dataclasses.replace(FACTS, fixed_token_count=True)
+    f32, int8 = ("runtime.openvino", {"int8": "none"}), ("quantize.dynamic_int8", {})
+    ffn = ("prune.ffn", {"keep": 0.35})
+    tokens = ("reduce.tokens", {"mode": "prune", "keep": 0.5})
+    # On the unpruned model OpenVINO f32 was the slowest way (as on an AVX2-only CPU) ...
+    alone = [record(1, [int8], 0.0, 560.0), record(2, [ORT_INT8], 0.0, 510.0)]
+    alone.append(record(3, [f32], 0.0, 470.0))
+    # ... but it served a distilled token-pruned model fastest (over the budget, within two).
+    pruned = record(4, [tokens, DISTILL_200, f32], 0.015, 1150.0)
+    trained = record(5, [ffn, DISTILL_200, ORT_INT8], 0.0, 700.0)
+    records = [BASELINE, *alone, pruned, trained]
+    proposals = [r.describe() for r in neighbours(records, offered, images, THROUGHPUT, BUDGET)]
+    ffn_served = [p for p in proposals if p.startswith("prune.ffn(keep=0.35) + recover")]
+    assert ffn_served[:2] == [
+        "prune.ffn(keep=0.35) + recover.distill(steps=200,lr=0.0001) + runtime.openvino(int8=none)",
+        "prune.ffn(keep=0.35) + recover.distill(steps=200,lr=0.0001) + quantize.dynamic_int8",
+    ]
+
+
 def test_a_study_tries_the_best_recipes_neighbour_between_sampled_trials(tmp_path):
     layers = start(("prune.layers", {"count": 1, "criterion": "block_influence"}))
     reporter = RecordingReporter()

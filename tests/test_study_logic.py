@@ -665,6 +665,15 @@ def test_an_image_study_warm_starts_with_pruned_tokens_distilled_for_its_model()
         offered, {}, spec, 0, replace(MINILM, tokens_per_example=197, fixed_token_count=True)
     )
     assert "recover.distill(steps=400,lr=5e-05,hidden_weight=1.0)" in as_written.describe()
+    # Without VNNI OpenVINO serves it in f32 (faster there than ONNX Runtime's int8 for a
+    # token-pruned ViT), ONNX Runtime's int8 only where OpenVINO is not searched.
+    no_vnni = {"runtime.openvino": {("int8", "nncf")}}
+    with_ort = [*offered, get_pass("runtime.onnxruntime")]
+    (_, _, structured) = warm_start_recipes(with_ort, no_vnni, spec, 0, VIT_FASHION)
+    assert structured.describe().endswith("hidden_weight=1.0) + runtime.openvino")
+    only_ort = [cls for cls in with_ort if cls.name != "runtime.openvino"]
+    (_, structured) = warm_start_recipes(only_ort, no_vnni, spec, 0, VIT_FASHION)
+    assert structured.describe().endswith(" + runtime.onnxruntime(int8=dynamic)")
 
 
 def test_start_recipes_differing_only_outside_the_searched_options_all_run(tmp_path) -> None:
