@@ -1,0 +1,111 @@
+"""Which way of serving a pruned, distilled vit-fashion is fastest on this CPU? One run.
+
+    python bench/vit_servings.py     # -> bench/results/vit_servings.json (~12 min on 2 cores)
+    python bench/vit_servings.py --out bench/results/vit_servings_avx2_epyc.json
+
+Answers the question the local search's ranking of deployments rests on (search/neighbours.py):
+a deployment's speed on the unpruned model says little about its speed on a structured one.
+Rows: ToMe as its authors apply it (eager attention, r=39 constant: bench/peers_vision.py's
+row, the best peer on an AVX2-only EPYC), the same merging served by OpenVINO f32, and the FFN
+pruned to 35% of its neurons and distilled (800 steps at 3e-4, similarity matching: the recipe
+an AVX2 EPYC study found within the point) served by OpenVINO f32, with token merging (r=39,
+r=20) or pruning (keep 0.7 from the second block, not distilled again) on top.
+Accuracy and images/s: `slimformer.benchmark` of each saved model in a fresh process (the
+task's 2,000 scored test images; batch 32), three rounds in rotating order, the median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+import slimformer
+from slimformer.recipe import Recipe, Step
+from slimformer.search.confirm import time_alternately
+from slimformer.tasks import TaskSpec
+
+SPEC = TaskSpec("image-classification")
+OPENVINO_F32 = Step("runtime.openvino", {"int8": "none"})
+FFN = Step("prune.ffn", {"keep": 0.35, "criterion": "activation", "allocation": "global"})
+DISTILL = Step(
+    "recover.distill", {"steps": 800, "lr": 3e-4, "similarity_weight": 10.0, "hidden_weight": 0.0}
+)
+PRUNE_07 = Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "start": 1})
+
+
+def tome(r: int, attention: str = "sdpa") -> Step:
+    merge = {"mode": "merge", "r": r, "schedule": "constant", "start": 0}
+    return Step("reduce.tokens", merge | {"attention": attention})
+
+
+def build(folder: Path, source: str, steps: list[Step]) -> Path:
+    started = time.time()
+    slimformer.apply(source, Recipe(steps=tuple(steps), task=SPEC), out=folder)
+    print(f"{folder.name}: built in {time.time() - started:.0f} s", flush=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "vit_servings.json")
+    args = parser.parse_args()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="slimformer-vit-servings-") as tmp:
+        root = Path(tmp)
+        ffn = str(build(root / "ffn-distilled", "vit-fashion", [FFN, DISTILL]))
+        rows = {
+            "ToMe r=39, eager attention (peer)": ("vit-fashion", [tome(39, "eager")]),
+            "ToMe r=39 + OpenVINO f32": ("vit-fashion", [tome(39), OPENVINO_F32]),
+            "FFN 0.35 distilled + OpenVINO f32": (ffn, [OPENVINO_F32]),
+            "FFN 0.35 distilled + ToMe r=39 + OpenVINO f32": (ffn, [tome(39), OPENVINO_F32]),
+            "FFN 0.35 distilled + ToMe r=39 (PyTorch)": (ffn, [tome(39)]),
+            "FFN 0.35 distilled + prune keep 0.7 + OpenVINO f32": (ffn, [PRUNE_07, OPENVINO_F32]),
+            "FFN 0.35 distilled + ToMe r=20 + OpenVINO f32": (ffn, [tome(20), OPENVINO_F32]),
+        }
+        folders = {
+            label: build(root / f"row-{index}", source, steps)
+            for index, (label, (source, steps)) in enumerate(rows.items())
+        }
+        accuracy: dict[str, float] = {}
+
+        def evaluate(folder: Path, workdir: Path, score: bool):
+            result = slimformer.benchmark(folder, task=SPEC, batch_size=32)
+            accuracy[folder.name] = result.quality
+            return result
+
+        measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
+        peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(rows))])
+        results = {}
+        for label, folder in folders.items():
+            readings = [m["throughput_per_s"] for m in measured[label]]
+            results[label] = {
+                "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in rows[label][1]),
+                "accuracy": accuracy[folder.name],
+                "images_per_s": statistics.median(readings),
+                "readings": readings,
+                "vs_peer": round(statistics.median(readings) / peer, 3),
+            }
+            print(f"{label:52s} {accuracy[folder.name]:.4f} {results[label]['vs_peer']:.2f}x")
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python bench/vit_servings.py",
+                "machine": machine(),
+                "workload": "vit-fashion, the image task's 2,000 scored test images, batch 32",
+                "rows": results,
+                "wall_seconds": round(time.time() - started),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
