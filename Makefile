@@ -162,7 +162,7 @@ bench-vit-tokens: assets
 	$(BIN)/python bench/vit_tokens_openvino.py
 
 # Which way of serving a pruned, distilled vit-fashion is fastest on this CPU (OpenVINO f32,
-# with token merging or pruning on top) against ToMe eager; ~12 min on 2 cores.
+# with token merging or pruning on top) against ToMe eager; ~20 min on 2 cores.
 bench-vit-servings: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/vit_servings.py

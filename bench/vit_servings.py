@@ -1,6 +1,6 @@
 """Which way of serving a pruned, distilled vit-fashion is fastest on this CPU? One run.
 
-    python bench/vit_servings.py     # -> bench/results/vit_servings.json (~12 min on 2 cores)
+    python bench/vit_servings.py     # -> bench/results/vit_servings.json (~20 min on 2 cores)
     python bench/vit_servings.py --out bench/results/vit_servings_avx2_epyc.json
 
 Answers the question the local search's ranking of deployments rests on (search/neighbours.py):
@@ -9,7 +9,8 @@ Rows: ToMe as its authors apply it (eager attention, r=39 constant: bench/peers_
 row, the best peer on an AVX2-only EPYC), the same merging served by OpenVINO f32, and the FFN
 pruned to 35% of its neurons and distilled (800 steps at 3e-4, similarity matching: the recipe
 an AVX2 EPYC study found within the point) served by OpenVINO f32, with token merging (r=39,
-r=20) or pruning (keep 0.7 from the second block, not distilled again) on top.
+r=20) or pruning (keep 0.7 from the second block, not distilled again) on top, and the FFN cut
+and that token pruning distilled together (1,600 steps).
 Accuracy and images/s: `slimformer.benchmark` of each saved model in a fresh process (the
 task's 2,000 scored test images; batch 32), three rounds in rotating order, the median.
 """
@@ -37,6 +38,9 @@ DISTILL = Step(
     "recover.distill", {"steps": 800, "lr": 3e-4, "similarity_weight": 10.0, "hidden_weight": 0.0}
 )
 PRUNE_07 = Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "start": 1})
+# Token pruning distilled with the FFN cut: 1,600 steps at 3e-4 matching the final hidden
+# states (the distilled token recipe's settings, recipes/vit-tokens-distilled.yaml).
+DISTILL_LONG = Step("recover.distill", {"steps": 1600, "lr": 3e-4, "hidden_weight": 1.0})
 
 
 def tome(r: int, attention: str = "sdpa") -> Step:
@@ -60,6 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slimformer-vit-servings-") as tmp:
         root = Path(tmp)
         ffn = str(build(root / "ffn-distilled", "vit-fashion", [FFN, DISTILL]))
+        both = str(
+            build(root / "ffn-tokens-distilled", "vit-fashion", [FFN, PRUNE_07, DISTILL_LONG])
+        )
         rows = {
             "ToMe r=39, eager attention (peer)": ("vit-fashion", [tome(39, "eager")]),
             "ToMe r=39 + OpenVINO f32": ("vit-fashion", [tome(39), OPENVINO_F32]),
@@ -68,6 +75,7 @@ def main() -> None:
             "FFN 0.35 distilled + ToMe r=39 (PyTorch)": (ffn, [tome(39)]),
             "FFN 0.35 distilled + prune keep 0.7 + OpenVINO f32": (ffn, [PRUNE_07, OPENVINO_F32]),
             "FFN 0.35 distilled + ToMe r=20 + OpenVINO f32": (ffn, [tome(20), OPENVINO_F32]),
+            "FFN 0.35 + prune keep 0.7, distilled together + OpenVINO f32": (both, [OPENVINO_F32]),
         }
         folders = {
             label: build(root / f"row-{index}", source, steps)
