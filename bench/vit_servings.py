@@ -5,12 +5,12 @@
 
 Answers the question the local search's ranking of deployments rests on (search/neighbours.py):
 a deployment's speed on the unpruned model says little about its speed on a structured one.
-Rows: ToMe as its authors apply it (eager attention, r=39 constant: bench/peers_vision.py's
-row, the best peer on an AVX2-only EPYC), the same merging served by OpenVINO f32, and the FFN
-pruned to 35% of its neurons and distilled (800 steps at 3e-4, similarity matching: the recipe
-an AVX2 EPYC study found within the point) served by OpenVINO f32, with token merging (r=39,
-r=20) or pruning (keep 0.7 from the second block, not distilled again) on top, and the FFN cut
-and that token pruning distilled together (1,600 steps).
+Rows: ToMe as its authors apply it (eager attention, constant r: bench/peers_vision.py's row
+and its r, 39 for vit-fashion; the best peer on an AVX2-only EPYC), the same merging served by
+OpenVINO f32, and the FFN pruned to 35% of its neurons and distilled (800 steps at 3e-4,
+similarity matching: the recipe an AVX2 EPYC study found within the point) served by OpenVINO
+f32, with token merging (that r, and r=20) or pruning (keep 0.7 from the second block, not
+distilled again) on top, and the FFN cut and that token pruning distilled together (1,600 steps).
 Accuracy and images/s: `slimformer.benchmark` of each saved model in a fresh process (the
 task's 2,000 scored test images; batch 32), three rounds in rotating order, the median.
 """
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine
+from peers_vision import tome_r, tome_steps
 
 import slimformer
 from slimformer.recipe import Recipe, Step
@@ -38,14 +39,17 @@ DISTILL = Step(
     "recover.distill", {"steps": 800, "lr": 3e-4, "similarity_weight": 10.0, "hidden_weight": 0.0}
 )
 PRUNE_07 = Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "start": 1})
-# Token pruning distilled with the FFN cut: 1,600 steps at 3e-4 matching the final hidden
-# states (the distilled token recipe's settings, recipes/vit-tokens-distilled.yaml).
-DISTILL_LONG = Step("recover.distill", {"steps": 1600, "lr": 3e-4, "hidden_weight": 1.0})
+# Token pruning distilled with the FFN cut: the distilled token recipe's distillation (1,600
+# steps at 3e-4 matching the final hidden states), read from its file.
+_, DISTILL_LONG, _ = Recipe.load(
+    Path(__file__).resolve().parents[1] / "recipes" / "vit-tokens-distilled.yaml"
+).steps
 
 
 def tome(r: int, attention: str = "sdpa") -> Step:
-    merge = {"mode": "merge", "r": r, "schedule": "constant", "start": 0}
-    return Step("reduce.tokens", merge | {"attention": attention})
+    """ToMe's constant merging from the first block, as bench/peers_vision.py's rows run it."""
+    [(name, config)] = tome_steps(r, attention)
+    return Step(name, config)
 
 
 def build(folder: Path, source: str, steps: list[Step]) -> Path:
@@ -63,16 +67,17 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="slimformer-vit-servings-") as tmp:
         root = Path(tmp)
+        r = tome_r(slimformer.load("vit-fashion").config)  # 39 for vit-fashion
         ffn = str(build(root / "ffn-distilled", "vit-fashion", [FFN, DISTILL]))
         both = str(
             build(root / "ffn-tokens-distilled", "vit-fashion", [FFN, PRUNE_07, DISTILL_LONG])
         )
         rows = {
-            "ToMe r=39, eager attention (peer)": ("vit-fashion", [tome(39, "eager")]),
-            "ToMe r=39 + OpenVINO f32": ("vit-fashion", [tome(39), OPENVINO_F32]),
+            f"ToMe r={r}, eager attention (peer)": ("vit-fashion", [tome(r, "eager")]),
+            f"ToMe r={r} + OpenVINO f32": ("vit-fashion", [tome(r), OPENVINO_F32]),
             "FFN 0.35 distilled + OpenVINO f32": (ffn, [OPENVINO_F32]),
-            "FFN 0.35 distilled + ToMe r=39 + OpenVINO f32": (ffn, [tome(39), OPENVINO_F32]),
-            "FFN 0.35 distilled + ToMe r=39 (PyTorch)": (ffn, [tome(39)]),
+            f"FFN 0.35 distilled + ToMe r={r} + OpenVINO f32": (ffn, [tome(r), OPENVINO_F32]),
+            f"FFN 0.35 distilled + ToMe r={r} (PyTorch)": (ffn, [tome(r)]),
             "FFN 0.35 distilled + prune keep 0.7 + OpenVINO f32": (ffn, [PRUNE_07, OPENVINO_F32]),
             "FFN 0.35 distilled + ToMe r=20 + OpenVINO f32": (ffn, [tome(20), OPENVINO_F32]),
             "FFN 0.35 + prune keep 0.7, distilled together + OpenVINO f32": (both, [OPENVINO_F32]),

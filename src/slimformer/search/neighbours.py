@@ -110,13 +110,12 @@ def _served_otherwise(
     # vit-fashion slowest of the three engines (469 images/s against 510 and 560) but a
     # token-pruned, distilled one fastest (1,155 against 923 and 769;
     # bench/results/peers_vision_avx2_epyc.json).
+    served = [(record, _deployment(Recipe.from_dict(record.recipe))) for record in ranked]
+    met = [steps for record, steps in served if record.feasible]
     deployments: list[tuple[Step, ...]] = []
-    for record in ranked:
-        steps = _deployment(Recipe.from_dict(record.recipe))
-        if steps and steps not in deployments and recoverable(record):
+    for record, steps in served:
+        if steps and steps in met and steps not in deployments and recoverable(record):
             deployments.append(steps)
-    met = [_deployment(Recipe.from_dict(record.recipe)) for record in ranked if record.feasible]
-    deployments = [steps for steps in deployments if steps in met]
     proposals = []
     for record in ranked:
         if not recoverable(record):
