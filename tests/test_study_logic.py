@@ -676,6 +676,73 @@ def test_an_image_study_warm_starts_with_pruned_tokens_distilled_for_its_model()
     assert structured.describe().endswith(" + runtime.onnxruntime(int8=dynamic)")
 
 
+def test_token_merging_offers_a_vit_with_more_patches_per_block_a_larger_r() -> None:
+    space = get_pass("reduce.tokens").search_space()
+    # ToMe's r was sized on ViT-B/16: 196 patches through 12 blocks. vit-fashion has 196 in 4.
+    assert space["r"].resolve(VIT_FASHION) == (3, 6, 12, 24, 48)
+    vit_base = replace(MINILM, num_layers=12, fixed_token_count=True, tokens_per_example=197)
+    for model in (vit_base, MINILM):  # ViT-B/16 itself; text, whose token count varies
+        assert space["r"].resolve(model) == (1, 2, 4, 8, 16)
+
+
+def test_token_settings_of_the_other_mode_are_not_sampled() -> None:
+    study = make_study()
+    passes = [get_pass("reduce.tokens")]
+    seen = []
+    for _ in range(16):
+        trial = study.ask()
+        recipe = sample_recipe(trial, passes, VIT_FASHION, TaskSpec("image-classification"), 0)
+        study.tell(trial, (0.9, 1.0))
+        seen += [step.config for step in recipe.steps]
+    merged = [config for config in seen if config["mode"] == "merge"]
+    pruned = [config for config in seen if config["mode"] == "prune"]
+    assert merged and pruned
+    assert all(c["r"] in (3, 6, 12, 24, 48) and "keep" not in c for c in merged)
+    assert all("r" not in c and "schedule" not in c for c in pruned)
+
+
+def test_an_image_study_warm_starts_with_a_trimmed_ffn_and_tomes_merging_for_its_model(
+    tmp_path,
+) -> None:
+    from slimformer.cpu import fingerprint
+    from slimformer.search.optuna_study import open_study
+    from slimformer.search.portfolio import warm_start_recipes
+    from slimformer.search.settings import StudySettings
+
+    names = ("prune.ffn", "reduce.tokens", "recover.distill", "runtime.openvino")
+    offered = [get_pass(n) for n in names]
+    spec = TaskSpec("image-classification")
+    described = [r.describe() for r in warm_start_recipes(offered, {}, spec, 0, VIT_FASHION)]
+    assert described[1] == (
+        "prune.ffn(keep=0.35,criterion=activation,allocation=global) + "
+        "reduce.tokens(mode=merge,r=39,schedule=constant,start=0) + "
+        "recover.distill(steps=800,lr=0.0003,similarity_weight=10.0,hidden_weight=0.0) + "
+        "runtime.openvino(int8=nncf)"
+    )
+    assert described[2].startswith("reduce.tokens(mode=prune,keep=0.5,start=1) + ")
+    # r=39 is not among the searched options (13 x 3 is not a power of two): the trial carries
+    # it, and the study proposes the recipe as written.
+    settings = StudySettings(model="m", task=spec, passes=names, warm_start=True)
+    study = open_study(
+        f"sqlite:///{tmp_path / 'study.db'}",
+        settings,
+        ["maximize", "minimize"],
+        offered,
+        fingerprint(1),
+        facts=VIT_FASHION,
+    )
+    proposed = []
+    for _ in range(3):
+        trial = study.ask()
+        proposed.append(sample_recipe(trial, offered, VIT_FASHION, spec, 0))
+        study.tell(trial, [1.0, 1.0])
+    steps = {step.pass_name: step.config for step in proposed[2].steps}
+    assert steps["prune.ffn"]["keep"] == 0.35
+    assert (steps["reduce.tokens"]["mode"], steps["reduce.tokens"]["r"]) == ("merge", 39)
+    assert (steps["recover.distill"]["steps"], steps["recover.distill"]["lr"]) == (800, 3e-4)
+    assert steps["runtime.openvino"]["int8"] == "nncf"
+
+
 def test_start_recipes_differing_only_outside_the_searched_options_all_run(tmp_path) -> None:
     from slimformer.cpu import fingerprint
     from slimformer.search.optuna_study import open_study

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from slimformer.adapters import ModelFacts
 from slimformer.engines import ServedModule
 from slimformer.errors import SlimformerError
 from slimformer.model import SlimModel
@@ -42,6 +43,23 @@ from slimformer.tokens import (
 )
 
 SCHEDULES = ("constant", "decreasing")
+# ToMe's r was sized on ViT-B/16 at 224 pixels: 196 patch tokens through 12 blocks (r=13 off the
+# shelf merges 156 of them, 80%, by the last block). A model with more patches per block merges
+# proportionally more per block for the same share: vit-fashion (196 patches, 4 blocks) 3x, so
+# r=13 there is 39, the r that kept it within 0.25 point (bench/results/vit_servings_avx2_epyc
+# .json). Only ever scaled up, like distillation's steps: a deeper model keeps the options.
+# Text has no fixed token count: the options as declared.
+REFERENCE_PATCHES, REFERENCE_BLOCKS = 196, 12
+
+
+def merge_scale(facts: ModelFacts) -> float:
+    """This model's patch tokens per block over ViT-B/16's, at least 1."""
+    if facts.tokens_per_example is None:
+        return 1.0
+    per_block = (facts.tokens_per_example - 1) / facts.num_layers
+    return max(1.0, per_block / (REFERENCE_PATCHES / REFERENCE_BLOCKS))
+
+
 UNPADDED_REFUSAL = (
     "padding-free batching runs the blocks its own way and would skip the token reduction; "
     "use runtime.batching mode=bucketed"
@@ -58,26 +76,31 @@ class TokenConfig:
     )
     r: int = searchable(
         2,
-        Choice((1, 2, 4, 8, 16)),
-        "merge: tokens merged per reducing block (ToMe's r; at most half of them per block)",
+        Choice((1, 2, 4, 8, 16), only=False, scale=merge_scale, scale_label="x patches/block"),
+        "merge: tokens merged per reducing block (ToMe's r; at most half of them per block); "
+        "the searched options times the model's patch tokens per block over ViT-B/16's (16.3)",
         valid=Interval(0, None),
+        when=("mode", ("merge",)),
     )
     schedule: str = searchable(
         "constant",
         Choice(SCHEDULES),
         "merge: r in every reducing block, or decreasing from 1.5·r to 0.5·r",
+        when=("mode", ("merge",)),
     )
     keep: float = searchable(
         0.8,
         FloatRange(0.5, 0.95, step=0.05),
         "prune: fraction of the real tokens each reducing block keeps (besides the class token)",
         valid=Interval(0, 1, open_low=True),
+        when=("mode", ("prune",)),
     )
     criterion: str = searchable(
         "cls",
         Choice(CRITERIA),
         "prune: a token's score is the attention the class token pays it (cls) or the mean "
         "attention it receives (mean)",
+        when=("mode", ("prune",)),
     )
     start: int = searchable(
         0,

@@ -45,6 +45,13 @@ class Choice:
         factor = self.scale(facts)
         return tuple(_scaled(option, factor) for option in self.options)
 
+    def scaled_value(self, value: Any, facts: ModelFacts | None) -> Any:
+        """`value` written for the model the options were declared on, for the model of
+        `facts` (an option becomes the option in its place; any other value scales alike)."""
+        if self.scale is None or facts is None:
+            return value
+        return _scaled(value, self.scale(facts))
+
     def describe(self) -> str:
         options = " | ".join(str(o) for o in self.options)
         return f"({options}) {self.scale_label}" if self.scale_label else options

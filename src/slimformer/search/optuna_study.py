@@ -68,19 +68,18 @@ def open_study(
     requeue_measured_elsewhere(study, cpu)
     if not study.trials:
         study.enqueue_trial(baseline_params(pass_classes))
-        if settings.warm_start:
-            portfolio = warm_start_recipes(
-                pass_classes, withheld, settings.task, settings.seed, facts
-            )
-            for recipe in portfolio:
-                study.enqueue_trial(recipe_params(recipe, pass_classes, facts), skip_if_exists=True)
+        recipes = (
+            warm_start_recipes(pass_classes, withheld, settings.task, settings.seed, facts)
+            if settings.warm_start
+            else []
+        )
+        recipes += [Recipe.from_dict(start) for start in settings.starts]
         # Optuna's skip_if_exists compares the sampler's parameters only, and starts that
         # differ only in values outside the searched options (two learning rates a small
         # model's scaled options do not hold) share them: those are told apart by the values
         # they carry.
         carried = []
-        for start in settings.starts:
-            recipe = Recipe.from_dict(start)
+        for recipe in recipes:
             given = start_values(recipe, pass_classes, facts)
             params = recipe_params(recipe, pass_classes, facts)
             if given and (params, given) in carried:
