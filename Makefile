@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
-	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-vit-servings \
+	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-vit-servings bench-vit-pooling \
 	bench-peers-decoder bench-tokens bench-isa bench-fuzz bench-deadline bench-crash bench-studies \
 	bench-lowrank bench-embedding bench-embedding-curves bench-search-efficiency \
 	lint assets clean
@@ -116,12 +116,13 @@ endif
 # Every benchmark, one after another (about 13 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
-# bench-vit-tokens, bench-vit-servings, bench-peers-decoder, bench-tokens, bench-isa,
+# bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens, bench-isa,
 # bench-lowrank, bench-embedding, bench-embedding-curves, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
-	bench-vit-tokens bench-vit-servings bench-peers-decoder bench-tokens bench-isa bench-lowrank \
+	bench-vit-tokens bench-vit-servings bench-vit-pooling bench-peers-decoder bench-tokens bench-isa \
+	bench-lowrank \
 	bench-embedding bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash \
 	bench-studies
 
@@ -166,6 +167,12 @@ bench-vit-tokens: assets
 bench-vit-servings: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/vit_servings.py
+
+# Token pooling (reduce.tokens mode=pool) on vit-fashion, distilled, against ToMe eager and the
+# image warm start; ~20 min on 2 cores.
+bench-vit-pooling: assets
+	$(BIN)/slimformer assets install vit-fashion
+	$(BIN)/python bench/vit_pooling.py
 
 # reduce.tokens on MiniLM: merging and pruning alone and on top of the halved, distilled, int8
 # structure, at the ~27-token sentences and at 128 tokens (NYT editorial passages); ~1 h, eight

@@ -24,6 +24,7 @@ from slimformer.tokens import (
     TokenReduction,
     install,
     merge_tokens,
+    pool_tokens,
     prune_tokens,
     unmerge,
 )
@@ -52,8 +53,12 @@ def at_real(output, batch):
 @pytest.mark.parametrize("family", ["bert", "vit"])
 @pytest.mark.parametrize(
     "reduction",
-    [TokenReduction("merge", (0,) * tiny.NUM_LAYERS), TokenReduction("prune", (1.0,) * 4)],
-    ids=["merge-r0", "prune-keep1"],
+    [
+        TokenReduction("merge", (0,) * tiny.NUM_LAYERS),
+        TokenReduction("prune", (1.0,) * 4),
+        TokenReduction("pool", (1,) * 4),
+    ],
+    ids=["merge-r0", "prune-keep1", "pool-window1"],
 )
 def test_reducing_nothing_reproduces_the_original_outputs_exactly(family, reduction):
     original = tiny.build(family)
@@ -172,8 +177,13 @@ def test_pruned_tokens_never_include_the_class_token():
 
 @pytest.mark.parametrize(
     "settings",
-    [{"r": 2}, {"mode": "prune", "keep": 0.6}, {"mode": "prune", "keep": 0.5, "criterion": "mean"}],
-    ids=["merge", "prune-cls", "prune-mean"],
+    [
+        {"r": 2},
+        {"mode": "prune", "keep": 0.6},
+        {"mode": "prune", "keep": 0.5, "criterion": "mean"},
+        {"mode": "pool", "window": 2, "start": 1},
+    ],
+    ids=["merge", "prune-cls", "prune-mean", "pool"],
 )
 def test_a_sentence_reduces_the_same_alone_and_in_a_padded_batch(settings):
     model = reduced(tiny.tiny_bert(), Step("reduce.tokens", settings))
@@ -207,8 +217,9 @@ def test_merging_changes_outputs_and_keeps_the_input_length():
         ),
         ("vit", (Step("reduce.tokens", {"mode": "prune", "keep": 0.7, "criterion": "mean"}),)),
         ("vit", (Step("reduce.tokens", {"r": 3, "attention": "eager"}),)),
+        ("vit", (Step("reduce.tokens", {"mode": "pool", "window": 3, "start": 1}),)),
     ],
-    ids=["bert-uneven-int8-merge", "vit-prune", "vit-eager-merge"],
+    ids=["bert-uneven-int8-merge", "vit-prune", "vit-eager-merge", "vit-pool"],
 )
 def test_saved_models_reload_with_identical_outputs(family, steps, tmp_path):
     model = reduced(tiny.build(family), *steps)
@@ -218,6 +229,7 @@ def test_saved_models_reload_with_identical_outputs(family, steps, tmp_path):
     assert json.loads((folder / "slimformer.json").read_text())["tokens"]["mode"] in (
         "merge",
         "prune",
+        "pool",
     )
     again = load_model(folder)
     assert torch.equal(tiny.output(again, batch), before)
@@ -284,7 +296,8 @@ def test_a_vit_with_pruned_tokens_exports_to_openvino():
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"mode": "squash"}, "mode=.squash. is not one of merge | prune"),
+        ({"mode": "squash"}, "mode=.squash. is not one of merge | prune | pool"),
+        ({"mode": "pool", "window": 1}, "window must be an integer"),
         ({"r": -1}, "r must be an integer in"),
         ({"r": 2.5}, "r must be an integer"),
         ({"mode": "prune", "keep": 0}, "keep must be a number in"),
@@ -326,6 +339,8 @@ def test_schedules_give_one_amount_per_block_and_start_follows_dropped_blocks():
     assert per_block(decreasing, 5) == (0, 6, 5, 3, 2)  # 1.5·r down to 0.5·r
     assert per_block(token_pass.make_config({"r": 4}), 3) == (4, 4, 4)
     assert per_block(token_pass.make_config({"mode": "prune", "start": 2}), 3) == (1.0, 1.0, 0.8)
+    pool_once = token_pass.make_config({"mode": "pool", "window": 3, "start": 1})
+    assert per_block(pool_once, 4) == (1, 3, 1, 1)
     # start=3 sampled for 4 blocks, one of them dropped first: the last block still reduces
     model = reduced(
         tiny.tiny_bert(), Step("prune.layers", {"count": 1}), Step("reduce.tokens", {"start": 3})
@@ -339,6 +354,59 @@ def test_normalize_resets_the_settings_the_mode_does_not_use():
     prune = token_pass.make_config({"mode": "prune", "r": 8, "schedule": "decreasing"})
     assert (merge.keep, merge.criterion) == (0.8, "cls")
     assert (prune.r, prune.schedule) == (2, "constant")
+    pool = token_pass.make_config({"mode": "pool", "window": 3, "r": 8, "keep": 0.6})
+    assert (pool.window, pool.r, pool.keep) == (3, 2, 0.8)
+    assert token_pass.make_config({"mode": "merge", "window": 3}).window == 2
+
+
+def test_pooling_averages_each_square_of_patches_and_leaves_the_class_token_alone():
+    # class token, then a 4x4 grid of patches numbered row by row
+    x = torch.arange(17, dtype=torch.float32).view(1, 17, 1).repeat(1, 1, 3)
+    size = torch.ones(1, 17)
+    source = torch.arange(17).unsqueeze(0)
+    pooled, new_size, new_source, grid = pool_tokens(x, size, source, 2, (4, 4))
+    assert grid == (2, 2)
+    assert pooled[0, :, 0].tolist() == [0, 3.5, 5.5, 11.5, 13.5]  # (1+2+5+6)/4, ...
+    assert new_size.tolist() == [[1, 4, 4, 4, 4]]
+    assert new_source.tolist() == [[0, 1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]]
+    # A grid short of whole windows pools what its edge has, by size.
+    pooled, new_size, _, grid = pool_tokens(x, size, source, 3, (4, 4))
+    assert grid == (2, 2)
+    assert new_size.tolist() == [[1, 9, 3, 3, 1]]
+    assert pooled[0, :, 0].tolist() == [0, 6, 8, 14, 16]
+    # Text: runs of neighbours; a padded position (size 0) adds nothing to its run.
+    size = torch.tensor([[1.0, 1, 1, 1, 1, 0, 0]])
+    x = torch.tensor([[0.0, 1, 2, 3, 4, 50, 60]]).unsqueeze(-1)
+    pooled, new_size, new_source, grid = pool_tokens(x, size, torch.arange(7)[None], 2, None)
+    assert grid is None
+    assert new_size.tolist() == [[1, 2, 2, 0]]
+    assert pooled[0, :3, 0].tolist() == [0, 1.5, 3.5]
+    assert new_source.tolist() == [[0, 1, 1, 2, 2, 3, 3]]
+
+
+def test_pooling_a_vit_runs_the_fused_kernel_without_a_mask_on_a_quarter_of_the_tokens():
+    model = reduced(tiny.tiny_vit(), Step("reduce.tokens", {"mode": "pool", "start": 1}))
+    batch = tiny.calibration(model)[0]
+    with (
+        torch.inference_mode(),
+        profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p,
+    ):
+        output = model(**batch, output_hidden_states=True)
+    fused = [e.input_shapes for e in p.events() if e.name == FUSED]
+    assert [shapes[0][2] for shapes in fused] == [17, 17, 5, 5]  # 1 + 16 patches, then 1 + 4
+    assert not any("softmax" in e.name for e in p.events())
+    assert all(s.shape[1] == 17 for s in output.hidden_states)
+
+
+def test_a_vit_with_pooled_tokens_exports_to_openvino_and_onnx_runtime():
+    pooling = Step("reduce.tokens", {"mode": "pool", "window": 3, "start": 1})
+    model = reduced(tiny.tiny_vit(), pooling)
+    batch = {"pixel_values": torch.randn(5, 3, 16, 16)}  # another batch size than traced
+    for runtime in ("runtime.openvino", "runtime.onnxruntime"):
+        served = reduced(tiny.tiny_vit(), pooling, Step(runtime, {}))
+        torch.testing.assert_close(
+            tiny.output(served, batch), tiny.output(model, batch), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("family", ["bert", "vit"])

@@ -11,6 +11,13 @@
   SDPA returns no attention weights, so the scores are recomputed from that block's q and k:
   `cls` takes the class token's query row only (softmax of one row per head, O(tokens·dim)),
   `mean` the full attention matrix averaged over real queries (one more QK^T, no PV).
+- pool (token pooling, as PiT and Funnel-Transformer downsample): once, in one block after
+  attention, each `window`x`window` square of image patches (`window` neighbours of a
+  sequence) becomes its average; the class token stays alone. Where the merge is fixed,
+  nothing is matched or sorted: a reshape and a sum, which every runtime compiles, and the
+  blocks after it run on a window² of the tokens. It needs training after it
+  (`recover.distill`): pooled tokens then attend as one token each, as in PiT and Funnel —
+  no log-size bias, so image attention runs without a mask.
 
 `attention="eager"` computes the same attention the way ToMe's own code does (the logits,
 the log-size bias and the softmax as separate ops, then the product with V). It is there so a
@@ -54,7 +61,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from slimformer.adapters import EncoderBlock, ModelAdapter, adapter_for
 from slimformer.errors import SlimformerError
 
-MODES = ("merge", "prune")
+MODES = ("merge", "prune", "pool")
 CRITERIA = ("cls", "mean")
 ATTENTIONS = ("sdpa", "eager")
 # The attribute of the base model that holds its installed reduction.
@@ -66,8 +73,8 @@ _PAD_SCORE = -3.0
 
 @dataclass(frozen=True)
 class TokenReduction:
-    """What each block does to the tokens: merge `amounts[i]` tokens (int r) or keep the
-    fraction `amounts[i]` (prune; 1.0 keeps all)."""
+    """What each block does to the tokens: merge `amounts[i]` tokens (int r), keep the
+    fraction `amounts[i]` (prune; 1.0 keeps all) or pool windows of `amounts[i]` (1: none)."""
 
     mode: str
     amounts: tuple[float, ...]
@@ -85,14 +92,15 @@ class TokenReduction:
             raise SlimformerError(
                 f"token reduction attention must be one of {ATTENTIONS}, got {self.attention!r}"
             )
+        least = {"merge": 0, "pool": 1}.get(self.mode)
         for amount in self.amounts:
             bad = (
-                not (float(amount).is_integer() and amount >= 0)
-                if self.mode == "merge"
-                else not 0 < amount <= 1
+                not 0 < amount <= 1
+                if least is None
+                else not (float(amount).is_integer() and amount >= least)
             )
             if bad:
-                expected = "whole numbers >= 0" if self.mode == "merge" else "fractions in (0, 1]"
+                expected = "fractions in (0, 1]" if least is None else f"whole numbers >= {least}"
                 raise SlimformerError(
                     f"token {self.mode} amounts per block must be {expected}, got {amount!r}"
                 )
@@ -185,7 +193,9 @@ def _reduced_forward(self: nn.Module, *args: Any, **kwargs: Any) -> BaseModelOut
     adapter = adapter_for(self)
     hidden, mask = adapter.embed(inputs)
     want_states = bool(inputs.get("output_hidden_states"))
-    reduced = reduce_blocks(adapter, hidden, mask, getattr(self, ATTRIBUTE), want_states)
+    reduction = getattr(self, ATTRIBUTE)
+    grid = adapter.patch_grid(inputs)
+    reduced = reduce_blocks(adapter, hidden, mask, reduction, want_states, grid)
     out, states = reduced
     norm = adapter.final_norm()
     if norm is not None:
@@ -204,11 +214,18 @@ def reduce_blocks(
     mask: torch.Tensor | None,
     reduction: TokenReduction,
     want_states: bool = False,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Run the encoder blocks on `hidden` ([batch, tokens, width], `mask` of real tokens) with
     `reduction`; return the last block's output at every input position (and each block's,
-    with `want_states`)."""
+    with `want_states`). `grid`: the rows and columns of an image's patch tokens (pooling
+    takes squares of them; None pools neighbours in sequence order)."""
     batch, length, _ = hidden.shape
+    if grid is not None and grid[0] * grid[1] != length - 1:
+        raise SlimformerError(
+            f"the model gives {length - 1} patch tokens for a {grid[0]}x{grid[1]} patch grid; "
+            "token reduction expects the class token followed by the patches row by row"
+        )
     size = (
         torch.ones(batch, length, dtype=torch.float32, device=hidden.device)
         if mask is None
@@ -224,7 +241,7 @@ def reduce_blocks(
     eager = reduction.attention == "eager"
     for index, amount in enumerate(reduction.amounts):
         block = adapter.encoder_block(index)
-        bias = size.log()[:, None, None, :].to(x.dtype) if biased else None
+        bias = _attention_bias(size, x.dtype, reduction.mode) if biased else None
         x, h = _attention(block, x, bias, head_dim, eager)
         if reduction.mode == "merge" and amount >= 1:
             metric = _merge_metric(block, h, head_dim)
@@ -237,10 +254,22 @@ def reduce_blocks(
             x, size, source = prune_tokens(x, size, source, scores, amount)
             # Every row keeps as many tokens when none is padding (images), all of size 1:
             # no mask, so the attention kernel runs without one.
+        elif reduction.mode == "pool" and amount > 1:
+            x, size, source, grid = pool_tokens(x, size, source, int(amount), grid)
         x = _feed_forward(block, x)
         if states is not None:
             states.append(unmerge(x, source, size if pruning else None))
     return unmerge(x, source, size if pruning else None), tuple(states) if states else None
+
+
+def _attention_bias(size: torch.Tensor, dtype: torch.dtype, mode: str) -> torch.Tensor:
+    """The float attention mask [batch, 1, 1, tokens]: log(size) (proportional attention; -inf
+    masks padding), or for pooled tokens, which attend as one token each, padding alone."""
+    if mode == "pool":
+        bias = torch.zeros_like(size).masked_fill(size == 0, -math.inf)
+    else:
+        bias = size.log()
+    return bias[:, None, None, :].to(dtype)
 
 
 def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -393,6 +422,44 @@ def merge_tokens(
         new_x, new_size = gather_rows(new_x, order), new_size.gather(1, order)
         new_of_old = order.argsort(dim=1).gather(1, new_of_old)
     return new_x, new_size, new_of_old.gather(1, source)
+
+
+# --- pooling --------------------------------------------------------------------------------
+def pool_tokens(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor,
+    window: int,
+    grid: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+    """Average each `window`x`window` square of the `grid` of tokens after the first (a
+    sequence: each run of `window`), size-weighted; an edge short of a whole window pools
+    what it has. Returns the tokens, their sizes, where each input position went and the
+    pooled grid. A fixed assignment, so it is reshapes and sums: no index op to export."""
+    batch, tokens, width = x.shape
+    weighted = (x * size.unsqueeze(-1).to(x.dtype))[:, 1:]
+    sizes = size[:, 1:].unsqueeze(-1)
+    shape = (tokens - 1, 1) if grid is None else grid
+    rows, columns = (-(-side // window) for side in shape)
+    tall, wide = (window, 1) if grid is None else (window, window)
+
+    def pooled_sums(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(batch, shape[0], shape[1], t.shape[-1])
+        short_rows, short_columns = rows * tall - shape[0], columns * wide - shape[1]
+        if short_rows or short_columns:  # zeros of size 0 fill the last windows
+            t = F.pad(t, (0, 0, 0, short_columns, 0, short_rows))
+        t = t.reshape(batch, rows, tall, columns, wide, t.shape[-1])
+        return t.sum(dim=(2, 4)).reshape(batch, rows * columns, t.shape[-1])
+
+    new_sizes = pooled_sums(sizes)
+    new_x = pooled_sums(weighted) / new_sizes.clamp(min=1e-6).to(x.dtype)
+    new_x = torch.cat([x[:, :1], new_x], dim=1)
+    new_size = torch.cat([size[:, :1], new_sizes.squeeze(-1)], dim=1)
+    position = torch.arange(tokens - 1, device=x.device)
+    window_of = (position // shape[1] // tall) * columns + (position % shape[1]) // wide
+    new_of_old = torch.cat([window_of.new_zeros(1), window_of + 1])
+    new_grid = None if grid is None else (rows, columns)
+    return new_x, new_size, new_of_old[source], new_grid
 
 
 # --- pruning --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -250,4 +250,9 @@ class ModelAdapter:
 
     def tokens_per_example(self) -> int | None:
         """How many tokens every input has, where the model fixes it (image patches)."""
+        return None
+
+    def patch_grid(self, inputs: dict[str, Any]) -> tuple[int, int] | None:
+        """Rows and columns of the patch tokens that follow the class token, for an image
+        input (None: a sequence, e.g. text)."""
         return None

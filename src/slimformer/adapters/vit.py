@@ -44,6 +44,11 @@ class ViTAdapter(ModelAdapter):
         config = self.model.config
         return (int(config.image_size) // int(config.patch_size)) ** 2 + 1  # + the class token
 
+    def patch_grid(self, inputs: dict[str, torch.Tensor | None]) -> tuple[int, int]:
+        height, width = inputs["pixel_values"].shape[-2:]
+        patch = int(self.model.config.patch_size)
+        return int(height) // patch, int(width) // patch
+
     def embeddings(self) -> nn.Module:
         return self.base.embeddings
 

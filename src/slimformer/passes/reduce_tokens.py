@@ -1,5 +1,5 @@
 """`reduce.tokens`: fewer tokens in the later blocks of an encoder (BERT family, ViT), with
-the fused attention kernel kept — token merging (ToMe) or attention-based pruning.
+the fused attention kernel kept — token merging (ToMe), attention-based pruning or pooling.
 
 The mechanics live in `slimformer.tokens` (the checkpoint re-installs them from there when a
 saved model loads); this pass turns its settings into one amount per block and installs them.
@@ -7,7 +7,8 @@ It runs last among the structural passes: heads, neurons and blocks are scored o
 distillation then trains the reduced model, and quantization calibrates on the tokens the model
 really sees. Schedules: `constant` reduces the same amount in every block from `start`;
 `decreasing` (ToMe's) merges 1.5·r in the first reducing block down to 0.5·r in the last, the
-same total, so more goes early where it saves the most.
+same total, so more goes early where it saves the most. Pooling happens once, in block
+`start`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class TokenConfig:
         "merge",
         Choice(MODES),
         "merge: average the most similar tokens (ToMe); prune: drop the tokens that receive "
-        "the least attention",
+        "the least attention; pool: average fixed squares of patches (neighbours in text), "
+        "then train",
     )
     r: int = searchable(
         2,
@@ -102,6 +104,13 @@ class TokenConfig:
         "attention it receives (mean)",
         when=("mode", ("prune",)),
     )
+    window: int = searchable(
+        2,
+        Choice((2, 3)),
+        "pool: side of the square of patches (run of tokens in text) that becomes one token",
+        valid=Interval(2, None),
+        when=("mode", ("pool",)),
+    )
     start: int = searchable(
         0,
         IntRange(0, lambda facts: facts.num_layers - 1, label="0..layers-1"),
@@ -115,6 +124,10 @@ class TokenConfig:
     )
 
 
+# The settings only one mode reads (the others are left at their defaults in a recipe).
+MODE_SETTINGS = {"merge": ("r", "schedule"), "prune": ("keep", "criterion"), "pool": ("window",)}
+
+
 def per_block(config: TokenConfig, layers: int) -> tuple[float, ...]:
     """The amount each block reduces: tokens merged (merge) or fraction kept (prune). `start`
     past the last block (blocks were dropped earlier in the recipe) reduces in the last one."""
@@ -122,6 +135,8 @@ def per_block(config: TokenConfig, layers: int) -> tuple[float, ...]:
     reducing = layers - start
     if config.mode == "prune":
         return (1.0,) * start + (config.keep,) * reducing
+    if config.mode == "pool":
+        return (1,) * start + (config.window,) + (1,) * (reducing - 1)
     if config.schedule == "constant" or reducing == 1:
         amounts = [config.r] * reducing
     else:
@@ -140,7 +155,8 @@ class TokenReductionPass(Pass):
 
     @classmethod
     def normalize(cls, config: TokenConfig) -> TokenConfig:
-        unused = ("keep", "criterion") if config.mode == "merge" else ("r", "schedule")
+        used = MODE_SETTINGS[config.mode]
+        unused = [name for names in MODE_SETTINGS.values() for name in names if name not in used]
         return replace(config, **{name: setting_default(config, name) for name in unused})
 
     @classmethod

@@ -1,0 +1,119 @@
+"""Token pooling on vit-fashion: how much speed, how much accuracy, against ToMe. One run.
+
+    python bench/vit_pooling.py     # -> bench/results/vit_pooling.json (~20 min on 2 cores)
+
+`reduce.tokens mode=pool` averages each 2x2 (or 3x3) square of patches once, so the blocks after
+it see a quarter (a ninth) of the tokens with no matching to pay for, and needs distillation
+after it. Rows: ToMe as its authors apply it (eager attention, constant r: bench/peers_vision.py's
+row and r, the best peer on an AVX2-only EPYC); the image study's warm start (FFN cut to 35% +
+that ToMe, distilled 800 steps) on OpenVINO f32; pooling 2x2 after the first block's attention,
+distilled 800 and 3,200 steps; the FFN cut with pooling 2x2 in the second block; pooling 3x3 in
+the second block. Every pooled row is served by OpenVINO f32 and distilled as the warm start is
+(3e-4, similarity matching). Accuracy and images/s: `slimformer.benchmark` of each saved model
+in a fresh process (the task's 2,000 scored test images; batch 32), three rounds in rotating
+order, the median; ratios against the first row of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import RESULTS, machine
+from vit_servings import DISTILL, FFN, OPENVINO_F32, SPEC, build, tome
+
+import slimformer
+from slimformer.recipe import Step
+from slimformer.search.confirm import time_alternately
+
+DISTILL_LONG = replace(DISTILL, config=DISTILL.config | {"steps": 3200})
+
+
+def pool(window: int, start: int) -> Step:
+    return Step("reduce.tokens", {"mode": "pool", "window": window, "start": start})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "vit_pooling.json")
+    args = parser.parse_args()
+    started = time.time()
+    r = 39  # bench/peers_vision.py's tome_r for vit-fashion
+    rows = {
+        f"ToMe r={r}, eager attention (peer)": [tome(r, "eager")],
+        f"FFN 0.35 + ToMe r={r}, distilled 800 steps + OpenVINO f32 (warm start)": [
+            FFN,
+            tome(r),
+            DISTILL,
+            OPENVINO_F32,
+        ],
+        "pool 2x2 in block 0, distilled 800 steps + OpenVINO f32": [
+            pool(2, 0),
+            DISTILL,
+            OPENVINO_F32,
+        ],
+        "pool 2x2 in block 0, distilled 3,200 steps + OpenVINO f32": [
+            pool(2, 0),
+            DISTILL_LONG,
+            OPENVINO_F32,
+        ],
+        "FFN 0.35 + pool 2x2 in block 1, distilled 800 steps + OpenVINO f32": [
+            FFN,
+            pool(2, 1),
+            DISTILL,
+            OPENVINO_F32,
+        ],
+        "pool 3x3 in block 1, distilled 800 steps + OpenVINO f32": [
+            pool(3, 1),
+            DISTILL,
+            OPENVINO_F32,
+        ],
+    }
+    with tempfile.TemporaryDirectory(prefix="slimformer-vit-pooling-") as tmp:
+        root = Path(tmp)
+        folders = {
+            label: build(root / f"row-{index}", "vit-fashion", steps)
+            for index, (label, steps) in enumerate(rows.items())
+        }
+        accuracy: dict[str, float] = {}
+
+        def evaluate(folder: Path, workdir: Path, score: bool):
+            result = slimformer.benchmark(folder, task=SPEC, batch_size=32)
+            accuracy[folder.name] = result.quality
+            return result
+
+        measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
+        peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(rows))])
+        results = {}
+        for label, folder in folders.items():
+            readings = [m["throughput_per_s"] for m in measured[label]]
+            results[label] = {
+                "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in rows[label]),
+                "accuracy": accuracy[folder.name],
+                "images_per_s": statistics.median(readings),
+                "readings": readings,
+                "vs_peer": round(statistics.median(readings) / peer, 3),
+            }
+            print(f"{label:72s} {accuracy[folder.name]:.4f} {results[label]['vs_peer']:.2f}x")
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": "python bench/vit_pooling.py",
+                "machine": machine(),
+                "workload": "vit-fashion, the image task's 2,000 scored test images, batch 32",
+                "rows": results,
+                "wall_seconds": round(time.time() - started),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
