@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from common import RESULTS, machine
-from vit_servings import DISTILL, FFN, OPENVINO_F32, SPEC, build, tome
+from vit_servings import DISTILL, FFN, OPENVINO_F32, build, measure_rows, tome
 
-import slimformer
 from slimformer.recipe import Step
-from slimformer.search.confirm import time_alternately
 
 DISTILL_LONG = replace(DISTILL, config=DISTILL.config | {"steps": 3200})
 
@@ -81,26 +78,7 @@ def main() -> None:
             label: build(root / f"row-{index}", "vit-fashion", steps)
             for index, (label, steps) in enumerate(rows.items())
         }
-        accuracy: dict[str, float] = {}
-
-        def evaluate(folder: Path, workdir: Path, score: bool):
-            result = slimformer.benchmark(folder, task=SPEC, batch_size=32)
-            accuracy[folder.name] = result.quality
-            return result
-
-        measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
-        peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(rows))])
-        results = {}
-        for label, folder in folders.items():
-            readings = [m["throughput_per_s"] for m in measured[label]]
-            results[label] = {
-                "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in rows[label]),
-                "accuracy": accuracy[folder.name],
-                "images_per_s": statistics.median(readings),
-                "readings": readings,
-                "vs_peer": round(statistics.median(readings) / peer, 3),
-            }
-            print(f"{label:72s} {accuracy[folder.name]:.4f} {results[label]['vs_peer']:.2f}x")
+        results = measure_rows(folders, rows, root, args.rounds)
     args.out.write_text(
         json.dumps(
             {

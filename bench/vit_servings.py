@@ -59,6 +59,34 @@ def build(folder: Path, source: str, steps: list[Step]) -> Path:
     return folder
 
 
+def measure_rows(
+    folders: dict[str, Path], steps: dict[str, list[Step]], root: Path, rounds: int
+) -> dict[str, dict]:
+    """Accuracy and images/s of each saved model (`slimformer.benchmark` in a fresh process,
+    batch 32), `rounds` rotating readings; ratios against the first row."""
+    accuracy: dict[str, float] = {}
+
+    def evaluate(folder: Path, workdir: Path, score: bool):
+        result = slimformer.benchmark(folder, task=SPEC, batch_size=32)
+        accuracy[folder.name] = result.quality
+        return result
+
+    measured, _ = time_alternately(folders, evaluate, root, rounds, "timing")
+    peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(folders))])
+    results = {}
+    for label, folder in folders.items():
+        readings = [m["throughput_per_s"] for m in measured[label]]
+        results[label] = {
+            "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in steps[label]),
+            "accuracy": accuracy[folder.name],
+            "images_per_s": statistics.median(readings),
+            "readings": readings,
+            "vs_peer": round(statistics.median(readings) / peer, 3),
+        }
+        print(f"{label:72s} {accuracy[folder.name]:.4f} {results[label]['vs_peer']:.2f}x")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -86,26 +114,9 @@ def main() -> None:
             label: build(root / f"row-{index}", source, steps)
             for index, (label, (source, steps)) in enumerate(rows.items())
         }
-        accuracy: dict[str, float] = {}
-
-        def evaluate(folder: Path, workdir: Path, score: bool):
-            result = slimformer.benchmark(folder, task=SPEC, batch_size=32)
-            accuracy[folder.name] = result.quality
-            return result
-
-        measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
-        peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(rows))])
-        results = {}
-        for label, folder in folders.items():
-            readings = [m["throughput_per_s"] for m in measured[label]]
-            results[label] = {
-                "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in rows[label][1]),
-                "accuracy": accuracy[folder.name],
-                "images_per_s": statistics.median(readings),
-                "readings": readings,
-                "vs_peer": round(statistics.median(readings) / peer, 3),
-            }
-            print(f"{label:52s} {accuracy[folder.name]:.4f} {results[label]['vs_peer']:.2f}x")
+        results = measure_rows(
+            folders, {label: steps for label, (_, steps) in rows.items()}, root, args.rounds
+        )
     args.out.write_text(
         json.dumps(
             {
