@@ -654,7 +654,7 @@ def test_an_image_study_warm_starts_with_a_trimmed_ffn_and_pooled_tokens_distill
     described = [r.describe() for r in warm_start_recipes(offered, {}, spec, 0, VIT_FASHION)]
     assert described[:2] == [
         "runtime.openvino(int8=nncf)",
-        "prune.ffn(keep=0.35,criterion=activation,allocation=global) + "
+        "prune.ffn(keep=0.25,criterion=activation,allocation=global) + "
         "reduce.tokens(mode=pool,window=2,start=1) + "
         "recover.distill(steps=800,lr=0.0003,similarity_weight=10.0,hidden_weight=0.0) + "
         "runtime.openvino(int8=nncf)",

@@ -31,7 +31,7 @@ from slimformer.passes.unit_pruning import (
 class FFNPruneConfig:
     keep: float = searchable(
         0.75,
-        FloatRange(0.3, 0.95, step=0.05),
+        FloatRange(0.25, 0.95, step=0.05),
         "fraction of FFN neurons kept",
         valid=Interval(0, 1, open_low=True),
         cheaper="lower",
