@@ -1,34 +1,38 @@
 """Token pooling on vit-fashion: how much speed, how much accuracy, against ToMe. One run.
 
     python bench/vit_pooling.py     # -> bench/results/vit_pooling.json (~20 min on 2 cores)
+    python bench/vit_pooling.py --only peer --only "block 1, distilled 800" --rounds 5 \
+        --out bench/results/vit_pooling_ffn_cut.json   # the FFN cuts with pooling, ~15 min
 
 `reduce.tokens mode=pool` averages each 2x2 (or 3x3) square of patches once, so the blocks after
 it see a quarter (a ninth) of the tokens with no matching to pay for, and needs distillation
 after it. Rows: ToMe as its authors apply it (eager attention, constant r: bench/peers_vision.py's
-row and r, the best peer on an AVX2-only EPYC); the image study's warm start (FFN cut to 35% +
-that ToMe, distilled 800 steps) on OpenVINO f32; pooling 2x2 after the first block's attention,
-distilled 800 and 3,200 steps; the FFN cut with pooling 2x2 in the second block; pooling 3x3 in
-the second block. Every pooled row is served by OpenVINO f32 and distilled as the warm start is
-(3e-4, similarity matching). Accuracy and images/s: `slimformer.benchmark` of each saved model
-in a fresh process (the task's 2,000 scored test images; batch 32), three rounds in rotating
-order, the median; ratios against the first row of the same run.
+row and r, the best peer on an AVX2-only EPYC); the image study's merging warm start (FFN cut to
+35% + that ToMe, distilled 800 steps) on OpenVINO f32; pooling 2x2 after the first block's
+attention, distilled 800 and 3,200 steps; the FFN cut to 35% and to 25% with pooling 2x2 in the
+second block; pooling 3x3 in the second block; ONNX Runtime fused + int8 (bench/peers_vision.py's
+row, the best peer in one of its runs). Every pooled row is served by OpenVINO f32 and distilled
+as the warm start is (3e-4, similarity matching). Accuracy and images/s: `slimformer.benchmark`
+of each saved model in a fresh process (the task's 2,000 scored test images; batch 32), `--rounds`
+rounds in rotating order, the median; ratios against the first row of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import RESULTS, machine
-from vit_servings import DISTILL, FFN, OPENVINO_F32, build, measure_rows, tome
+from common import RESULTS
+from vit_servings import DISTILL, FFN, OPENVINO_F32, build, measure_rows, tome, write_rows
 
 from slimformer.recipe import Step
 
 DISTILL_LONG = replace(DISTILL, config=DISTILL.config | {"steps": 3200})
+FFN_QUARTER = replace(FFN, config=FFN.config | {"keep": 0.25})
+ONNXRUNTIME_INT8 = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
 
 
 def pool(window: int, start: int) -> Step:
@@ -38,6 +42,9 @@ def pool(window: int, start: int) -> Step:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only", action="append", default=[], help="rows whose label contains this (repeatable)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "vit_pooling.json")
     args = parser.parse_args()
     started = time.time()
@@ -66,12 +73,21 @@ def main() -> None:
             DISTILL,
             OPENVINO_F32,
         ],
+        "FFN 0.25 + pool 2x2 in block 1, distilled 800 steps + OpenVINO f32": [
+            FFN_QUARTER,
+            pool(2, 1),
+            DISTILL,
+            OPENVINO_F32,
+        ],
         "pool 3x3 in block 1, distilled 800 steps + OpenVINO f32": [
             pool(3, 1),
             DISTILL,
             OPENVINO_F32,
         ],
+        "ONNX Runtime fused + int8 (peer)": [ONNXRUNTIME_INT8],
     }
+    if args.only:
+        rows = {label: steps for label, steps in rows.items() if any(o in label for o in args.only)}
     with tempfile.TemporaryDirectory(prefix="slimformer-vit-pooling-") as tmp:
         root = Path(tmp)
         folders = {
@@ -79,18 +95,7 @@ def main() -> None:
             for index, (label, steps) in enumerate(rows.items())
         }
         results = measure_rows(folders, rows, root, args.rounds)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/vit_pooling.py",
-                "machine": machine(),
-                "workload": "vit-fashion, the image task's 2,000 scored test images, batch 32",
-                "rows": results,
-                "wall_seconds": round(time.time() - started),
-            },
-            indent=2,
-        )
-    )
+    write_rows(args.out, "python bench/vit_pooling.py", results, started)
 
 
 if __name__ == "__main__":

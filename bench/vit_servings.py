@@ -87,6 +87,22 @@ def measure_rows(
     return results
 
 
+def write_rows(out: Path, command: str, results: dict[str, dict], started: float) -> None:
+    """The rows of a vit-fashion serving comparison as bench/results JSON."""
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "machine": machine(),
+                "workload": "vit-fashion, the image task's 2,000 scored test images, batch 32",
+                "rows": results,
+                "wall_seconds": round(time.time() - started),
+            },
+            indent=2,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -117,18 +133,7 @@ def main() -> None:
         results = measure_rows(
             folders, {label: steps for label, (_, steps) in rows.items()}, root, args.rounds
         )
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": "python bench/vit_servings.py",
-                "machine": machine(),
-                "workload": "vit-fashion, the image task's 2,000 scored test images, batch 32",
-                "rows": results,
-                "wall_seconds": round(time.time() - started),
-            },
-            indent=2,
-        )
-    )
+    write_rows(args.out, "python bench/vit_servings.py", results, started)
 
 
 if __name__ == "__main__":
