@@ -2,7 +2,7 @@
 
     python bench/vit_pooling.py     # -> bench/results/vit_pooling.json (~20 min on 2 cores)
     python bench/vit_pooling.py --only peer --only "block 1, distilled 800" --rounds 5 \
-        --out bench/results/vit_pooling_ffn_cut.json   # the FFN cuts with pooling, ~15 min
+        --out bench/results/vit_pooling_ffn_cut_avx2_epyc.json   # FFN cuts + pooling, 15 min
 
 `reduce.tokens mode=pool` averages each 2x2 (or 3x3) square of patches once, so the blocks after
 it see a quarter (a ninth) of the tokens with no matching to pay for, and needs distillation
