@@ -147,8 +147,8 @@ bench-peers: assets
 	$(BIN)/python bench/peers.py --study-budget 25m
 
 # vit-fashion: slimformer's 20-minute throughput study against PyTorch fp32 and int8, ONNX
-# Runtime fused + int8, OpenVINO + NNCF int8 and ToMe as its authors run it, every row read three
-# times in fresh processes (~25 min on 2 AVX-512 cores, plus the
+# Runtime fused + int8, OpenVINO + NNCF int8 and ToMe as its authors run it, every row read five
+# times in fresh processes (~32 min on 2 cores, plus the
 # one-time vit-fashion training first, kept out of the timings). `python bench/peers_vision.py
 # --quick` checks the script on a tiny random ViT (~5 min).
 bench-peers-vision: assets

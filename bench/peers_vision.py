@@ -27,10 +27,11 @@ blocks gives r = 39 for vit-fashion (4 blocks: 197 -> 158 -> 119 -> 80 -> 41 tok
 ViT-B/16 ends with at r=13). A reference row (not a peer) runs that r with slimformer's fused
 attention, so the fused kernel's share of the difference is visible.
 
-Every row's timings are the median of `--rounds` readings (default 3), each in a fresh process,
-the rows' order rotating between rounds, as the study confirms its choice; `readings` keeps
-each. The best peer is the one with the most images/s within 1 point of fp32's accuracy. Target:
-the chosen model at >= 2x the best peer's images/s at <= 1 point drop (`target`).
+Every row's timings are the median of `--rounds` readings (default 5: on a 2-core VM one
+model's readings span a third, and three readings left a 2x question to chance), each in a fresh
+process, the rows' order rotating between rounds, as the study confirms its choice; `readings`
+keeps each. The best peer is the one with the most images/s within 1 point of fp32's accuracy.
+Target: the chosen model at >= 2x the best peer's images/s at <= 1 point drop (`target`).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def main() -> None:
     parser.add_argument("--study-out", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="readings per row, rotating order; median kept"
+        "--rounds", type=int, default=5, help="readings per row, rotating order; median kept"
     )
     args = parser.parse_args()
     args.time_budget = args.time_budget or ("3m" if args.quick else "20m")
