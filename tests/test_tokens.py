@@ -409,6 +409,32 @@ def test_a_vit_with_pooled_tokens_exports_to_openvino_and_onnx_runtime():
         )
 
 
+def test_a_sentence_encoder_with_pooled_tokens_exports_for_any_length_and_padding():
+    # Traced on the calibration batches; served on sentences alone (other lengths, odd and
+    # even, no padding) and together (padded): the graph keeps the run count open.
+    pooling = Step("reduce.tokens", {"mode": "pool", "window": 2, "start": 1})
+    model = reduced(tiny.tiny_bert(), pooling)
+    examples = [model.tokenizer(text)["input_ids"] for text in tiny.SENTENCES]
+    batches = [collate(model, examples), *(collate(model, [e]) for e in examples[:3])]
+    assert len({b["input_ids"].shape[1] for b in batches}) > 2
+    for runtime in ("runtime.openvino", "runtime.onnxruntime"):
+        served = reduced(tiny.tiny_bert(), pooling, Step(runtime, {}))
+        for batch in batches:
+            torch.testing.assert_close(
+                at_real(tiny.output(served, batch), batch),
+                at_real(tiny.output(model, batch), batch),
+                atol=1e-4,
+                rtol=0,
+            )
+
+
+def test_merged_or_pruned_sentences_are_refused_by_an_exporting_runtime():
+    bert = tiny.tiny_bert()
+    for mode in ("merge", "prune"):
+        with pytest.raises(SlimformerError, match="openvino: reduce.tokens on text: .* pool"):
+            reduced(bert, Step("reduce.tokens", {"mode": mode}), Step("runtime.openvino", {}))
+
+
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_token_scores_are_taken_apart_from_the_attention_and_agree_with_its_q_and_k(family):
     from slimformer.tokens import _heads, _merge_metric, _scoring_logits

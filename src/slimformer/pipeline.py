@@ -47,19 +47,21 @@ def _matches(step: Step, config: Any, pattern: str) -> bool:
     return not setting or str(getattr(config, key, None)) == value
 
 
-def _conflict(step: Step, other: Step, other_config: Any) -> str | None:
-    """The conflict `step`'s pass declares with `other` as configured (its pattern), if any."""
-    return next(
-        (p for p in get_pass(step.pass_name).conflicts if _matches(other, other_config, p)), None
-    )
+def _conflict(step: Step, other: Step, other_config: Any, facts: Any = None) -> str | None:
+    """The conflict `step`'s pass declares with `other` as configured (its pattern), if any;
+    with `facts`, those it declares for that model too."""
+    cls = get_pass(step.pass_name)
+    patterns = cls.conflicts if facts is None else cls.conflicts_for(facts)
+    return next((p for p in patterns if _matches(other, other_config, p)), None)
 
 
-def steps_conflict(first: Step, second: Step) -> bool:
+def steps_conflict(first: Step, second: Step, facts: Any = None) -> bool:
     """Whether either step's pass declares a conflict with the other as configured (the
-    check `check_recipe` makes, for one pair: the search space uses it while it samples)."""
+    check `check_recipe` makes, for one pair, and with `facts` for that model: the search
+    space uses it while it samples)."""
     return bool(
-        _conflict(first, second, step_config(second))
-        or _conflict(second, first, step_config(first))
+        _conflict(first, second, step_config(second), facts)
+        or _conflict(second, first, step_config(first), facts)
     )
 
 

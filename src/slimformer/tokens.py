@@ -156,16 +156,21 @@ def installed(module: nn.Module) -> TokenReduction | None:
 
 
 TEXT_EXPORT_REFUSAL = (
-    "reduce.tokens on text: how many tokens each block keeps depends on the sequence length, "
-    "which a traced ONNX graph fixes; serve the model in PyTorch"
+    "reduce.tokens on text: how many tokens each block keeps by merging or pruning depends on "
+    "the sequence length, which a traced ONNX graph fixes; serve the model in PyTorch, or pool "
+    "(mode=pool exports)"
 )
+# The modes whose token counts a trace would fix on text; pooling's follow the length in the
+# exported graph.
+TEXT_UNEXPORTABLE_MODES = ("merge", "prune")
 
 
 def export_refusal(module: nn.Module) -> str | None:
     """Why `module`'s token reduction cannot go into an exported graph (None: it can)."""
-    if installed(module) is None or adapter_for(module).fixed_token_count:
+    reduction = installed(module)
+    if reduction is None or adapter_for(module).fixed_token_count:
         return None
-    return TEXT_EXPORT_REFUSAL
+    return TEXT_EXPORT_REFUSAL if reduction.mode in TEXT_UNEXPORTABLE_MODES else None
 
 
 # --- the forward pass -----------------------------------------------------------------------
@@ -231,7 +236,8 @@ def reduce_blocks(
         if mask is None
         else mask.to(torch.float32)
     )
-    padded = mask is not None and not bool(mask.bool().all())
+    # A trace keeps one branch: a text model's exported graph must handle padded batches.
+    padded = mask is not None and (torch.jit.is_tracing() or not bool(mask.bool().all()))
     source = torch.arange(length, device=hidden.device).expand(batch, length)  # -1: pruned
     pruning = reduction.mode == "prune"
     head_dim = adapter.head_dim()
@@ -435,12 +441,15 @@ def pool_tokens(
     """Average each `window`x`window` square of the `grid` of tokens after the first (a
     sequence: each run of `window`), size-weighted; an edge short of a whole window pools
     what it has. Returns the tokens, their sizes, where each input position went and the
-    pooled grid. A fixed assignment, so it is reshapes and sums: no index op to export."""
+    pooled grid. A fixed assignment, so no index op to export: reshapes and sums on a grid
+    (an image's, of fixed size), an assignment matrix on a sequence (text, of any length)."""
     batch, tokens, width = x.shape
     weighted = (x * size.unsqueeze(-1).to(x.dtype))[:, 1:]
     sizes = size[:, 1:].unsqueeze(-1)
     shape = (tokens - 1, 1) if grid is None else grid
-    rows, columns = (-(-side // window) for side in shape)
+    # (side + window - 1) // window: the ONNX trace follows the length through it, where it
+    # kept -(-side // window) as the traced example's constant.
+    rows, columns = ((side + window - 1) // window for side in shape)
     tall, wide = (window, 1) if grid is None else (window, window)
 
     def pooled_sums(t: torch.Tensor) -> torch.Tensor:
@@ -451,8 +460,19 @@ def pool_tokens(
         t = t.reshape(batch, rows, tall, columns, wide, t.shape[-1])
         return t.sum(dim=(2, 4)).reshape(batch, rows * columns, t.shape[-1])
 
-    new_sizes = pooled_sums(sizes)
-    new_x = pooled_sums(weighted) / new_sizes.clamp(min=1e-6).to(x.dtype)
+    if grid is None:
+        # Text: the exported graph keeps the sequence length open, so each run is summed by an
+        # assignment matrix built from `arange` (ONNX Range, traced with the length) rather
+        # than a pad and reshape to Python-int shapes, which a trace would fix.
+        window_of = torch.arange(tokens - 1, device=x.device) // window
+        runs = torch.arange(rows, device=x.device)
+        assign = (runs.unsqueeze(1) == window_of.unsqueeze(0)).to(x.dtype)
+        new_sizes = assign @ sizes.to(x.dtype)
+        new_x = (assign @ weighted) / new_sizes.clamp(min=1e-6)
+        new_sizes = new_sizes.to(size.dtype)
+    else:
+        new_sizes = pooled_sums(sizes)
+        new_x = pooled_sums(weighted) / new_sizes.clamp(min=1e-6).to(x.dtype)
     new_x = torch.cat([x[:, :1], new_x], dim=1)
     new_size = torch.cat([size[:, :1], new_sizes.squeeze(-1)], dim=1)
     position = torch.arange(tokens - 1, device=x.device)

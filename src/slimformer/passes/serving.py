@@ -11,7 +11,7 @@ import torch
 from slimformer.engines.base import HEAD_INPUTS, HEAD_OUTPUT
 from slimformer.engines.unpadded import EXPORT_REFUSAL as UNPADDED_EXPORT_REFUSAL
 from slimformer.errors import SlimformerError
-from slimformer.tokens import TEXT_EXPORT_REFUSAL
+from slimformer.tokens import TEXT_EXPORT_REFUSAL, TEXT_UNEXPORTABLE_MODES
 
 _NO_ONNX_FORM = (
     "cannot export layers quantized by a PyTorch pass (their int8/int4 kernels have no ONNX "
@@ -27,11 +27,14 @@ EXPORT_CONFLICTS = {
 
 
 def export_conflicts_for(facts: Any) -> dict[str, str]:
-    """EXPORT_CONFLICTS, and token reduction on text (its token counts vary with the input's
-    length; a traced graph would fix them): the exporting runtimes' `conflicts_for`."""
+    """EXPORT_CONFLICTS, and merging or pruning tokens on text (their token counts vary with
+    the input's length; a traced graph would fix them): the exporting runtimes'
+    `conflicts_for`."""
     if facts is None or getattr(facts, "fixed_token_count", True):
         return EXPORT_CONFLICTS
-    return EXPORT_CONFLICTS | {"reduce.tokens": TEXT_EXPORT_REFUSAL}
+    return EXPORT_CONFLICTS | {
+        f"reduce.tokens:mode={mode}": TEXT_EXPORT_REFUSAL for mode in TEXT_UNEXPORTABLE_MODES
+    }
 
 
 # Float graphs must reproduce eager outputs to this (relative to the output's scale); a larger

@@ -89,8 +89,9 @@ def sample_recipe(
         full = asdict(config)
         step = Step(cls.name, {k: v for k, v in full.items() if k in values})
         # A setting that conflicts with a pass already chosen (padding-free batching after
-        # token reduction) leaves this pass out rather than spend a trial on a refusal.
-        if any(steps_conflict(step, earlier) for earlier in steps):
+        # token reduction; merging text tokens before an export) leaves this pass out rather
+        # than spend a trial on a refusal.
+        if any(steps_conflict(step, earlier, facts) for earlier in steps):
             continue
         steps.append(step)
     steps.sort(key=lambda step: get_pass(step.pass_name).stage)
