@@ -460,11 +460,12 @@ def pool_tokens(
         t = t.reshape(batch, rows, tall, columns, wide, t.shape[-1])
         return t.sum(dim=(2, 4)).reshape(batch, rows * columns, t.shape[-1])
 
+    position = torch.arange(tokens - 1, device=x.device)
+    window_of = (position // shape[1] // tall) * columns + (position % shape[1]) // wide
     if grid is None:
         # Text: the exported graph keeps the sequence length open, so each run is summed by an
         # assignment matrix built from `arange` (ONNX Range, traced with the length) rather
         # than a pad and reshape to Python-int shapes, which a trace would fix.
-        window_of = torch.arange(tokens - 1, device=x.device) // window
         runs = torch.arange(rows, device=x.device)
         assign = (runs.unsqueeze(1) == window_of.unsqueeze(0)).to(x.dtype)
         new_sizes = assign @ sizes.to(x.dtype)
@@ -475,8 +476,6 @@ def pool_tokens(
         new_x = pooled_sums(weighted) / new_sizes.clamp(min=1e-6).to(x.dtype)
     new_x = torch.cat([x[:, :1], new_x], dim=1)
     new_size = torch.cat([size[:, :1], new_sizes.squeeze(-1)], dim=1)
-    position = torch.arange(tokens - 1, device=x.device)
-    window_of = (position // shape[1] // tall) * columns + (position % shape[1]) // wide
     new_of_old = torch.cat([window_of.new_zeros(1), window_of + 1])
     new_grid = None if grid is None else (rows, columns)
     return new_x, new_size, new_of_old[source], new_grid
