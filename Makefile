@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
 	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-vit-servings bench-vit-pooling \
-	bench-peers-decoder bench-tokens bench-isa bench-fuzz bench-deadline bench-crash bench-studies \
+	bench-peers-decoder bench-tokens bench-embedding-pooling bench-isa bench-fuzz bench-deadline bench-crash bench-studies \
 	bench-lowrank bench-embedding bench-embedding-curves bench-search-efficiency \
 	lint assets clean
 
@@ -113,15 +113,17 @@ else
 	@echo "test-avx2: this CPU has no AVX-512, AVX-VNNI or AMX: the native run above already used AVX2 dispatch, not repeated"
 endif
 
-# Every benchmark, one after another (about 13 hours on 2 cores, bench-lowrank ~3.5 of them; run
+# Every benchmark, one after another (about 14 hours on 2 cores, bench-lowrank ~3.5 of them; run
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
-# bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens, bench-isa,
+# bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens,
+# bench-embedding-pooling, bench-isa,
 # bench-lowrank, bench-embedding, bench-embedding-curves, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
-	bench-vit-tokens bench-vit-servings bench-vit-pooling bench-peers-decoder bench-tokens bench-isa \
+	bench-vit-tokens bench-vit-servings bench-vit-pooling bench-peers-decoder bench-tokens \
+	bench-embedding-pooling bench-isa \
 	bench-lowrank \
 	bench-embedding bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash \
 	bench-studies
@@ -173,6 +175,11 @@ bench-vit-servings: assets
 bench-vit-pooling: assets
 	$(BIN)/slimformer assets install vit-fashion
 	$(BIN)/python bench/vit_pooling.py
+
+# Token pooling on all-MiniLM-L6-v2's sentences with and without an FFN cut, distilled, served
+# by ONNX Runtime int8 against ONNX Runtime int8 alone, both domains; ~50 min on 2 cores.
+bench-embedding-pooling: assets
+	$(BIN)/python bench/embedding_pooling.py
 
 # reduce.tokens on MiniLM: merging and pruning alone and on top of the halved, distilled, int8
 # structure, at the ~27-token sentences and at 128 tokens (NYT editorial passages); ~1 h, eight

@@ -16,8 +16,9 @@ measured by `slimformer.benchmark` in a fresh process (batch-1 latency, throughp
 Rows: fp32; token merging (ToMe) and pruning alone, at settings sized to the workload's length;
 the best structure + int8 recipe (issue 3's: FFN and heads halved by activation, distilled,
 PyTorch dynamic int8) alone and with each token setting; and, as the bar a text model with
-reduced tokens must clear, that structure served int8 by ONNX Runtime (reduce.tokens on text
-cannot be exported: the token counts would be fixed in the traced graph).
+reduced tokens must clear, that structure served int8 by ONNX Runtime (merged or pruned text
+cannot be exported: the token counts would be fixed in the traced graph; pooled text can, and
+bench/embedding_pooling.py serves it by ONNX Runtime int8).
 """
 
 from __future__ import annotations

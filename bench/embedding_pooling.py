@@ -1,0 +1,139 @@
+"""Token pooling on all-MiniLM-L6-v2's sentences, served by ONNX Runtime int8: does it reach
+issue 17's 1.5x the best peer within a point on both domains? One run.
+
+    python bench/embedding_pooling.py       # -> bench/results/embedding_pooling.json (~50 min)
+    python bench/embedding_pooling.py --only peer --only FFN --out DIR/x.json   # some rows
+
+`reduce.tokens mode=pool` on text sums each run of `window` consecutive tokens into one from
+block `start` on (the padding mask pooled alike), and a pooled encoder exports, so every row is
+served by ONNX Runtime fused + dynamic int8, the best peer on the embedding task
+(bench/results/embedding_transfer.json). Rows: that peer alone; pooling 2 tokens from block 3
+and from block 2, distilled 200 steps; the embedding warm start (30% of the FFN neurons
+removed, distilled 200 steps); the same FFN cut with pooling from block 3 and from block 2, and
+half the FFN neurons removed with pooling from block 3, distilled 400 steps. Every distillation
+is the warm start's (1e-4, half the steps on the general corpus, similarity and hidden-state
+matching). Quality: the movie-review probe's drop and the transfer domain's (tweets and
+editorials, not trained on), and recall@10 of the original's neighbours (the default guard
+asks 0.6), each against the fp32 original. Throughput: `slimformer.benchmark` of each saved
+model in a fresh process (batch 32, movie reviews at their real lengths), `--rounds` rounds in
+rotating order, the median; ratios against the peer row of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+import slimformer
+from slimformer.api import BenchResult
+from slimformer.recipe import Recipe, Step
+from slimformer.search.confirm import time_alternately
+from slimformer.tasks import TaskSpec
+
+SPEC = TaskSpec("embedding")
+TRANSFER = "transfer_probe_accuracy"
+ONNXRUNTIME_INT8 = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
+
+
+def distill(steps: int) -> Step:
+    """The embedding warm start's distillation (search/portfolio.py), `steps` long."""
+    config = {"lr": 1e-4, "general_fraction": 0.5, "similarity_weight": 1.0, "hidden_weight": 1.0}
+    return Step("recover.distill", {"steps": steps, **config})
+
+
+def pool(window: int, start: int) -> Step:
+    return Step("reduce.tokens", {"mode": "pool", "window": window, "start": start})
+
+
+def ffn(keep: float) -> Step:
+    return Step("prune.ffn", {"keep": keep})
+
+
+ROWS = {
+    "ONNX Runtime fused + int8 (peer)": [],
+    "pool 2 from block 3, distilled 200": [pool(2, 3), distill(200)],
+    "pool 2 from block 2, distilled 200": [pool(2, 2), distill(200)],
+    "FFN 0.7, distilled 200 (warm start)": [ffn(0.7), distill(200)],
+    "FFN 0.7 + pool 2 from block 3, distilled 400": [ffn(0.7), pool(2, 3), distill(400)],
+    "FFN 0.7 + pool 2 from block 2, distilled 400": [ffn(0.7), pool(2, 2), distill(400)],
+    "FFN 0.5 + pool 2 from block 3, distilled 400": [ffn(0.5), pool(2, 3), distill(400)],
+}
+
+
+def quality(result: BenchResult, baseline: BenchResult) -> dict:
+    return {
+        "drop_points": round((baseline.quality - result.quality) * 100, 2),
+        "transfer_drop_points": round(
+            (baseline.details[TRANSFER] - result.details[TRANSFER]) * 100, 2
+        ),
+        "recall@10": round(result.details["recall@10"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only", action="append", default=[], help="rows whose label contains this (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "embedding_pooling.json")
+    args = parser.parse_args()
+    started = time.time()
+    rows = {
+        label: [*steps, ONNXRUNTIME_INT8]
+        for label, steps in ROWS.items()
+        if not args.only or any(o in label for o in args.only)
+    }
+    baseline = slimformer.benchmark("default", task=SPEC)
+    with tempfile.TemporaryDirectory(prefix="slimformer-embedding-pooling-") as tmp:
+        root = Path(tmp)
+        folders, scores = {}, {}
+        for index, (label, steps) in enumerate(rows.items()):
+            folder = root / f"row-{index}"
+            slimformer.apply("default", Recipe(steps=tuple(steps), task=SPEC), out=folder)
+            scores[label] = quality(slimformer.benchmark(folder, task=SPEC), baseline)
+            folders[label] = folder
+            print(f"{label}: {scores[label]} ({time.time() - started:.0f} s)", flush=True)
+
+        def evaluate(folder: Path, workdir: Path, score: bool) -> BenchResult:
+            return slimformer.benchmark(folder, task=SPEC)
+
+        measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
+    peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(folders))])
+    results = {}
+    for label, steps in rows.items():
+        readings = [m["throughput_per_s"] for m in measured[label]]
+        results[label] = {
+            "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in steps),
+            **scores[label],
+            "sentences_per_s": statistics.median(readings),
+            "readings": readings,
+            "vs_peer": round(statistics.median(readings) / peer, 3),
+        }
+        print(f"{label:48s} {results[label]}", flush=True)
+    command = "python bench/embedding_pooling.py" + "".join(f' --only "{o}"' for o in args.only)
+    args.out.write_text(
+        json.dumps(
+            {
+                "command": command + f" --rounds {args.rounds}",
+                "machine": machine(),
+                "workload": "all-MiniLM-L6-v2, the embedding task: 2,000 held-out movie-review "
+                "sentences scored, 2,000 tweets and editorials as the transfer check; "
+                "throughput at batch 32 on movie reviews at real lengths (~27 tokens)",
+                "rows": results,
+                "wall_seconds": round(time.time() - started),
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
