@@ -3,6 +3,7 @@ process, the baseline's median over a run, ratios, and writing bench/results/NAM
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -136,3 +137,20 @@ def write_result(name: str, result: dict, folder: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def side_by_side_arguments(description: str | None, out: Path) -> argparse.Namespace:
+    """The options of a script that times a few rows side by side: readings per row, which rows
+    (`--only`, a part of their label, repeatable), where the JSON goes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--only", action="append", default=[], help="rows whose label contains this (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, default=out)
+    return parser.parse_args()
+
+
+def only_rows(rows: dict[str, Any], only: list[str]) -> dict[str, Any]:
+    """The rows whose label contains one of `only`; all of them when it is empty."""
+    return {label: row for label, row in rows.items() if not only or any(o in label for o in only)}

@@ -21,14 +21,13 @@ rotating order, the median; ratios against the peer row of the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine
+from common import RESULTS, machine, only_rows, side_by_side_arguments
 
 import slimformer
 from slimformer.api import BenchResult
@@ -77,19 +76,10 @@ def quality(result: BenchResult, baseline: BenchResult) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--only", action="append", default=[], help="rows whose label contains this (repeatable)"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "embedding_pooling.json")
-    args = parser.parse_args()
+    args = side_by_side_arguments(__doc__, RESULTS / "embedding_pooling.json")
     started = time.time()
-    rows = {
-        label: [*steps, ONNXRUNTIME_INT8]
-        for label, steps in ROWS.items()
-        if not args.only or any(o in label for o in args.only)
-    }
+    chosen = only_rows(ROWS, args.only)
+    rows = {label: [*steps, ONNXRUNTIME_INT8] for label, steps in chosen.items()}
     baseline = slimformer.benchmark("default", task=SPEC)
     with tempfile.TemporaryDirectory(prefix="slimformer-embedding-pooling-") as tmp:
         root = Path(tmp)

@@ -19,13 +19,12 @@ rounds in rotating order, the median; ratios against the first row of the same r
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import RESULTS
+from common import RESULTS, only_rows, side_by_side_arguments
 from vit_servings import DISTILL, FFN, OPENVINO_F32, build, measure_rows, tome, write_rows
 
 from slimformer.recipe import Step
@@ -40,13 +39,7 @@ def pool(window: int, start: int) -> Step:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--only", action="append", default=[], help="rows whose label contains this (repeatable)"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "vit_pooling.json")
-    args = parser.parse_args()
+    args = side_by_side_arguments(__doc__, RESULTS / "vit_pooling.json")
     started = time.time()
     r = 39  # bench/peers_vision.py's tome_r for vit-fashion
     rows = {
@@ -86,8 +79,7 @@ def main() -> None:
         ],
         "ONNX Runtime fused + int8 (peer)": [ONNXRUNTIME_INT8],
     }
-    if args.only:
-        rows = {label: steps for label, steps in rows.items() if any(o in label for o in args.only)}
+    rows = only_rows(rows, args.only)
     with tempfile.TemporaryDirectory(prefix="slimformer-vit-pooling-") as tmp:
         root = Path(tmp)
         folders = {
