@@ -21,13 +21,13 @@ rotating order, the median; ratios against the peer row of the same run.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, only_rows, side_by_side_arguments
+from common import RESULTS, machine, only_rows, side_by_side_arguments, write_result
+from embedding_transfer import figures
 
 import slimformer
 from slimformer.api import BenchResult
@@ -36,7 +36,6 @@ from slimformer.search.confirm import time_alternately
 from slimformer.tasks import TaskSpec
 
 SPEC = TaskSpec("embedding")
-TRANSFER = "transfer_probe_accuracy"
 ONNXRUNTIME_INT8 = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
 
 
@@ -65,35 +64,28 @@ ROWS = {
 }
 
 
-def quality(result: BenchResult, baseline: BenchResult) -> dict:
-    return {
-        "drop_points": round((baseline.quality - result.quality) * 100, 2),
-        "transfer_drop_points": round(
-            (baseline.details[TRANSFER] - result.details[TRANSFER]) * 100, 2
-        ),
-        "recall@10": round(result.details["recall@10"], 3),
-    }
-
-
 def main() -> None:
     args = side_by_side_arguments(__doc__, RESULTS / "embedding_pooling.json")
     started = time.time()
     chosen = only_rows(ROWS, args.only)
     rows = {label: [*steps, ONNXRUNTIME_INT8] for label, steps in chosen.items()}
-    baseline = slimformer.benchmark("default", task=SPEC)
+    original = slimformer.benchmark("default", task=SPEC)
+    baseline = figures(original.quality, original.details, None)
+    scores: dict[str, dict] = {}
+
+    def evaluate(folder: Path, workdir: Path, score: bool) -> BenchResult:
+        """One reading; the scores (the same every reading) are kept from it."""
+        result = slimformer.benchmark(folder, task=SPEC)
+        scores[folder.name] = figures(result.quality, result.details, baseline)
+        return result
+
     with tempfile.TemporaryDirectory(prefix="slimformer-embedding-pooling-") as tmp:
         root = Path(tmp)
-        folders, scores = {}, {}
+        folders = {}
         for index, (label, steps) in enumerate(rows.items()):
-            folder = root / f"row-{index}"
-            slimformer.apply("default", Recipe(steps=tuple(steps), task=SPEC), out=folder)
-            scores[label] = quality(slimformer.benchmark(folder, task=SPEC), baseline)
-            folders[label] = folder
-            print(f"{label}: {scores[label]} ({time.time() - started:.0f} s)", flush=True)
-
-        def evaluate(folder: Path, workdir: Path, score: bool) -> BenchResult:
-            return slimformer.benchmark(folder, task=SPEC)
-
+            folders[label] = root / f"row-{index}"
+            slimformer.apply("default", Recipe(steps=tuple(steps), task=SPEC), out=folders[label])
+            print(f"{label}: built ({time.time() - started:.0f} s)", flush=True)
         measured, _ = time_alternately(folders, evaluate, root, args.rounds, "timing")
     peer = statistics.median(m["throughput_per_s"] for m in measured[next(iter(folders))])
     results = {}
@@ -101,28 +93,29 @@ def main() -> None:
         readings = [m["throughput_per_s"] for m in measured[label]]
         results[label] = {
             "recipe": " + ".join(f"{s.pass_name}({s.config})" for s in steps),
-            **scores[label],
+            **scores[folders[label].name],
             "sentences_per_s": statistics.median(readings),
             "readings": readings,
             "vs_peer": round(statistics.median(readings) / peer, 3),
         }
-        print(f"{label:48s} {results[label]}", flush=True)
-    command = "python bench/embedding_pooling.py" + "".join(f' --only "{o}"' for o in args.only)
-    args.out.write_text(
-        json.dumps(
-            {
-                "command": command + f" --rounds {args.rounds}",
-                "machine": machine(),
-                "workload": "all-MiniLM-L6-v2, the embedding task: 2,000 held-out movie-review "
-                "sentences scored, 2,000 tweets and editorials as the transfer check; "
-                "throughput at batch 32 on movie reviews at real lengths (~27 tokens)",
-                "rows": results,
-                "wall_seconds": round(time.time() - started),
-            },
-            indent=2,
+        row = results[label]
+        print(
+            f"{label:48s} drop {row['drop_points']:+.2f} / transfer "
+            f"{row['transfer_drop_points']:+.2f} pt, recall@10 {row['recall@10']:.3f}, "
+            f"{row['vs_peer']:.2f}x the peer",
+            flush=True,
         )
-    )
-    print(f"wrote {args.out}")
+    command = "python bench/embedding_pooling.py" + "".join(f' --only "{o}"' for o in args.only)
+    result = {
+        "command": command + f" --rounds {args.rounds}",
+        "machine": machine(),
+        "workload": "all-MiniLM-L6-v2, the embedding task: 2,000 held-out movie-review "
+        "sentences scored, 2,000 tweets and editorials as the transfer check; "
+        "throughput at batch 32 on movie reviews at real lengths (~27 tokens)",
+        "rows": results,
+        "wall_seconds": round(time.time() - started),
+    }
+    print(f"wrote {write_result(args.out.stem, result, args.out.parent)}")
 
 
 if __name__ == "__main__":
