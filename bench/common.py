@@ -154,3 +154,9 @@ def side_by_side_arguments(description: str | None, out: Path) -> argparse.Names
 def only_rows(rows: dict[str, Any], only: list[str]) -> dict[str, Any]:
     """The rows whose label contains one of `only`; all of them when it is empty."""
     return {label: row for label, row in rows.items() if not only or any(o in label for o in only)}
+
+
+def side_by_side_command(script: str, args: argparse.Namespace) -> str:
+    """The command line that reproduces a side-by-side run (its rows and readings)."""
+    only = "".join(f' --only "{o}"' for o in args.only)
+    return f"python bench/{script}{only} --rounds {args.rounds}"

@@ -26,7 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, machine, only_rows, side_by_side_arguments, write_result
+from common import (
+    RESULTS,
+    machine,
+    only_rows,
+    side_by_side_arguments,
+    side_by_side_command,
+    write_result,
+)
 from embedding_transfer import figures
 
 import slimformer
@@ -105,9 +112,8 @@ def main() -> None:
             f"{row['vs_peer']:.2f}x the peer",
             flush=True,
         )
-    command = "python bench/embedding_pooling.py" + "".join(f' --only "{o}"' for o in args.only)
     result = {
-        "command": command + f" --rounds {args.rounds}",
+        "command": side_by_side_command("embedding_pooling.py", args),
         "machine": machine(),
         "workload": "all-MiniLM-L6-v2, the embedding task: 2,000 held-out movie-review "
         "sentences scored, 2,000 tweets and editorials as the transfer check; "

@@ -24,7 +24,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import RESULTS, only_rows, side_by_side_arguments
+from common import RESULTS, only_rows, side_by_side_arguments, side_by_side_command
 from vit_servings import DISTILL, FFN, OPENVINO_F32, build, measure_rows, tome, write_rows
 
 from slimformer.recipe import Step
@@ -87,7 +87,7 @@ def main() -> None:
             for index, (label, steps) in enumerate(rows.items())
         }
         results = measure_rows(folders, rows, root, args.rounds)
-    write_rows(args.out, "python bench/vit_pooling.py", results, started)
+    write_rows(args.out, side_by_side_command("vit_pooling.py", args), results, started)
 
 
 if __name__ == "__main__":
