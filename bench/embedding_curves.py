@@ -3,11 +3,12 @@
 For each structure (pruned FFN neurons, removed layers, ...) on all-MiniLM-L6-v2: apply it, then
 distil it (`recover.distill` with the general-corpus mix and hidden/similarity matching, the
 warm-start recipe's settings) and, at each mark of the step count, score the student in fp32 and
-served by OpenVINO + NNCF int8: probe drop on the scored and the transfer domain, recall@10 of the
-original's neighbours, cosine fidelity. Then time each structure served by OpenVINO int8 against
-OpenVINO int8 of the unpruned model (the best peer of bench/embedding_transfer.py), fresh process
-each, in the same run. Answers issue 17's question: which structure reaches 1.5x the best peer
-while staying within a point on both domains?
+served int8 by `--engine` (OpenVINO + NNCF, the best peer on CPUs with VNNI; ONNX Runtime fused +
+dynamic int8, the best peer without): probe drop on the scored and the transfer domain, recall@10
+of the original's neighbours, cosine fidelity. Then time each structure served by that engine's
+int8 against the same engine's int8 of the unpruned model (the best peer of
+bench/embedding_transfer.py), one reading each, in the same run. Answers issue 17's question:
+which structure reaches 1.5x the best peer while staying within a point on both domains?
 
     python bench/embedding_curves.py                    # every structure, ~60 min on 2 idle cores
     python bench/embedding_curves.py --only ffn0.7      # one structure; merged into the results
@@ -18,6 +19,8 @@ while staying within a point on both domains?
         --out bench/results/embedding_structure_curves_layers2_layer_matching.json
     python bench/embedding_curves.py --only layers-2 --neighbour-weight 1 \
         --out bench/results/embedding_structure_curves_layers2_neighbours.json
+    python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 \
+        --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_onnxruntime.json
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -49,8 +52,15 @@ STRUCTURES: dict[str, list[tuple[str, dict]]] = {
     "ffn0.3": [("prune.ffn", {"keep": 0.3})],
     "layers-2": [("prune.layers", {"count": 2})],
     "layers-1+ffn0.5": [("prune.layers", {"count": 1}), ("prune.ffn", {"keep": 0.5})],
+    "ffn0.7+pool@3": [
+        ("prune.ffn", {"keep": 0.7}),
+        ("reduce.tokens", {"mode": "pool", "window": 2, "start": 3}),
+    ],
 }
-OPENVINO_INT8 = Step("runtime.openvino", {"int8": "nncf"})
+INT8 = {
+    "openvino": Step("runtime.openvino", {"int8": "nncf"}),
+    "onnxruntime": Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"}),
+}
 
 
 def drops(score, baseline) -> dict:
@@ -61,12 +71,15 @@ def drops(score, baseline) -> dict:
             (baseline.details["transfer_probe_accuracy"] - d["transfer_probe_accuracy"]) * 100, 2
         ),
         "recall@10": round(d["recall@10"], 3),
+        "transfer_recall@10": round(d["transfer_recall@10"], 3),
         "cosine_fidelity": round(d["cosine_fidelity"], 3),
         "transfer_cosine_fidelity": round(d["transfer_cosine_fidelity"], 3),
     }
 
 
-def curve(structure: list[tuple[str, dict]], marks: list[int], distill: dict) -> list[dict]:
+def curve(
+    structure: list[tuple[str, dict]], marks: list[int], distill: dict, engine: str
+) -> list[dict]:
     task = make_task(SPEC)
     original = slimformer.load("default")
     state = task.prepare(original)
@@ -83,14 +96,14 @@ def curve(structure: list[tuple[str, dict]], marks: list[int], distill: dict) ->
         )
         report = Distill().apply(model, config, context)
         done = mark
-        served = slimformer.apply(model, Recipe(steps=(OPENVINO_INT8,), task=SPEC))
+        served = slimformer.apply(model, Recipe(steps=(INT8[engine],), task=SPEC))
         rows.append(
             {
                 "steps": done,
                 "seconds": round(time.time() - started),
                 "held_out_loss": report["held_out_loss_after"],
                 "fp32": drops(task.score(model, state), baseline),
-                "openvino_int8": drops(task.score(served, state), baseline),
+                f"{engine}_int8": drops(task.score(served, state), baseline),
                 "load_average_1min": round(os.getloadavg()[0], 2),
             }
         )
@@ -98,8 +111,8 @@ def curve(structure: list[tuple[str, dict]], marks: list[int], distill: dict) ->
     return rows
 
 
-def throughput(structure: list[tuple[str, dict]], workdir: Path) -> float:
-    steps = tuple(Step(name, config) for name, config in structure) + (OPENVINO_INT8,)
+def throughput(structure: list[tuple[str, dict]], engine: str, workdir: Path) -> float:
+    steps = tuple(Step(name, config) for name, config in structure) + (INT8[engine],)
     slimformer.apply("default", Recipe(steps=steps, task=SPEC), out=workdir)
     return slimformer.benchmark(workdir, task=SPEC).measurement["throughput_per_s"]
 
@@ -122,6 +135,9 @@ def main() -> None:
         default=0.0,
         help="distillation's neighbour-distribution matching (recover.distill neighbour_weight)",
     )
+    parser.add_argument(
+        "--engine", choices=list(INT8), default="openvino", help="the int8 engine scored and timed"
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
     out = args.out
@@ -130,25 +146,26 @@ def main() -> None:
         distill["layer_weight"] = args.layer_weight
     if args.neighbour_weight:
         distill["neighbour_weight"] = args.neighbour_weight
-    if distill != DISTILL and out == OUT:  # one file, one distillation setting
-        parser.error("other distillation settings need their own --out file")
+    if (distill != DISTILL or args.engine != "openvino") and out == OUT:
+        parser.error("other distillation settings or engines need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}
     results["distill"] = distill
     if not args.speed_only:
         for name in args.only:
             marks = [int(m) for m in args.marks.split(",")]
-            rows = curve(STRUCTURES[name], marks, results["distill"])
+            rows = curve(STRUCTURES[name], marks, results["distill"], args.engine)
             results["structures"][name] = {"structure": STRUCTURES[name], "curve": rows}
             results["curves_machine"] = machine()
             out.write_text(json.dumps(results, indent=1) + "\n")
+    served = f"{args.engine}_int8"
     with tempfile.TemporaryDirectory() as tmp:
-        peer = throughput([], Path(tmp) / "peer")
-        speed = {"openvino_int8_unpruned_per_s": round(peer, 1), "load_average_1min": []}
+        peer = throughput([], args.engine, Path(tmp) / "peer")
+        speed = {f"{served}_unpruned_per_s": round(peer, 1), "load_average_1min": []}
         for name in args.only:
-            rate = throughput(STRUCTURES[name], Path(tmp) / name)
+            rate = throughput(STRUCTURES[name], args.engine, Path(tmp) / name)
             entry = results["structures"].setdefault(name, {"structure": STRUCTURES[name]})
-            entry["openvino_int8_per_s"] = round(rate, 1)
-            entry["vs_openvino_int8_unpruned"] = round(rate / peer, 3)
+            entry[f"{served}_per_s"] = round(rate, 1)
+            entry[f"vs_{served}_unpruned"] = round(rate / peer, 3)
             speed["load_average_1min"].append(round(os.getloadavg()[0], 2))
             print(f"{name:<20} {rate:8.1f}/s  {rate / peer:.2f}x", flush=True)
     results["speed"] = speed | {"machine": machine()}
