@@ -117,8 +117,8 @@ endif
 # on an idle machine: other work on the same cores skews the timings). Each part alone: make
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
 # bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens,
-# bench-embedding-pooling, bench-isa,
-# bench-lowrank, bench-embedding, bench-embedding-curves, bench-search-efficiency. Results:
+# bench-embedding-pooling, bench-isa, bench-lowrank, bench-embedding, bench-embedding-curves,
+# bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
