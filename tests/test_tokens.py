@@ -428,6 +428,19 @@ def test_a_sentence_encoder_with_pooled_tokens_exports_for_any_length_and_paddin
             )
 
 
+def test_pooled_sentences_get_onnx_runtimes_fused_attention_in_every_block():
+    # Without its fused Attention (QAttention in int8) ONNX Runtime ran a pooled encoder's
+    # attention as separate q, k, v MatMuls and float score products; outputs on padded
+    # batches through the fused path are checked by the test above.
+    pooling = Step("reduce.tokens", {"mode": "pool", "window": 2, "start": 1})
+    for int8, fused in (("none", "Attention"), ("dynamic", "QAttention")):
+        served = reduced(tiny.tiny_bert(), pooling, Step("runtime.onnxruntime", {"int8": int8}))
+        ops = served.recipe.steps[-1].resolved["ops"]
+        assert ops.get(fused) == tiny.NUM_LAYERS, ops
+    # int8: every float MatMul left is the pooling's (its sums of sizes and of tokens)
+    assert ops.get("MatMul") == 2, ops
+
+
 def test_merged_or_pruned_sentences_are_refused_by_an_exporting_runtime():
     bert = tiny.tiny_bert()
     for mode in ("merge", "prune"):

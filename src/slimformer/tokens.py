@@ -24,6 +24,14 @@ the log-size bias and the softmax as separate ops, then the product with V). It 
 benchmark can run "ToMe as its authors apply it" next to slimformer's fused path on the same
 model; it gives the same outputs up to float rounding and is never searched.
 
+Under `traced_for_onnxruntime()` an ONNX trace writes the attention in the one shape ONNX
+Runtime's transformer optimizer fuses into its Attention operator (QAttention once int8):
+logits divided by sqrt(d), a mask built as HF BERT's (1 - mask) x lowest float, softmax, then V.
+The SDPA trace (its scale multiplied into q and k as constants) and a masked_fill mask fused
+nothing, which left a pooled MiniLM's int8 attention as separate q, k, v MatMuls and float score
+products (~18% of its int8 time). Only padding masks fit that operator, so it fuses pooled
+text; merged and pruned tokens' log-size bias still trace unfused.
+
 The first token (the class token: BERT's [CLS], ViT's CLS) is never merged or pruned and stays
 first. Padding: a padded position is a token of size 0, so log(size) masks it as a key, a merge
 involving it leaves the real token's average unchanged, and matching prefers real pairs; real
@@ -46,10 +54,13 @@ weights and the config are untouched, so every other pass and the checkpoint see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import math
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +80,7 @@ ATTRIBUTE = "slimformer_tokens"
 # Matching score of any pair that involves padding: below every cosine similarity (>= -1), so
 # real pairs merge first, and above the protected class token's -inf.
 _PAD_SCORE = -3.0
+_FOR_ONNXRUNTIME = contextvars.ContextVar("slimformer_tokens_for_onnxruntime", default=False)
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,16 @@ class TokenReduction:
 
 
 # --- installing -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def traced_for_onnxruntime() -> Iterator[None]:
+    """Within it, a trace writes token-reduced attention as ONNX Runtime fuses it (see the top)."""
+    token = _FOR_ONNXRUNTIME.set(True)
+    try:
+        yield
+    finally:
+        _FOR_ONNXRUNTIME.reset(token)
+
+
 def check_supported(module: nn.Module) -> ModelAdapter:
     """The adapter of `module` if its family can run with token reduction, else one error."""
     adapter = adapter_for(module)
@@ -270,12 +292,12 @@ def reduce_blocks(
 
 def _attention_bias(size: torch.Tensor, dtype: torch.dtype, mode: str) -> torch.Tensor:
     """The float attention mask [batch, 1, 1, tokens]: log(size) (proportional attention; -inf
-    masks padding), or for pooled tokens, which attend as one token each, padding alone."""
+    masks padding), or for pooled tokens, which attend as one token each, padding alone: as
+    (1 - real) x the lowest float, the expression ONNX Runtime's optimizer takes for a mask."""
     if mode == "pool":
-        bias = torch.zeros_like(size).masked_fill(size == 0, -math.inf)
-    else:
-        bias = size.log()
-    return bias[:, None, None, :].to(dtype)
+        real = (size > 0).unsqueeze(1).unsqueeze(2)
+        return (1.0 - real.to(dtype)) * torch.finfo(dtype).min
+    return size.log()[:, None, None, :].to(dtype)
 
 
 def _heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -299,7 +321,12 @@ def _attention(
         _heads(block.key(h), head_dim),
         _heads(block.value(h), head_dim),
     )
-    if eager:  # ToMe's ToMeAttention.forward: (q k^T)·scale + log(size), softmax, then V
+    if _FOR_ONNXRUNTIME.get() and torch.jit.is_tracing():  # the pattern it fuses (see the top)
+        logits = (q @ k.transpose(-2, -1)) / head_dim**0.5
+        if bias is not None:
+            logits = logits + bias
+        context = logits.softmax(dim=-1) @ v
+    elif eager:  # ToMe's ToMeAttention.forward: (q k^T)·scale + log(size), softmax, then V
         logits = (q @ k.transpose(-2, -1)) * head_dim**-0.5
         if bias is not None:
             logits = logits + bias

@@ -40,6 +40,7 @@ from slimformer.passes.serving import (
     Stopwatch,
     export_conflicts_for,
 )
+from slimformer.tokens import traced_for_onnxruntime
 
 INTERESTING_OPS = ("Attention", "MatMulInteger", "DynamicQuantizeLinear", "MatMul", "QAttention")
 REDUCE_RANGE_WHY = (
@@ -109,7 +110,8 @@ class OnnxRuntimePass(Pass):
         reference = EagerReference(model, ctx.calibration)
         keep = tempfile.TemporaryDirectory(prefix="slimformer-onnx-")
         folder = Path(keep.name)
-        export_onnx(model, reference.inputs, folder / "exported.onnx")
+        with traced_for_onnxruntime():
+            export_onnx(model, reference.inputs, folder / "exported.onnx")
         current = folder / "exported.onnx"
         resolved: dict[str, Any] = {}
         model_type = model.adapter.onnx_optimizer_type
