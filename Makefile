@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-native test-avx2 browser postgres bench bench-default bench-pruning \
 	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-vit-servings bench-vit-pooling \
 	bench-peers-decoder bench-tokens bench-embedding-pooling bench-isa bench-fuzz bench-deadline bench-crash bench-studies \
-	bench-lowrank bench-embedding bench-embedding-curves bench-search-efficiency \
+	bench-lowrank bench-embedding bench-embedding-curves bench-embedding-speed bench-search-efficiency \
 	lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
@@ -118,14 +118,14 @@ endif
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
 # bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens,
 # bench-embedding-pooling, bench-isa, bench-lowrank, bench-embedding, bench-embedding-curves,
-# bench-search-efficiency. Results:
+# bench-embedding-speed, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
 	bench-vit-tokens bench-vit-servings bench-vit-pooling bench-peers-decoder bench-tokens \
 	bench-embedding-pooling bench-isa \
 	bench-lowrank \
-	bench-embedding bench-embedding-curves bench-search-efficiency bench-fuzz bench-deadline bench-crash \
+	bench-embedding bench-embedding-curves bench-embedding-speed bench-search-efficiency bench-fuzz bench-deadline bench-crash \
 	bench-studies
 
 bench-default: assets
@@ -205,6 +205,11 @@ bench-embedding: assets
 # how fast each is served by OpenVINO int8 (~60 min idle).
 bench-embedding-curves: assets
 	$(BIN)/python bench/embedding_curves.py
+
+# How fast each FFN-cut and pooled structure is served by both int8 peers, untrained (speed
+# only), against the faster peer on this CPU (~10 min).
+bench-embedding-speed: assets
+	$(BIN)/python bench/embedding_structure_speed.py
 
 # Early stopping's and reused training's worth: the default 20-minute throughput study with
 # --no-early-stop --no-reuse-trained, then by default, one after the other, trials evaluated per hour and the chosen model against the

@@ -1,5 +1,5 @@
 """Which structures of all-MiniLM-L6-v2 are fast enough for issue 17's 1.5x the best peer on
-this CPU, before any distillation is spent on them? One run, ~15 minutes on 2 cores.
+this CPU, before any distillation is spent on them? One run, ~6 minutes on 2 cores.
 
     python bench/embedding_structure_speed.py   # -> bench/results/embedding_structure_speed.json
     python bench/embedding_structure_speed.py --only peer --only "pool 2 from block 3" --out X
