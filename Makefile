@@ -71,7 +71,8 @@ ISA_TESTS := tests/test_cpu.py tests/test_weight_only.py tests/test_portable_int
 	tests/test_static_int8.py tests/test_int8_saturation.py tests/test_sensitivity.py \
 	tests/test_cast.py tests/test_runtimes.py tests/test_runtimes_isa.py tests/test_batching.py \
 	tests/test_adapters_and_passes.py tests/test_checkpoint.py tests/test_dynamic_int8_range.py \
-	tests/test_lowrank.py tests/test_openvino_decoder.py tests/test_llamacpp.py tests/test_tokens.py
+	tests/test_lowrank.py tests/test_openvino_decoder.py tests/test_llamacpp.py tests/test_tokens.py \
+	tests/test_int8_rounding.py
 
 test: test-native test-avx2
 

@@ -21,6 +21,8 @@ which structure reaches 1.5x the best peer while staying within a point on both 
         --out bench/results/embedding_structure_curves_layers2_neighbours.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 \
         --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_onnxruntime.json
+    python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 --int8-aware \
+        --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_int8_aware.json
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -136,6 +138,11 @@ def main() -> None:
         help="distillation's neighbour-distribution matching (recover.distill neighbour_weight)",
     )
     parser.add_argument(
+        "--int8-aware",
+        action="store_true",
+        help="distil through int8 rounding (recover.distill int8_aware)",
+    )
+    parser.add_argument(
         "--engine", choices=list(INT8), default="openvino", help="the int8 engine scored and timed"
     )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
@@ -146,6 +153,8 @@ def main() -> None:
         distill["layer_weight"] = args.layer_weight
     if args.neighbour_weight:
         distill["neighbour_weight"] = args.neighbour_weight
+    if args.int8_aware:
+        distill["int8_aware"] = True
     if (distill != DISTILL or args.engine != "openvino") and out == OUT:
         parser.error("other distillation settings or engines need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}

@@ -13,11 +13,13 @@ corpus the task provides (Wikipedia sentences for the embedding task) instead, s
 student learns holds beyond the task's own domain. AdamW, a step budget and a time budget,
 deterministic for a seed. At the study's deadline it stops early and keeps what it trained
 (`resolved` records the steps done). Placed after the structural passes and before
-quantization, so the student trains in float.
+quantization, so the student trains in float (with `int8_aware`, through the rounding of
+int8 serving: passes/int8_rounding.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -41,6 +43,7 @@ from slimformer.passes.base import (
     searchable,
     setting_default,
 )
+from slimformer.passes.int8_rounding import int8_rounding, weight_code_limit
 
 HELD_OUT_FRACTION = 0.1  # of the training batches, to report the loss before and after
 # Intermediate values for a listening study (PassContext.report_value): the held-out loss on
@@ -160,6 +163,12 @@ class DistillConfig:
         "weight of layer-to-layer matching: each block's output against the output of the "
         "original's block it was (after removed blocks, the one it came from)",
         valid=Interval(0, None),
+    )
+    int8_aware: bool = fixed(
+        False,
+        "train through the rounding of dynamic int8 serving (each Linear's input as uint8 per "
+        "batch, its weight as int8 per channel; straight-through gradients), so what the "
+        "student recovers survives int8 (passes/int8_rounding.py)",
     )
     temperature: float = fixed(2.0, "softening of teacher and student logits")
     time_budget_s: float = fixed(600.0, "stop training after this many seconds")
@@ -403,7 +412,8 @@ class Distill(Pass):
         at_deadline = False
         # Eval mode: dropout off, so the same seed gives the same student.
         model.module.eval()
-        with torch.enable_grad():
+        rounding = int8_rounding(model.module) if config.int8_aware else contextlib.nullcontext()
+        with torch.enable_grad(), rounding:
             while steps < config.steps and time.monotonic() - started < config.time_budget_s:
                 at_deadline = ctx.time_left() <= 0
                 if at_deadline:  # keep what was trained so far
@@ -436,6 +446,8 @@ class Distill(Pass):
             "held_out_loss_before": round(before, 6),
             "held_out_loss_after": None if after is None else round(after, 6),
         }
+        if config.int8_aware:
+            resolved["int8_weight_codes"] = f"-{weight_code_limit()}..{weight_code_limit()}"
         if at_deadline:
             resolved["stopped"] = STOPPED
         elif steps < config.steps:
