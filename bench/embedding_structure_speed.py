@@ -33,6 +33,8 @@ from common import (
     side_by_side_command,
     write_result,
 )
+from embedding_pooling import ONNXRUNTIME_INT8 as ONNXRUNTIME
+from embedding_pooling import ffn, pool
 
 import slimformer
 import slimformer.passes.runtime_onnxruntime as runtime_onnxruntime
@@ -44,18 +46,9 @@ from slimformer.search.confirm import time_alternately
 from slimformer.tasks import TaskSpec, reference_state
 
 SPEC = TaskSpec("embedding")
-ONNXRUNTIME = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
 OPENVINO = Step("runtime.openvino", {"int8": "nncf"})
 ENGINES = {"ONNX Runtime int8": ONNXRUNTIME, "OpenVINO int8": OPENVINO}
 UNFUSED = "FFN 0.7 + pool 2 from block 3, ONNX Runtime int8 without fused attention"
-
-
-def pool(window: int, start: int) -> Step:
-    return Step("reduce.tokens", {"mode": "pool", "window": window, "start": start})
-
-
-def ffn(keep: float) -> Step:
-    return Step("prune.ffn", {"keep": keep})
 
 
 STRUCTURES = {
