@@ -2,7 +2,7 @@
 this CPU, before any distillation is spent on them? One run, ~6 minutes on 2 cores.
 
     python bench/embedding_structure_speed.py   # -> bench/results/embedding_structure_speed.json
-    python bench/embedding_structure_speed.py --only peer --only "pool 2 from block 3" --out X
+    python bench/embedding_structure_speed.py --only "pool 2 from block 3" --out X   # + peers
 
 Speed does not depend on the weights, so each structure is built untrained (FFN neurons
 removed, tokens pooled) and timed only: no quality is measured or claimed here (what each
@@ -91,7 +91,11 @@ def build(steps: list[Step], fused: bool, out: Path) -> None:
 def main() -> None:
     args = side_by_side_arguments(__doc__, RESULTS / "embedding_structure_speed.json")
     started = time.time()
-    chosen = only_rows(rows(), args.only)
+    every = rows()
+    wanted = only_rows(every, args.only)  # and the peers always, for the ratios
+    chosen = {
+        label: row for label, row in every.items() if label in wanted or label.startswith("peer, ")
+    }
     settings = MeasureSettings(batch_size=32)
     with tempfile.TemporaryDirectory(prefix="slimformer-structure-speed-") as tmp:
         root = Path(tmp)
