@@ -59,3 +59,17 @@ def test_int8_aware_distillation_trains_the_float_weights_and_leaves_plain_linea
         for a, b in zip(pruned.module.parameters(), distilled.module.parameters(), strict=True)
     ]
     assert any(moved)
+
+
+def test_int8_aware_distillation_keeps_a_decoders_tied_lm_head_tied():
+    # The tied head is one Parameter behind an Embedding and a Linear, each rounded its way.
+    model = tiny.tiny_llama()
+    recipe = Recipe(
+        steps=(Step("recover.distill", {"steps": 10, "lr": 1e-4, "int8_aware": True}),), seed=3
+    )
+    distilled = apply_recipe(
+        model, recipe, tiny.calibration(model), training=tiny.calibration(model, batches=6)
+    )
+    module = distilled.module
+    assert module.lm_head.weight is module.model.embed_tokens.weight
+    assert not torch.equal(module.lm_head.weight, model.module.lm_head.weight)
