@@ -17,21 +17,16 @@ import time
 
 import numpy as np
 from common import machine, write_result
+from embedding_pooling import ONNXRUNTIME_INT8, distill, ffn, pool
 
 import slimformer
-from slimformer.recipe import Recipe, Step
+from slimformer.recipe import Recipe
 from slimformer.tasks import TaskSpec, make_task
 from slimformer.tasks.embedding import _probe, embed
 from slimformer.tasks.geometry import probe_correct
 
 SPEC = TaskSpec("embedding")
-DISTILL = {"lr": 1e-4, "general_fraction": 0.5, "similarity_weight": 1.0, "hidden_weight": 1.0}
-STUDENT = (
-    Step("prune.ffn", {"keep": 0.7}),
-    Step("reduce.tokens", {"mode": "pool", "window": 2, "start": 3}),
-    Step("recover.distill", {"steps": 200, **DISTILL}),
-)
-ONNXRUNTIME_INT8 = Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
+STUDENT = (ffn(0.7), pool(2, 3), distill(200))
 
 
 def paired(first: np.ndarray, second: np.ndarray) -> dict[str, float]:

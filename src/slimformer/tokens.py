@@ -321,13 +321,12 @@ def _attention(
         _heads(block.key(h), head_dim),
         _heads(block.value(h), head_dim),
     )
-    if _FOR_ONNXRUNTIME.get() and torch.jit.is_tracing():  # the pattern it fuses (see the top)
-        logits = (q @ k.transpose(-2, -1)) / head_dim**0.5
-        if bias is not None:
-            logits = logits + bias
-        context = logits.softmax(dim=-1) @ v
-    elif eager:  # ToMe's ToMeAttention.forward: (q k^T)·scale + log(size), softmax, then V
-        logits = (q @ k.transpose(-2, -1)) * head_dim**-0.5
+    for_onnxruntime = _FOR_ONNXRUNTIME.get() and torch.jit.is_tracing()
+    if eager or for_onnxruntime:  # (q k^T)·scale + bias, softmax, then V, as separate ops
+        logits = q @ k.transpose(-2, -1)
+        # ToMe's ToMeAttention.forward multiplies by the scale; ONNX Runtime's optimizer
+        # matches a division by sqrt(d) (see the top)
+        logits = logits / head_dim**0.5 if for_onnxruntime else logits * head_dim**-0.5
         if bias is not None:
             logits = logits + bias
         context = logits.softmax(dim=-1) @ v

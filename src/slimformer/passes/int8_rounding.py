@@ -73,12 +73,12 @@ def _round_input(module: nn.Module, args: tuple) -> tuple:
 
 
 @contextlib.contextmanager
-def int8_rounding(module: nn.Module, limit: int | None = None) -> Iterator[int]:
+def int8_rounding(module: nn.Module) -> Iterator[int]:
     """Within it every Linear of `module` computes through int8 rounding of its input and its
-    weight (`limit`: the largest weight code, by default this CPU's), and every Embedding
-    through rounding of its table; yields the count of Linears. On leaving, the modules are
-    plain again with their (trained) float weights."""
-    limit = limit or weight_code_limit()
+    weight (at this CPU's weight range), and every Embedding through rounding of its table;
+    yields the count of Linears. On leaving, the modules are plain again with their (trained)
+    float weights."""
+    limit = weight_code_limit()
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     tables = [m for m in module.modules() if isinstance(m, nn.Embedding)]
     hooks = []

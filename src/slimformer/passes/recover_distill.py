@@ -452,7 +452,8 @@ class Distill(Pass):
             "held_out_loss_after": None if after is None else round(after, 6),
         }
         if config.int8_aware:
-            resolved["int8_weight_codes"] = f"-{weight_code_limit()}..{weight_code_limit()}"
+            limit = weight_code_limit()
+            resolved["int8_weight_codes"] = f"-{limit}..{limit}"
         if at_deadline:
             resolved["stopped"] = STOPPED
         elif steps < config.steps:
