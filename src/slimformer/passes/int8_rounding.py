@@ -10,8 +10,9 @@ best int8 peer on CPUs without VNNI: every Linear's input quantized per batch to
 table to uint8 over its [min, max] (its quantized Gather; where the optimizer fused the
 embeddings' LayerNorm, ONNX Runtime rounds that norm's scale and shift too, which is not
 imitated: on all-MiniLM-L6-v2 keeping the whole embedding float moved recall@10 of the int8
-model by 0.004). OpenVINO's NNCF int8 rounds alike (per-channel int8 weights, per-tensor
-activations) with ranges calibrated once instead of per batch.
+model by 0.004, 0.836 against 0.832, in one exploratory run on an AMX Xeon). OpenVINO's
+NNCF int8 rounds alike (per-channel int8 weights, per-tensor activations) with ranges
+calibrated once instead of per batch.
 
 Written on torch's `fake_quantize_*` ops (their gradient is the straight-through estimator) and
 `nn.utils.parametrize` (the optimizer keeps updating the float weight; removing the
