@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 	bench-quantization bench-peers bench-peers-vision bench-vit-tokens bench-vit-servings bench-vit-pooling \
 	bench-peers-decoder bench-tokens bench-embedding-pooling bench-isa bench-fuzz bench-deadline bench-crash bench-studies \
 	bench-lowrank bench-embedding bench-embedding-curves bench-embedding-speed bench-probe-noise \
-	bench-search-efficiency lint assets clean
+	bench-distill-speed bench-search-efficiency lint assets clean
 
 # llama.cpp (runtime.llamacpp) is built from source for this machine's CPU (-march=native: AVX2
 # on a Zen 3, AVX-512 and VNNI where the CPU has them), never taken from a wheel cache that
@@ -119,7 +119,7 @@ endif
 # bench-default, bench-pruning, bench-quantization, bench-peers, bench-peers-vision,
 # bench-vit-tokens, bench-vit-servings, bench-vit-pooling, bench-peers-decoder, bench-tokens,
 # bench-embedding-pooling, bench-isa, bench-lowrank, bench-embedding, bench-embedding-curves,
-# bench-embedding-speed, bench-probe-noise, bench-search-efficiency. Results:
+# bench-embedding-speed, bench-probe-noise, bench-distill-speed, bench-search-efficiency. Results:
 # bench/results/*.json (bench/tables.py prints them); bench-fuzz, bench-deadline, bench-crash
 # and bench-studies are long tests that pass or fail.
 bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vision \
@@ -127,7 +127,7 @@ bench: bench-default bench-pruning bench-quantization bench-peers bench-peers-vi
 	bench-embedding-pooling bench-isa \
 	bench-lowrank \
 	bench-embedding bench-embedding-curves bench-embedding-speed bench-probe-noise \
-	bench-search-efficiency bench-fuzz bench-deadline bench-crash \
+	bench-distill-speed bench-search-efficiency bench-fuzz bench-deadline bench-crash \
 	bench-studies
 
 bench-default: assets
@@ -216,6 +216,9 @@ bench-embedding-speed: assets
 # The standard error of a probe drop on the embedding task's 2,000 sentences (~3 min).
 bench-probe-noise: assets
 	$(BIN)/python bench/probe_noise.py
+
+bench-distill-speed: assets
+	$(BIN)/python bench/distill_speed.py
 
 # Early stopping's and reused training's worth: the default 20-minute throughput study with
 # --no-early-stop --no-reuse-trained, then by default, one after the other, trials evaluated per hour and the chosen model against the

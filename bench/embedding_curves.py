@@ -23,6 +23,9 @@ which structure reaches 1.5x the best peer while staying within a point on both 
         --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_onnxruntime.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 --int8-aware \
         --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_int8_aware.json
+    python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800,1600 \
+        --precision bfloat16 --engine onnxruntime \
+        --out bench/results/embedding_structure_curves_pooled_onnxruntime_bf16_amx_xeon.json
 
 Results accumulate in bench/results/embedding_structure_curves.json (one entry per structure,
 replaced when rerun), with the machine of each part.
@@ -41,7 +44,7 @@ from common import RESULTS, machine
 
 import slimformer
 from slimformer.passes.base import PassContext
-from slimformer.passes.recover_distill import Distill, DistillConfig
+from slimformer.passes.recover_distill import PRECISIONS, Distill, DistillConfig
 from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec, make_task
 
@@ -104,6 +107,7 @@ def curve(
                 "steps": done,
                 "seconds": round(time.time() - started),
                 "held_out_loss": report["held_out_loss_after"],
+                "precision": report["precision"],
                 "fp32": drops(task.score(model, state), baseline),
                 f"{engine}_int8": drops(task.score(served, state), baseline),
                 "load_average_1min": round(os.getloadavg()[0], 2),
@@ -143,6 +147,12 @@ def main() -> None:
         help="distil through int8 rounding (recover.distill int8_aware)",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="distillation's arithmetic (recover.distill precision; auto: bf16 where native)",
+    )
+    parser.add_argument(
         "--engine", choices=list(INT8), default="openvino", help="the int8 engine scored and timed"
     )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
@@ -155,6 +165,8 @@ def main() -> None:
         distill["neighbour_weight"] = args.neighbour_weight
     if args.int8_aware:
         distill["int8_aware"] = True
+    if args.precision != "auto":
+        distill["precision"] = args.precision
     if (distill != DISTILL or args.engine != "openvino") and out == OUT:
         parser.error("other distillation settings or engines need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}

@@ -24,6 +24,7 @@ from slimformer.recipe import Recipe
 from slimformer.tasks import TaskSpec, make_task
 from slimformer.tasks.embedding import _probe, embed
 from slimformer.tasks.geometry import probe_correct
+from slimformer.tasks.staging import paired_standard_error
 
 SPEC = TaskSpec("embedding")
 STUDENT = (ffn(0.7), pool(2, 3), distill(200))
@@ -34,9 +35,7 @@ def paired(first: np.ndarray, second: np.ndarray) -> dict[str, float]:
     difference = first - second
     return {
         "drop_points": round(100 * float(difference.mean()), 2),
-        "standard_error_points": round(
-            100 * float(difference.std(ddof=1) / np.sqrt(len(difference))), 2
-        ),
+        "standard_error_points": round(100 * paired_standard_error(first, second), 2),
         "disagreeing_share": round(float(np.mean(difference != 0)), 3),
         "sentences": len(difference),
     }

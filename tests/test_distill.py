@@ -139,3 +139,50 @@ def test_distillation_with_layer_matching_recovers_a_model_with_a_block_removed(
     distilled = apply_recipe(model, recipe, calibration, training=training_batches(model))
     resolved = distilled.recipe.steps[-1].resolved
     assert resolved["held_out_loss_after"] < resolved["held_out_loss_before"]
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_distillation_in_bfloat16_lowers_held_out_loss_and_repeats_itself(family):
+    # Explicit bfloat16 runs on any CPU (emulated where it has no bf16 instructions); the
+    # losses stay float32, so a decoder's bf16 logits are compared in float32.
+    model = tiny.build(family)
+    recipe = Recipe(
+        steps=(
+            Step("prune.ffn", {"keep": 0.5, "criterion": "magnitude"}),
+            Step(
+                "recover.distill",
+                {"steps": 60, "lr": 1e-4, "hidden_weight": 1.0, "precision": "bfloat16"},
+            ),
+        ),
+        seed=3,
+    )
+    calibration = tiny.calibration(model)
+    a = apply_recipe(model, recipe, calibration, training=training_batches(model))
+    b = apply_recipe(model, recipe, calibration, training=training_batches(model))
+    resolved = a.recipe.steps[-1].resolved
+    assert resolved["precision"] == "bfloat16"
+    assert resolved["held_out_loss_after"] < resolved["held_out_loss_before"]
+    assert torch.equal(tiny.output(a, calibration[0]), tiny.output(b, calibration[0]))
+    assert all(p.dtype == torch.float32 for p in a.module.parameters())
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
+    from slimformer import cpu
+    from slimformer.passes.recover_distill import DistillConfig, training_precision
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(cpu, "has_native_bf16", lambda native=native: native)
+        assert training_precision(DistillConfig()) == expected
+        assert training_precision(DistillConfig(int8_aware=True)) == "float32"
+        assert training_precision(DistillConfig(precision="float32")) == "float32"
+
+
+def test_int8_aware_distillation_in_bfloat16_is_refused():
+    from slimformer.errors import SlimformerError
+
+    model = tiny.build("bert")
+    recipe = Recipe(
+        steps=(Step("recover.distill", {"steps": 5, "int8_aware": True, "precision": "bfloat16"}),)
+    )
+    with pytest.raises(SlimformerError, match="int8_aware trains in float32"):
+        apply_recipe(model, recipe, tiny.calibration(model), training=training_batches(model))

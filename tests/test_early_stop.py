@@ -24,7 +24,15 @@ from slimformer.search.records import TrialRecord
 from slimformer.search.run_folder import read_run
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec, make_task, save_state
-from slimformer.tasks.staging import Paired, Staged, dominated, drop_bound, subset, verdict
+from slimformer.tasks.staging import (
+    Paired,
+    Staged,
+    dominated,
+    drop_bound,
+    paired_standard_error,
+    subset,
+    verdict,
+)
 
 
 # --- the bound ----------------------------------------------------------------------------------
@@ -88,6 +96,14 @@ def test_a_relative_drop_is_the_exponential_of_the_mean_log_loss_difference() ->
     drops = np.full(8, np.log(1.2))  # every window's log-loss 0.18 higher: perplexity ×1.2
     estimate, bound = drop_bound(Paired(drops, 24, relative=True))
     assert estimate == pytest.approx(0.2) and bound == pytest.approx(0.2)
+
+
+def test_the_standard_error_of_a_paired_drop_counts_the_examples_that_differ() -> None:
+    # Differences 0, 1, 0, -1: variance 2/3 over 4 examples.
+    original, candidate = np.array([1, 1, 0, 0]), np.array([1, 0, 0, 1])
+    assert paired_standard_error(original, candidate) == pytest.approx(np.sqrt(2 / 3) / 2)
+    assert paired_standard_error(original, original) == 0.0
+    assert paired_standard_error(original[:1], candidate[:1]) == 0.0
 
 
 def test_a_split_too_small_to_save_anything_is_not_staged() -> None:

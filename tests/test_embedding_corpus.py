@@ -20,6 +20,7 @@ import torch
 from slimformer import assets
 from slimformer.errors import SlimformerError
 from slimformer.tasks import TaskSpec, make_task
+from slimformer.tasks.base import DROP_SE
 from slimformer.tasks.corpus import MIN_SENTENCES
 from slimformer.tasks.embedding import GEOMETRY_GUARD, TRANSFER_DOMAINS, embed
 from slimformer.tasks.geometry import neighbour_recall, normalize
@@ -121,6 +122,7 @@ def test_a_label_column_scores_a_probe_fitted_on_the_original(tmp_path):
     assert set(score.details) | {score.metric} == set(task.reported_figures())
     # The probe is the original's: a drifted model scores it as it is, not refitted.
     assert task.score(perturbed(model, 0.5), state).details["recall@10"] < 1.0
+    assert score.details[DROP_SE] == 0.0  # the original against itself
 
 
 def test_sentence_pairs_score_the_spearman_correlation_with_the_gold(tmp_path):

@@ -7,6 +7,7 @@ which trials are feasible and which one is chosen.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,10 +20,12 @@ from test_search_runner import FakeEvaluator, int8, settings, study, trials_file
 from slimformer.cpu import fingerprint
 from slimformer.errors import SlimformerError
 from slimformer.recipe import Recipe
-from slimformer.report import print_study, trials_table
+from slimformer.report import print_study, trial_line, trials_table
+from slimformer.report_html import write_report
 from slimformer.search import guards, optuna_study
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import TaskSpec
+from slimformer.tasks.base import DROP_SE
 
 TRANSFER_GUARD = "drop(transfer_probe_accuracy)<=0.01"
 # int8 scope -> how much the transfer domain loses: the fastest scope within the budget on the
@@ -36,11 +39,11 @@ class TransferEvaluator(FakeEvaluator):
         if not score:
             return result
         transfer = 0.80
-        for step in Recipe.load(model_dir).steps:
+        steps = Recipe.load(model_dir).steps
+        for step in steps:
             transfer -= TRANSFER_LOSS.get(step.config.get("scope"), 0.0)
-        return replace(
-            result, details={"cosine_fidelity": 1.0, "transfer_probe_accuracy": transfer}
-        )
+        details = {"cosine_fidelity": 1.0, "transfer_probe_accuracy": transfer}
+        return replace(result, details=details | {DROP_SE: 0.0065 if steps else 0.0})
 
 
 # --- syntax ---------------------------------------------------------------------------------------
@@ -182,6 +185,22 @@ def test_the_front_table_the_summary_and_the_card_show_each_guard(tmp_path):
     assert "meets the quality budget and its guards" in card
     assert "| drop(transfer_probe_accuracy) ≤ 0.01 | 0.0000 | 0.0020 | yes |" in card
     assert "Quality (`probe_accuracy`) is the accuracy of a logistic-regression" in card
+
+
+def test_a_drop_reads_with_its_standard_error_in_the_lines_the_tables_and_the_card(tmp_path):
+    result = run(tmp_path)
+    chosen = result.chosen
+    console = Console(record=True, width=250)
+    console.print(trials_table(result.trials, result.settings, result.pareto, "trials"))
+    print_study(result, console)
+    console.print(trial_line(chosen, "throughput", bounded=True))
+    shown = f"{chosen.drop * 100:+.2f} ± 0.65 pt"
+    text = console.export_text()
+    assert text.count(shown) >= 3  # its row, the summary's chosen line, its trial line
+    card = (result.best_dir / "README.md").read_text()
+    assert f"This model's drop: {shown} (± one standard error" in card
+    page = html.unescape(write_report(result.out).read_text())
+    assert shown in page
 
 
 def test_without_guards_the_tables_and_the_card_have_no_guard_column(tmp_path):

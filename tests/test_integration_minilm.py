@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ from slimformer.checkpoint import load_model, save_model
 from slimformer.pipeline import apply_recipe
 from slimformer.recipe import Recipe, Step
 from slimformer.tasks import TaskSpec, make_task
-from slimformer.tasks.embedding import embed
-from slimformer.tasks.geometry import normalize
+from slimformer.tasks.base import DROP_SE
+from slimformer.tasks.embedding import _probe, embed
+from slimformer.tasks.geometry import normalize, probe_correct
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "slimformer.cli"]
@@ -97,6 +99,38 @@ def test_pass_keeps_embeddings_close_on_minilm(
     candidate = apply_recipe(minilm, recipe, calibration)
     score = fidelity(candidate, minilm, sentences)
     assert least_fidelity < score < 0.99999  # close, and really changed
+
+
+def test_a_probe_drop_on_minilm_comes_with_the_standard_error_of_its_paired_answers(
+    minilm, tmp_path
+):
+    # A probe that tells the classes apart (a tiny random model's predicts one class), and a
+    # copy whose weights moved enough to flip some of its answers.
+    rows = [
+        (text, "pos" if score > 0 else "neg")
+        for text, score in slimformer.assets.rated_sentences("amazon")
+        if score
+    ][:800]
+    data = tmp_path / "labelled.csv"
+    with data.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("text", "mood"), *rows])
+    task = make_task(TaskSpec("embedding", data=str(data), label_column="mood"))
+    state = task.prepare(minilm)
+    moved = minilm.copy()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in moved.module.parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            parameter.add_(0.1 * parameter.std() * noise)
+    score = task.score(moved, state)
+
+    probe, labels = _probe(state, "probe_"), task.labels("test")
+    before = probe_correct(probe, state["reference_test"], labels)
+    after = probe_correct(probe, embed(moved, task.texts("test"), task.seq_len), labels)
+    assert after.mean() == pytest.approx(score.value) and np.any(before != after)
+    expected = np.std(before - after, ddof=1) / np.sqrt(len(labels))
+    assert score.details[DROP_SE] == pytest.approx(expected)
+    assert task.score(minilm, state).details[DROP_SE] == 0.0
 
 
 def test_layer_importance_keeps_first_and_last_minilm_blocks(minilm, calibration):

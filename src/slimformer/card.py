@@ -19,6 +19,7 @@ from slimformer.search.confirm import unsteady
 from slimformer.search.guards import figure_drops, parse_guard
 from slimformer.search.records import BestModel
 from slimformer.tasks import make_task
+from slimformer.tasks.base import DROP_SE
 
 
 def write_card(folder: Path, best: BestModel) -> None:
@@ -92,6 +93,7 @@ It {status} {limits} (max drop {format_drop(settings.max_drop, bounded)}) on the
 `{settings.task.name}` task.
 
 Quality (`{best.metric}`) is {escape_md(task.describe_score())}
+{_drop_sentence(chosen.drop, chosen.details.get(DROP_SE), bounded)}
 {_guards_section(best)}
 Load it with `slimformer.load(this_folder)`. {loading}
 Replay it with `slimformer apply recipe.yaml {settings.model} --out DIR`.
@@ -113,6 +115,21 @@ These are facts about this machine: on a CPU with other instruction sets the ran
 engines and precisions can differ (`slimformer bench this_folder` there shows today's figures
 beside these).
 """
+
+
+def _drop_sentence(drop: float | None, error: float | None, bounded: bool) -> str:
+    """The chosen model's drop, and where the task reported it its standard error with what
+    that means for reading it."""
+    if drop is None:
+        return ""
+    if not error:
+        return f"This model's drop: {format_drop(drop, bounded)}."
+    return (
+        f"This model's drop: {format_drop(drop, bounded, error)} (± one standard error of the "
+        "per-example paired difference: the drop on more data of this kind would lie within "
+        "about twice that of the figure, and models whose drops differ by less are not told "
+        "apart by this data)."
+    )
 
 
 def _guards_section(best: BestModel) -> str:

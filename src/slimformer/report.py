@@ -26,6 +26,7 @@ from slimformer.search.confirm import unsteady
 from slimformer.search.records import StudyResult, TrialRecord
 from slimformer.search.settings import StudySettings
 from slimformer.tasks import make_task
+from slimformer.tasks.base import DROP_SE
 
 TRIAL_STAGES = {"applying passes": 1, "saving": 2, "loading": 3, "timing": 4, "scoring": 5}
 
@@ -36,10 +37,17 @@ def format_quality(value: float | None, bounded: bool) -> str:
     return f"{value * 100:.2f}%" if bounded else f"{value:.4g}"
 
 
-def format_drop(drop: float | None, bounded: bool) -> str:
+def format_drop(drop: float | None, bounded: bool, error: float | None = None) -> str:
+    """A drop in points (fractions) or percent; with `error`, its standard error after ±."""
     if drop is None:
         return "—"
-    return f"{drop * 100:+.2f} pt" if bounded else f"{drop * 100:+.2f}%"
+    spread = f" ± {error * 100:.2f}" if error else ""
+    return f"{drop * 100:+.2f}{spread} pt" if bounded else f"{drop * 100:+.2f}{spread}%"
+
+
+def drop_text(record: TrialRecord, bounded: bool) -> str:
+    """A trial's drop, with its standard error where the task reported one."""
+    return format_drop(record.drop, bounded, record.details.get(DROP_SE))
 
 
 def _bounded(settings: StudySettings) -> bool:
@@ -145,7 +153,7 @@ def trial_line(
     figure = BY_NAME[objective]
     return (
         f"{escape(head)}  {format_quality(record.quality, bounded)} "
-        f"({format_drop(record.drop, bounded)})  "
+        f"({drop_text(record, bounded)})  "
         f"{objective} {figure.show(record.measurement)} {figure.unit}  {mark}"
     )
 
@@ -197,16 +205,16 @@ def trials_table(
             continue
         m = r.measurement
         gain = improvement(base_value, m.get(objective.field), objective.lower_is_better)
-        drop_text = format_drop(r.drop, bounded)
+        drop_shown = drop_text(r, bounded)
         if not r.feasible:
-            drop_text = f"[yellow]{drop_text}[/yellow]"
+            drop_shown = f"[yellow]{drop_shown}[/yellow]"
         failed = failed_guards(r)
         guard_cell = f"[yellow]✗ {escape(_clip(', '.join(failed), 40))}[/yellow]" if failed else "✓"
         table.add_row(
             str(r.number),
             escape(_clip(r.description, 60)),
             format_quality(r.quality, bounded),
-            drop_text,
+            drop_shown,
             *(f.show(m) for f in figures),
             f"{gain:.2f}×" if math.isfinite(gain) else "—",
             *([guard_cell] if guarded else []),
@@ -253,14 +261,14 @@ def print_study(result: StudyResult, console: Console) -> None:
         console.print(
             f"chosen: trial {chosen.number} ({escape(chosen.description)}) — {ratio:.2f}× "
             f"better {settings.objective} than the baseline ({how}) at "
-            f"{format_drop(chosen.drop, bounded)} quality (budget {budget})"
+            f"{drop_text(chosen, bounded)} quality (budget {budget})"
         )
     else:
         console.print(
             f"[yellow]no optimized candidate met {limits}[/yellow]; saved the "
             f"best-quality frontier point instead: trial {chosen.number} "
             f"({escape(chosen.description)}), "
-            f"drop {format_drop(chosen.drop, bounded)}"
+            f"drop {drop_text(chosen, bounded)}"
         )
     if settings.guards:
         marks = [f"{g} {'✓' if chosen.guards.get(g) else '✗'}" for g in settings.guards]

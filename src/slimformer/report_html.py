@@ -48,7 +48,7 @@ from slimformer.figures import (
     improvement,
 )
 from slimformer.files import read_json, write_atomic
-from slimformer.report import failed_guards, format_drop, format_quality
+from slimformer.report import drop_text, failed_guards, format_drop, format_quality
 from slimformer.search.confirm import unsteady
 from slimformer.search.optuna_study import STUDY_NAME, measured_here
 from slimformer.search.records import TrialRecord
@@ -57,6 +57,7 @@ from slimformer.search.selection import pareto_front
 from slimformer.search.settings import StudySettings
 from slimformer.search.storage import open_storage
 from slimformer.tasks import make_task
+from slimformer.tasks.base import DROP_SE
 
 REPORT_FILE = "report.html"
 # Below this many finished trials measured here, Optuna's importance says nothing yet.
@@ -256,7 +257,7 @@ def _hover(record: TrialRecord, view: RunView, figure: Figure) -> str:
         lines.append(
             f"{html.escape(view.metric, quote=False)} "
             f"{format_quality(record.quality, view.bounded)} "
-            f"(drop {format_drop(record.drop, view.bounded)})"
+            f"(drop {drop_text(record, view.bounded)})"
         )
     lines.append(f"{figure.name} {figure.show(record.measurement)} {figure.unit}")
     lines += [html.escape(p, quote=False) for p in problems(record, view.settings.max_drop)]
@@ -505,7 +506,7 @@ def trial_rows(view: RunView, front: set[int], machines: list[dict | None]) -> l
                 "recipe": r.description,
                 "quality": format_quality(r.quality, view.bounded),
                 "quality_v": _number(r.quality),
-                "drop": format_drop(r.drop, view.bounded),
+                "drop": drop_text(r, view.bounded),
                 "drop_v": _number(r.drop),
                 "figures": [
                     (
@@ -626,7 +627,11 @@ def render(view: RunView) -> str:
         "chosen_record": next((r for r in view.records if r.number == chosen), None),
         "chosen_rows": chosen_rows(view),
         "chosen_quality": format_quality((view.best or {}).get("quality"), view.bounded),
-        "chosen_drop": format_drop((view.best or {}).get("drop"), view.bounded),
+        "chosen_drop": format_drop(
+            (view.best or {}).get("drop"),
+            view.bounded,
+            ((view.best or {}).get("details") or {}).get(DROP_SE),
+        ),
         "confirmed": confirmed,
         "unsteady": unsteady(confirmed) if confirmed else None,
         "confirmation_plot": (

@@ -35,6 +35,17 @@ class Score:
     details: dict[str, float] = field(default_factory=dict)
 
 
+# The detail a task reports, where it can, beside its score: the standard error of the score's
+# drop against the original, from per-example paired differences on the scored split, so a drop
+# reads with how much of it is the sample (tasks/staging.py: paired_standard_error).
+DROP_SE = "drop_se"
+
+
+def drop_se_of(figure: str) -> str:
+    """The detail holding the standard error of another reported figure's drop."""
+    return f"{figure}_{DROP_SE}"
+
+
 def quality_drop(baseline: float, value: float, direction: str, bounded: bool) -> float:
     """How much worse `value` is than `baseline`: points for fractions, relative otherwise."""
     worse = baseline - value if direction == "maximize" else value - baseline

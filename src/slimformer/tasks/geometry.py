@@ -105,12 +105,6 @@ def probe_correct(
     return (probe["classes"][picked] == labels).astype(np.float64)
 
 
-def probe_accuracy(
-    probe: dict[str, np.ndarray], embeddings: np.ndarray, labels: np.ndarray
-) -> float:
-    return float(np.mean(probe_correct(probe, embeddings, labels)))
-
-
 def pair_spearman(first: np.ndarray, second: np.ndarray, gold: np.ndarray) -> float:
     """Spearman correlation between the pairs' cosine similarities and their gold scores."""
     similarity = np.sum(normalize(first) * normalize(second), axis=1)

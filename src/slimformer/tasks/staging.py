@@ -66,6 +66,15 @@ def subset(population: int, seed: int, minimum: int) -> np.ndarray | None:
     return np.sort(picked)
 
 
+def paired_standard_error(original: np.ndarray, candidate: np.ndarray) -> float:
+    """The standard error of the mean drop (original − candidate per example) as an estimate
+    of the drop on the population the examples were drawn from; 0 for one example."""
+    drops = np.asarray(original, dtype=np.float64) - np.asarray(candidate, dtype=np.float64)
+    if len(drops) < 2:
+        return 0.0
+    return float(drops.std(ddof=1) / math.sqrt(len(drops)))
+
+
 def drop_bound(sample: Paired, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """The subset's estimate of the whole split's drop, and its one-sided lower bound."""
     drops = np.asarray(sample.drops, dtype=np.float64)
