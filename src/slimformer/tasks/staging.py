@@ -66,13 +66,18 @@ def subset(population: int, seed: int, minimum: int) -> np.ndarray | None:
     return np.sort(picked)
 
 
+def _mean_error(drops: np.ndarray) -> float:
+    """The standard error of the mean of per-example drops; infinite for one example."""
+    if len(drops) < 2:
+        return math.inf
+    return float(drops.std(ddof=1)) / math.sqrt(len(drops))
+
+
 def paired_standard_error(original: np.ndarray, candidate: np.ndarray) -> float:
     """The standard error of the mean drop (original − candidate per example) as an estimate
     of the drop on the population the examples were drawn from; 0 for one example."""
     drops = np.asarray(original, dtype=np.float64) - np.asarray(candidate, dtype=np.float64)
-    if len(drops) < 2:
-        return 0.0
-    return float(drops.std(ddof=1) / math.sqrt(len(drops)))
+    return _mean_error(drops) if len(drops) > 1 else 0.0
 
 
 def drop_bound(sample: Paired, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -80,9 +85,8 @@ def drop_bound(sample: Paired, confidence: float = CONFIDENCE) -> tuple[float, f
     drops = np.asarray(sample.drops, dtype=np.float64)
     n = len(drops)
     mean = float(drops.mean())
-    spread = float(drops.std(ddof=1)) if n > 1 else math.inf
     finite = math.sqrt(max(0.0, (sample.population - n) / max(1, sample.population - 1)))
-    error = spread / math.sqrt(n) * finite
+    error = _mean_error(drops) * finite
     # Imported here: scipy.stats costs 1-2 s of start-up in every CLI and trial process.
     from scipy.stats import t as student_t
 
