@@ -281,9 +281,9 @@ def training_precision(config: DistillConfig) -> str:
 @contextlib.contextmanager
 def arithmetic(precision: str) -> Iterator[None]:
     """The forwards (and so their backward) in `precision`. In bfloat16, attention uses
-    PyTorch's math kernel: the flash kernel's bf16 backward on CPU took longer than the whole
-    float32 step (all-MiniLM-L6-v2, batch 32, AMX Xeon: 15 ms a call; a step 339 ms against
-    309 ms in float32, and 172 ms with the math kernel)."""
+    PyTorch's math kernel: the flash kernel's bf16 backward on CPU made the bf16 step slower
+    than float32 (an exploratory timing of all-MiniLM-L6-v2 at batch 32 on the AMX Xeon: 15 ms
+    a call; a step 339 ms against 309 ms in float32, and 172 ms with the math kernel)."""
     if precision == "float32":
         yield
         return
@@ -467,8 +467,9 @@ class Distill(Pass):
         torch.manual_seed(ctx.seed)
         order = random.Random(ctx.seed)
         parameters = [p for p in model.module.parameters() if p.requires_grad]
-        # Fused: one kernel over all parameters instead of a loop of small ops per tensor,
-        # which took a quarter of a float32 step on all-MiniLM-L6-v2 (309 against 387 ms).
+        # Fused: one kernel over all parameters instead of a loop of small ops per tensor
+        # (a float32 step of the pooled MiniLM student 680 against 740 ms, AMX Xeon:
+        # bench/results/distill_speed_amx_xeon.json).
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, fused=True)
         started = time.monotonic()
         steps = 0
