@@ -3,6 +3,8 @@ save beside their artifact and load back into the same engine."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tiny
 import torch
@@ -99,6 +101,48 @@ def test_openvino_nncf_int8_inserts_quantizers_and_stays_close():
     reference, got = tiny.output(model, batch), tiny.output(served, batch)
     cosine = torch.nn.functional.cosine_similarity(got.flatten(), reference.flatten(), dim=0)
     assert cosine > 0.99
+
+
+def generated_kernels(served) -> int:
+    """Layers of the compiled graph that run as kernels OpenVINO generated (snippets)."""
+    layers = served.module.compiled().get_runtime_model().get_ops()
+    return sum(layer.get_rt_info()["layerType"].astype(str) == "Subgraph" for layer in layers)
+
+
+def test_openvino_without_snippets_runs_no_generated_kernels_matches_eager_and_reloads_so(
+    tmp_path,
+):
+    model = tiny.build("bert")
+    assert generated_kernels(serve(model, ("runtime.openvino", {}))) > 0  # the default: on
+    served = serve(model, ("runtime.openvino", {"snippets": False}))
+    assert generated_kernels(served) == 0
+    batch = tiny.calibration(model)[1]
+    assert difference(model, served, batch) < 1e-4
+    save_model(served, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert generated_kernels(loaded) == 0
+    torch.testing.assert_close(tiny.output(loaded, batch), tiny.output(served, batch))
+
+
+def test_openvino_model_saved_before_the_snippets_setting_loads_with_openvinos_default(tmp_path):
+    model = tiny.build("bert")
+    save_model(serve(model, ("runtime.openvino", {"snippets": False})), tmp_path / "m")
+    meta_path = next(p for p in (tmp_path / "m").glob("*.json") if '"snippets"' in p.read_text())
+    meta = json.loads(meta_path.read_text())
+    _drop_key(meta, "snippets")
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_model(tmp_path / "m")
+    assert generated_kernels(loaded) > 0
+
+
+def _drop_key(value, key: str) -> None:
+    if isinstance(value, dict):
+        value.pop(key, None)
+        for inner in value.values():
+            _drop_key(inner, key)
+    elif isinstance(value, list):
+        for inner in value:
+            _drop_key(inner, key)
 
 
 def test_pruned_model_with_uneven_heads_exports_and_matches():

@@ -9,6 +9,11 @@ prefill: the state is reset before each) and KV-cached generation: a call with
 bf16 runs only on CPUs with bf16 instructions: elsewhere OpenVINO itself falls back to f32, and
 under a forced oneDNN cap (ONEDNN_MAX_CPU_ISA=AVX2 without OV_CPU_MAX_ISA) the plugin still
 believes in bf16 while oneDNN refuses it, and compiling fails, so f32 is asked for there instead.
+
+`snippets` is the CPU plugin's SNIPPETS_MODE: on (OpenVINO's default), attention and chains of
+element-wise ops run as kernels the plugin generates for the graph; off, as separate oneDNN
+primitives. Which is faster depends on the CPU and the input lengths, so it is a searched
+setting of `runtime.openvino`, recorded with the model and applied when it is compiled.
 """
 
 from __future__ import annotations
@@ -51,10 +56,13 @@ _cap_plugin_like_onednn()
 class OpenVinoModule(ServedModule):
     runtime = "openvino"
 
-    def __init__(self, config: Any, head: str, ov_model: Any, precision: str):
+    def __init__(
+        self, config: Any, head: str, ov_model: Any, precision: str, snippets: bool = True
+    ):
         super().__init__(config, head)
         self.ov_model = ov_model
         self.precision = runnable_precision(precision)
+        self.snippets = snippets
         self.stateful = is_stateful(ov_model)
         self._compiled: Any = None
         self._full: Any = None  # the request for full forward passes (stateful models)
@@ -76,6 +84,7 @@ class OpenVinoModule(ServedModule):
                     "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                     # Set explicitly: on CPUs with bf16 instructions the default is bf16.
                     "INFERENCE_PRECISION_HINT": self.precision,
+                    "SNIPPETS_MODE": "ENABLE" if self.snippets else "DISABLE",
                 },
             )
         return self._compiled
@@ -138,7 +147,9 @@ class OpenVinoModule(ServedModule):
         )
 
     def __deepcopy__(self, memo: dict) -> OpenVinoModule:
-        return OpenVinoModule(self.config, self.head, self.ov_model, self.precision)
+        return OpenVinoModule(
+            self.config, self.head, self.ov_model, self.precision, self.snippets
+        )
 
     def save_artifacts(self, folder: Path) -> dict[str, Any]:
         import openvino as ov
@@ -148,6 +159,7 @@ class OpenVinoModule(ServedModule):
         return {
             "files": [XML_FILE, BIN_FILE],
             "precision": self.precision,
+            "snippets": self.snippets,
             "kv_cache": self.stateful,
         }
 
@@ -157,7 +169,9 @@ class OpenVinoModule(ServedModule):
     ) -> OpenVinoModule:
         import openvino as ov
 
-        return cls(config, head, ov.Core().read_model(str(folder / XML_FILE)), meta["precision"])
+        graph = ov.Core().read_model(str(folder / XML_FILE))
+        # Saved before the setting existed: OpenVINO's default, as they were measured.
+        return cls(config, head, graph, meta["precision"], meta.get("snippets", True))
 
 
 def runnable_precision(precision: str) -> str:
