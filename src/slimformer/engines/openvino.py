@@ -147,9 +147,7 @@ class OpenVinoModule(ServedModule):
         )
 
     def __deepcopy__(self, memo: dict) -> OpenVinoModule:
-        return OpenVinoModule(
-            self.config, self.head, self.ov_model, self.precision, self.snippets
-        )
+        return OpenVinoModule(self.config, self.head, self.ov_model, self.precision, self.snippets)
 
     def save_artifacts(self, folder: Path) -> dict[str, Any]:
         import openvino as ov
