@@ -24,6 +24,7 @@ FACTS = ModelFacts(
 )
 THROUGHPUT = ("throughput_per_s", True)
 BUDGET = ("probe_accuracy", 0.01)
+RANKING = (THROUGHPUT, BUDGET)
 ORT_INT8 = ("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"})
 DISTILL_200 = ("recover.distill", {"steps": 200, "lr": 1e-4})
 
@@ -137,6 +138,18 @@ def test_a_trained_recipe_is_proposed_first_served_each_other_way_measured_withi
     ]
     assert proposals[2].startswith("prune.ffn(keep=0.6)")  # then the cheaper neighbours
     assert not any("quantize.dynamic_int8" in p for p in proposals)
+
+
+def test_the_best_recipe_is_proposed_with_openvinos_generated_kernels_switched_before_cheaper():
+    offered = [*OFFERED, get_pass("runtime.openvino")]
+    ffn = ("prune.ffn", {"keep": 0.7})
+    best = record(1, [ffn, DISTILL_200, ("runtime.openvino", {"int8": "nncf"})], 0.004, 400.0)
+    proposals = [r.describe() for r in neighbours([BASELINE, best], offered, FACTS, *RANKING)]
+    assert "snippets=False" in proposals[0] and proposals[0].startswith("prune.ffn(keep=0.7)")
+    assert proposals[1].startswith("prune.ffn(keep=0.6)")
+    switched = record(2, [ffn, DISTILL_200, ("runtime.openvino", {"snippets": False})], 0.0, 450.0)
+    again = [r.describe() for r in neighbours([BASELINE, switched], offered, FACTS, *RANKING)]
+    assert "snippets=True" in again[0]  # the other way round from a recipe that had it off
 
 
 def test_the_way_that_served_a_pruned_model_fastest_is_proposed_first_not_the_unpruned_fastest():

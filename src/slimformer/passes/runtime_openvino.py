@@ -72,6 +72,7 @@ class OpenVinoConfig:
         "attention and element-wise chains as kernels OpenVINO generates for the graph (its "
         "default), or as separate oneDNN primitives (off: faster int8 on an AMX Xeon at "
         "sentence lengths, the same under AVX2; measured per CPU by the search)",
+        faster_depends_on_cpu=True,
     )
     weights: str = searchable(
         "none",

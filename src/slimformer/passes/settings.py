@@ -159,13 +159,16 @@ def searchable(
     when: tuple[str, tuple[Any, ...]] | None = None,
     cheaper: str | None = None,
     recovers: str | None = None,
+    faster_depends_on_cpu: bool = False,
 ) -> Any:
     """A config field the study may vary within `space`. The space is also what a recipe may
     set, unless `valid` declares a wider range of accepted numbers. `when=(setting, values)`:
     the setting matters only while another (declared earlier) has one of `values`; the study
     varies it only then, and leaves it at its default otherwise. `cheaper` / `recovers`
     ("lower" or "higher", along the space's order): which way makes the model cheaper to
-    serve / wins back quality; the study's local search moves them (search/neighbours.py)."""
+    serve / wins back quality; the study's local search moves them (search/neighbours.py).
+    `faster_depends_on_cpu`: a serving setting whose faster option differs between CPUs; the
+    local search serves the best recipe with each other option (search/neighbours.py)."""
     for name, way in (("cheaper", cheaper), ("recovers", recovers)):
         if way not in (None, "lower", "higher"):
             raise ValueError(f"{name} must be 'lower' or 'higher', not {way!r}")
@@ -173,6 +176,7 @@ def searchable(
     metadata |= {"when": when} if when else {}
     metadata |= {"cheaper": cheaper} if cheaper else {}
     metadata |= {"recovers": recovers} if recovers else {}
+    metadata |= {"faster_depends_on_cpu": True} if faster_depends_on_cpu else {}
     return field(default=default, metadata=metadata)
 
 
