@@ -69,9 +69,8 @@ class OpenVinoConfig:
     snippets: bool = searchable(
         True,
         Choice((True, False)),
-        "attention and element-wise chains as kernels OpenVINO generates for the graph (its "
-        "default), or as separate oneDNN primitives (off: faster int8 on an AMX Xeon at "
-        "sentence lengths, the same under AVX2; measured per CPU by the search)",
+        "attention and element-wise chains as kernels OpenVINO generates (its default), or "
+        "as separate oneDNN primitives (off: faster int8 on an AMX Xeon, the same under AVX2)",
         faster_depends_on_cpu=True,
     )
     weights: str = searchable(
