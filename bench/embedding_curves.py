@@ -19,6 +19,10 @@ which structure reaches 1.5x the best peer while staying within a point on both 
         --out bench/results/embedding_structure_curves_layers2_layer_matching.json
     python bench/embedding_curves.py --only layers-2 --neighbour-weight 1 \
         --out bench/results/embedding_structure_curves_layers2_neighbours.json
+    python bench/embedding_curves.py --only layers-2 --marks 400,800 --lr 3e-4 \
+        --similarity-weight 10 --quality-only \
+        --engine openvino_no_snippets \
+        --out bench/results/embedding_structure_curves_layers2_lr3e-4_similarity10_amx_xeon.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 \
         --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_onnxruntime.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 --int8-aware \
@@ -65,6 +69,9 @@ STRUCTURES: dict[str, list[tuple[str, dict]]] = {
 INT8 = {
     "openvino": Step("runtime.openvino", {"int8": "nncf"}),
     "onnxruntime": Step("runtime.onnxruntime", {"optimize": True, "int8": "dynamic"}),
+    # OpenVINO's attention and element-wise chains as oneDNN primitives: faster on AMX CPUs
+    # (bench/results/embedding_structure_speed_snippets_amx_xeon.json).
+    "openvino_no_snippets": Step("runtime.openvino", {"int8": "nncf", "snippets": False}),
 }
 
 
@@ -128,6 +135,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(STRUCTURES), default=list(STRUCTURES))
     parser.add_argument("--marks", default="200,400", help="distillation steps to score at")
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument(
+        "--quality-only", action="store_true", help="no throughput rows (timed elsewhere)"
+    )
     parser.add_argument("--lr", type=float, default=DISTILL["lr"], help="distillation's lr")
     parser.add_argument(
         "--layer-weight",
@@ -140,6 +150,12 @@ def main() -> None:
         type=float,
         default=0.0,
         help="distillation's neighbour-distribution matching (recover.distill neighbour_weight)",
+    )
+    parser.add_argument(
+        "--similarity-weight",
+        type=float,
+        default=DISTILL["similarity_weight"],
+        help="distillation's similarity-matrix matching (recover.distill similarity_weight)",
     )
     parser.add_argument(
         "--int8-aware",
@@ -158,7 +174,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
     out = args.out
-    distill = DISTILL | {"lr": args.lr}
+    distill = DISTILL | {"lr": args.lr, "similarity_weight": args.similarity_weight}
     if args.layer_weight:
         distill["layer_weight"] = args.layer_weight
     if args.neighbour_weight:
@@ -178,6 +194,8 @@ def main() -> None:
             results["structures"][name] = {"structure": STRUCTURES[name], "curve": rows}
             results["curves_machine"] = machine()
             out.write_text(json.dumps(results, indent=1) + "\n")
+    if args.quality_only:
+        return
     served = f"{args.engine}_int8"
     with tempfile.TemporaryDirectory() as tmp:
         peer = throughput([], args.engine, Path(tmp) / "peer")

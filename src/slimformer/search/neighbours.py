@@ -25,8 +25,9 @@ And first, because they cost seconds where the others cost minutes:
   known before it is measured (OpenVINO's int8 wins with VNNI, ONNX Runtime's without: README,
   "How a run works"), and how the engines served the unpruned model ranks them poorly.
 - the best within-budget recipe served with each other option of its settings declared
-  `faster_depends_on_cpu=` (OpenVINO's generated kernels on or off: off served all-MiniLM-L6-v2
-  int8 12% faster on an AMX Xeon, the same under AVX2), one setting at a time.
+  `faster_depends_on_cpu=` (OpenVINO's generated kernels on or off: off served
+  all-MiniLM-L6-v2's int8 structures 1.10-1.19x faster on an AMX Xeon,
+  bench/results/embedding_structure_speed_snippets_amx_xeon.json), one setting at a time.
 
 The runner queues the first of these that no trial has tried yet, every other trial, so the
 sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
