@@ -158,6 +158,12 @@ def main() -> None:
         help="distillation's similarity-matrix matching (recover.distill similarity_weight)",
     )
     parser.add_argument(
+        "--general-fraction",
+        type=float,
+        default=DISTILL["general_fraction"],
+        help="distillation's share of steps on the general corpus (recover.distill)",
+    )
+    parser.add_argument(
         "--int8-aware",
         action="store_true",
         help="distil through int8 rounding (recover.distill int8_aware)",
@@ -174,7 +180,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
     args = parser.parse_args()
     out = args.out
-    distill = DISTILL | {"lr": args.lr, "similarity_weight": args.similarity_weight}
+    distill = DISTILL | {
+        "lr": args.lr,
+        "similarity_weight": args.similarity_weight,
+        "general_fraction": args.general_fraction,
+    }
     if args.layer_weight:
         distill["layer_weight"] = args.layer_weight
     if args.neighbour_weight:
