@@ -140,13 +140,16 @@ def test_a_trained_recipe_is_proposed_first_served_each_other_way_measured_withi
     assert not any("quantize.dynamic_int8" in p for p in proposals)
 
 
-def test_the_best_recipe_is_proposed_with_openvinos_generated_kernels_switched_before_cheaper():
+def test_the_best_recipe_is_proposed_with_openvinos_generated_kernels_switched_first():
     offered = [*OFFERED, get_pass("runtime.openvino")]
     ffn = ("prune.ffn", {"keep": 0.7})
     best = record(1, [ffn, DISTILL_200, ("runtime.openvino", {"int8": "nncf"})], 0.004, 400.0)
-    proposals = [r.describe() for r in neighbours([BASELINE, best], offered, FACTS, *RANKING)]
+    ort = record(2, [ORT_INT8], 0.002, 300.0)  # another way to serve: a re-serving to propose
+    records = [BASELINE, best, ort]
+    proposals = [r.describe() for r in neighbours(records, offered, FACTS, *RANKING)]
     assert "snippets=False" in proposals[0] and proposals[0].startswith("prune.ffn(keep=0.7)")
-    assert proposals[1].startswith("prune.ffn(keep=0.6)")
+    assert "runtime.onnxruntime" in proposals[1]  # then the best recipe served the other way
+    assert proposals[2].startswith("prune.ffn(keep=0.6)")  # then the cheaper neighbours
     switched = record(2, [ffn, DISTILL_200, ("runtime.openvino", {"snippets": False})], 0.0, 450.0)
     again = [r.describe() for r in neighbours([BASELINE, switched], offered, FACTS, *RANKING)]
     assert "snippets=True" in again[0]  # the other way round from a recipe that had it off

@@ -17,6 +17,12 @@ the next one lies:
 
 And first, because they cost seconds where the others cost minutes:
 
+- the best within-budget recipe served with each other option of its settings declared
+  `faster_depends_on_cpu=` (OpenVINO's generated kernels on or off: off served
+  all-MiniLM-L6-v2's int8 structures 1.10-1.19x faster on an AMX Xeon,
+  bench/results/embedding_structure_speed_snippets_amx_xeon.json), one setting at a time.
+  Before the re-servings below: they multiply with every trained recipe near the budget, and
+  a study on that Xeon spent its last local-search turns on them (runs of 2026-12-05);
 - each recipe that trains (distillation) measured within twice the budget, best first, served
   the other ways the study measured within budget (the steps after training of those recipes:
   another engine, another int8), the way that served any model within twice the budget fastest
@@ -24,10 +30,6 @@ And first, because they cost seconds where the others cost minutes:
   converts, scores and times it; which engine serves a pruned, distilled model best is not
   known before it is measured (OpenVINO's int8 wins with VNNI, ONNX Runtime's without: README,
   "How a run works"), and how the engines served the unpruned model ranks them poorly.
-- the best within-budget recipe served with each other option of its settings declared
-  `faster_depends_on_cpu=` (OpenVINO's generated kernels on or off: off served
-  all-MiniLM-L6-v2's int8 structures 1.10-1.19x faster on an AMX Xeon,
-  bench/results/embedding_structure_speed_snippets_amx_xeon.json), one setting at a time.
 
 The runner queues the first of these that no trial has tried yet, every other trial, so the
 sampler still explores in between (`settings.local_search`; `--no-local-search` turns it off).
@@ -86,9 +88,11 @@ def neighbours(
 
     timed = [r for r in here if r.comparable and r.measurement.get(cost_field) is not None]
     best = max((r for r in timed if r.feasible), key=better, default=None)
-    proposals: list[Recipe] = _served_otherwise(timed, better, budget, facts)
+    proposals: list[Recipe] = []
     if best is not None:
         proposals += _other_options(Recipe.from_dict(best.recipe), offered, facts)
+    proposals += _served_otherwise(timed, better, budget, facts)
+    if best is not None:
         proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
     for recipe in _recoverable(here, offered, best, better, budget):
         recovered = _moved(recipe, offered, facts, "recovers")
