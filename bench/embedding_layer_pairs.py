@@ -17,17 +17,16 @@ a pair on 2 cores in bf16.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import time
 from pathlib import Path
-from unittest import mock
 
 from common import RESULTS, machine
 from embedding_curves import DISTILL, drops
 
 import slimformer
-import slimformer.passes.prune_layers as prune_layers
 from slimformer.passes.base import PassContext
 from slimformer.passes.recover_distill import Distill, DistillConfig
 from slimformer.recipe import Recipe, Step
@@ -41,15 +40,12 @@ CRITERION = "block_influence (prune.layers' default)"
 
 def removed(original, pair: tuple[int, int] | None):
     """The original with `pair` removed (None: the pair prune.layers chooses)."""
-    recipe = Recipe(steps=(Step("prune.layers", {"count": 2}),), task=SPEC)
     if pair is None:
+        recipe = Recipe(steps=(Step("prune.layers", {"count": 2}),), task=SPEC)
         return slimformer.apply(original, recipe)
-
-    def least_important(model, batches, criterion):  # the pair scores lowest
-        return [0.0 if block in pair else 1.0 for block in range(BLOCKS)]
-
-    with mock.patch.object(prune_layers, "block_importance", least_important):
-        return slimformer.apply(original, recipe)
+    model = copy.deepcopy(original)
+    model.adapter.keep_blocks([block for block in range(BLOCKS) if block not in pair])
+    return model
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 import tiny
 import torch
 
-from slimformer.checkpoint import load_model, save_model
+from slimformer.checkpoint import SLIM_META, load_model, save_model
 from slimformer.engines.compiled import CompiledModule
 from slimformer.engines.onnxruntime import OnnxRuntimeModule
 from slimformer.engines.openvino import OpenVinoModule
@@ -127,22 +127,12 @@ def test_openvino_without_snippets_runs_no_generated_kernels_matches_eager_and_r
 def test_openvino_model_saved_before_the_snippets_setting_loads_with_openvinos_default(tmp_path):
     model = tiny.build("bert")
     save_model(serve(model, ("runtime.openvino", {"snippets": False})), tmp_path / "m")
-    meta_path = next(p for p in (tmp_path / "m").glob("*.json") if '"snippets"' in p.read_text())
+    meta_path = tmp_path / "m" / SLIM_META
     meta = json.loads(meta_path.read_text())
-    _drop_key(meta, "snippets")
+    del meta["runtime"]["snippets"]
     meta_path.write_text(json.dumps(meta))
     loaded = load_model(tmp_path / "m")
     assert generated_kernels(loaded) > 0
-
-
-def _drop_key(value, key: str) -> None:
-    if isinstance(value, dict):
-        value.pop(key, None)
-        for inner in value.values():
-            _drop_key(inner, key)
-    elif isinstance(value, list):
-        for inner in value:
-            _drop_key(inner, key)
 
 
 def test_pruned_model_with_uneven_heads_exports_and_matches():

@@ -88,12 +88,13 @@ def neighbours(
 
     timed = [r for r in here if r.comparable and r.measurement.get(cost_field) is not None]
     best = max((r for r in timed if r.feasible), key=better, default=None)
+    best_recipe = Recipe.from_dict(best.recipe) if best is not None else None
     proposals: list[Recipe] = []
-    if best is not None:
-        proposals += _other_options(Recipe.from_dict(best.recipe), offered, facts)
+    if best_recipe is not None:
+        proposals += _other_options(best_recipe, offered, facts)
     proposals += _served_otherwise(timed, better, budget, facts)
-    if best is not None:
-        proposals += _moved(Recipe.from_dict(best.recipe), offered, facts, "cheaper")
+    if best_recipe is not None:
+        proposals += _moved(best_recipe, offered, facts, "cheaper")
     for recipe in _recoverable(here, offered, best, better, budget):
         recovered = _moved(recipe, offered, facts, "recovers")
         if not recovered and DISTILL in offered and DISTILL not in _names(recipe):
@@ -243,9 +244,7 @@ def _moved(
             value = _step_from(current, setting.metadata["space"], direction, facts)
             if value is None:
                 continue
-            changed = Step(step.pass_name, {**step.config, setting.name: value})
-            steps = recipe.steps[:index] + (changed,) + recipe.steps[index + 1 :]
-            moved.append(dataclasses.replace(recipe, steps=steps))
+            moved.append(_with_setting(recipe, index, setting.name, value))
     return moved
 
 
@@ -260,12 +259,18 @@ def _other_options(recipe: Recipe, offered: dict[str, type[Pass]], facts: Any) -
             if not searched_now(cls.config_class, setting.name, values):
                 continue
             for option in setting.metadata["space"].resolve(facts):
-                if option == values[setting.name]:
-                    continue
-                other = Step(step.pass_name, {**step.config, setting.name: option})
-                steps = recipe.steps[:index] + (other,) + recipe.steps[index + 1 :]
-                changed.append(dataclasses.replace(recipe, steps=steps))
+                if option != values[setting.name]:
+                    changed.append(_with_setting(recipe, index, setting.name, option))
     return changed
+
+
+def _with_setting(recipe: Recipe, index: int, name: str, value: Any) -> Recipe:
+    """`recipe` with setting `name` of its step `index` set to `value`."""
+    step = recipe.steps[index]
+    changed = Step(step.pass_name, {**step.config, name: value})
+    return dataclasses.replace(
+        recipe, steps=(*recipe.steps[:index], changed, *recipe.steps[index + 1 :])
+    )
 
 
 def _step_from(current: Any, space: Any, direction: str, facts: Any) -> Any:
