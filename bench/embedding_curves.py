@@ -23,6 +23,9 @@ which structure reaches 1.5x the best peer while staying within a point on both 
         --similarity-weight 10 --quality-only \
         --engine openvino_no_snippets \
         --out bench/results/embedding_structure_curves_layers2_lr3e-4_similarity10_amx_xeon.json
+    python bench/embedding_curves.py --only layers-2 --marks 1600 --lr 3e-4 \
+        --lr-schedule cosine --precision bfloat16 --quality-only --engine openvino_no_snippets \
+        --out bench/results/embedding_structure_curves_layers2_cosine_amx_xeon.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 \
         --engine onnxruntime --out bench/results/embedding_structure_curves_pooled_onnxruntime.json
     python bench/embedding_curves.py --only ffn0.7+pool@3 --marks 200,400,800 --int8-aware \
@@ -175,6 +178,13 @@ def main() -> None:
         help="distillation's arithmetic (recover.distill precision; auto: bf16 where native)",
     )
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="recover.distill lr_schedule; a cosine decays over each mark's steps anew, so "
+        "give one mark per run",
+    )
+    parser.add_argument(
         "--engine", choices=list(INT8), default="openvino", help="the int8 engine scored and timed"
     )
     parser.add_argument("--out", type=Path, default=OUT, help="a variant's own results file")
@@ -193,6 +203,8 @@ def main() -> None:
         distill["int8_aware"] = True
     if args.precision != "auto":
         distill["precision"] = args.precision
+    if args.lr_schedule != "constant":
+        distill["lr_schedule"] = args.lr_schedule
     if (distill != DISTILL or args.engine != "openvino") and out == OUT:
         parser.error("other distillation settings or engines need their own --out file")
     results = json.loads(out.read_text()) if out.exists() else {"structures": {}}

@@ -58,6 +58,7 @@ ENGINES = PEERS | {"OpenVINO int8 without snippets": NO_SNIPPETS}
 UNFUSED = "FFN 0.7 + pool 2 from block 3, ONNX Runtime int8 without fused attention"
 
 
+ONE_LAYER = Step("prune.layers", {"count": 1})
 STRUCTURES = {
     "peer": [],
     "FFN 0.7": [ffn(0.7)],
@@ -66,8 +67,14 @@ STRUCTURES = {
     "FFN 0.7 + pool 2 from block 1": [ffn(0.7), pool(2, 1)],
     "FFN 0.5 + pool 2 from block 3": [ffn(0.5), pool(2, 3)],
     "FFN 0.5 + pool 2 from block 2": [ffn(0.5), pool(2, 2)],
-    "1 layer removed": [Step("prune.layers", {"count": 1})],
+    "1 layer removed": [ONE_LAYER],
     "2 layers removed": [Step("prune.layers", {"count": 2})],
+    "1 layer removed + FFN 0.7": [ONE_LAYER, ffn(0.7)],
+    "1 layer removed + FFN 0.5": [ONE_LAYER, ffn(0.5)],
+    "1 layer removed + FFN 0.7 + pool 2 from block 3": [ONE_LAYER, ffn(0.7), pool(2, 3)],
+    "1 layer removed + pool 2 from block 2": [ONE_LAYER, pool(2, 2)],
+    "heads 0.5": [Step("prune.heads", {"keep": 0.5})],
+    "1 layer removed + heads 0.75": [ONE_LAYER, Step("prune.heads", {"keep": 0.75})],
 }
 
 

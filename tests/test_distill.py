@@ -50,21 +50,30 @@ def test_distillation_is_deterministic_for_a_seed():
     assert not torch.equal(tiny.output(a, batch), tiny.output(model, batch))
 
 
-def test_a_distillation_stopped_early_records_the_steps_it_trained_so_the_recipe_replays_it():
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_distillation_stopped_early_records_the_steps_it_trained_so_the_recipe_replays_it(
+    schedule,
+):
     model = tiny.build("bert")
     calibration, training = tiny.calibration(model), training_batches(model)
+    planned = 100_000
     asked = Recipe(
         steps=(
             Step("prune.heads", {"keep": 0.5, "criterion": "magnitude"}),
-            Step("recover.distill", {"steps": 100_000, "time_budget_s": 1.0}),
+            Step(
+                "recover.distill",
+                {"steps": planned, "time_budget_s": 1.0, "lr_schedule": schedule},
+            ),
         ),
         seed=1,
     )
     stopped = apply_recipe(model, asked, calibration, training=training)
     step = stopped.recipe.steps[-1]
-    assert 0 < step.resolved["steps"] < 100_000
+    assert 0 < step.resolved["steps"] < planned
     assert step.resolved["stopped"] == "at its time budget (time_budget_s)"
     assert step.config["steps"] == step.resolved["steps"]  # what `slimformer apply` replays
+    if schedule == "cosine":  # the rate decayed over what the time afforded, as replayed
+        assert step.resolved["steps"] // 2 < step.config["decay_steps"] < planned
 
     replayed = apply_recipe(model, stopped.recipe, calibration, training=training)
     assert replayed.recipe.steps[-1].resolved["steps"] == step.resolved["steps"]
@@ -186,3 +195,32 @@ def test_int8_aware_distillation_in_bfloat16_is_refused():
     )
     with pytest.raises(SlimformerError, match="int8_aware trains in float32"):
         apply_recipe(model, recipe, tiny.calibration(model), training=training_batches(model))
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_over_the_steps_and_constant_keeps_it():
+    from slimformer.passes.recover_distill import DistillConfig, RateSchedule
+
+    flat = RateSchedule.FLAT_STEPS
+    cosine = RateSchedule(DistillConfig(steps=110, lr_schedule="cosine"))
+    factors = [cosine.factor(step) for step in range(111)]
+    assert factors[:flat] == [1.0] * flat
+    assert factors[flat + 50] == pytest.approx(0.5)
+    assert factors[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factors, factors[1:], strict=False))
+    constant = RateSchedule(DistillConfig(steps=110))
+    assert {constant.factor(step) for step in range(111)} == {1.0}
+
+
+def test_cosine_schedule_fits_its_span_to_the_time_left_unless_the_recipe_fixed_it():
+    from slimformer.passes.recover_distill import DistillConfig, RateSchedule
+
+    flat = RateSchedule.FLAT_STEPS
+    timed = RateSchedule(DistillConfig(steps=10_000, lr_schedule="cosine"))
+    timed.fit_to_time(flat, seconds=1.0, seconds_left=10.0)  # 0.1 s a step: ~90 more
+    assert timed.span == flat + int(RateSchedule.SAFETY * 100)
+    roomy = RateSchedule(DistillConfig(steps=200, lr_schedule="cosine"))
+    roomy.fit_to_time(flat, seconds=1.0, seconds_left=1e6)
+    assert roomy.span == 200
+    replayed = RateSchedule(DistillConfig(steps=50, lr_schedule="cosine", decay_steps=100))
+    replayed.fit_to_time(flat, seconds=1.0, seconds_left=0.5)
+    assert replayed.span == 100  # a saved recipe's span is kept, so its rates are the same

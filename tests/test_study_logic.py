@@ -502,6 +502,44 @@ def test_the_warm_start_portfolio_takes_each_offered_engines_int8_and_this_cpus_
     assert warm_start_recipes([get_pass("prune.ffn")], {}, spec, 0) == []
 
 
+def test_an_embedding_study_warm_starts_with_two_blocks_removed_only_where_bf16_trains_it():
+    from slimformer.search.portfolio import warm_start_recipes
+
+    names = ("prune.layers", "recover.distill", "runtime.openvino", "runtime.onnxruntime")
+    offered = [get_pass(n) for n in names]
+    spec = TaskSpec("embedding")
+    last = warm_start_recipes(offered, {}, spec, 0)[-1]
+    assert [step.pass_name for step in last.steps] == list(names[:3])
+    assert last.steps[0].config == {"count": 2}
+    distill = last.steps[1].config
+    assert (distill["steps"], distill["lr_schedule"], distill["precision"]) == (
+        1600,
+        "cosine",
+        "bfloat16",
+    )
+    assert last.steps[2].config == {"int8": "nncf", "snippets": False}
+    no_vnni = {"runtime.openvino": {("int8", "nncf")}}
+    last = warm_start_recipes(offered, no_vnni, spec, 0)[-1]
+    assert last.steps[0].pass_name == "prune.layers"
+    assert (last.steps[2].pass_name, last.steps[2].config) == (
+        "runtime.onnxruntime",
+        {"int8": "dynamic"},
+    )
+    # Without bf16 instructions its distillation would not fit a short study: left out.
+    no_bf16 = get_pass("recover.distill").without_payoff(cpu_without_bf16())
+    assert no_bf16 == {"precision=bfloat16": "native_bf16"}
+    withheld = {"recover.distill": {("precision", "bfloat16")}}
+    recipes = warm_start_recipes(offered, withheld, spec, 0)
+    assert all(r.steps[0].pass_name != "prune.layers" for r in recipes)
+    assert recipes  # the engines' int8 alone are still measured
+
+
+def cpu_without_bf16():
+    from slimformer.cpu import CpuFingerprint
+
+    return CpuFingerprint("Test CPU", ("avx2", "fma"), ("avx2", "fma"), 2, 2)
+
+
 def test_an_embedding_study_warm_starts_with_a_trimmed_ffn_only_when_it_searches_its_passes():
     from slimformer.search.portfolio import warm_start_recipes
 

@@ -10,9 +10,10 @@ neighbourhoods, not only each vector's direction), and of each input's neighbour
 over a fixed bank of the teacher's embeddings (which of thousands of inputs are its nearest, the
 ranking neighbour recall scores). A share of the steps may train on a general
 corpus the task provides (Wikipedia sentences for the embedding task) instead, so what the
-student learns holds beyond the task's own domain. AdamW (fused), a step budget and a time
-budget, deterministic for a seed on a given CPU; the forwards run under bf16 autocast on CPUs
-with bf16 instructions (`precision`), float32 elsewhere. At the study's deadline it stops early
+student learns holds beyond the task's own domain. AdamW (fused) at a constant or
+cosine-decayed rate, a step budget and a time budget, deterministic for a seed on a given CPU;
+the forwards run under bf16 autocast on CPUs with bf16 instructions (`precision`), float32
+elsewhere. At the study's deadline it stops early
 and keeps what it trained (`resolved` records the steps done). Placed after the structural
 passes and before quantization, so the student trains in float (with `int8_aware`, through the
 rounding of int8 serving: passes/int8_rounding.py).
@@ -125,6 +126,22 @@ class DistillConfig:
         ),
         "AdamW learning rate; the searched options times 384/width (up to 8) for a model "
         "narrower than all-MiniLM-L6-v2",
+    )
+    # Cosine: on all-MiniLM-L6-v2 with 2 of 6 blocks removed, 800 steps at 3e-4 (AMX Xeon,
+    # bf16) reached a held-out loss of 0.144 and neighbour recall@10 0.606, where the constant
+    # rate plateaued at 0.157 and 0.585 from 800 to 3,200 steps (bench/results/
+    # embedding_structure_curves_layers2_lr3e-4_*_amx_xeon.json). Not the default: recipes saved
+    # before it replay with the constant rate they were trained with.
+    lr_schedule: str = searchable(
+        "constant",
+        Choice(("constant", "cosine")),
+        "the learning rate over the steps: constant, or decayed to zero along a half cosine",
+    )
+    decay_steps: int = fixed(
+        0,
+        "steps the cosine decay spans (0: the steps, or as many as the time left affords); "
+        "a saved recipe records the span it trained under, so its replay follows the same rates",
+        valid=Interval(0, None),
     )
     hidden_weight: float = searchable(
         0.0, Choice((0.0, 1.0)), "weight of final-hidden-state matching beside the output loss"
@@ -266,6 +283,35 @@ def neighbour_bank(
             vectors.append(_pooled_output(teacher, output, batch))
             rows += len(vectors[-1])
     return torch.cat(vectors)[:ANCHORS]
+
+
+class RateSchedule:
+    """The learning rate's factor at each step (`lr_schedule`). Cosine holds the rate for the
+    first `FLAT_STEPS` while the step time is measured, then decays it to zero over the span:
+    `decay_steps` when given, else the steps, or fewer when the time left (the pass's own
+    budget or the study's deadline) affords fewer, so a distillation the clock stops still
+    ends at a low rate instead of being cut off at a high one."""
+
+    FLAT_STEPS = 10
+    SAFETY = 0.9  # of the time left: held-out checks and slower steps eat into it
+
+    def __init__(self, config: DistillConfig):
+        self.cosine = config.lr_schedule == "cosine"
+        self.span = config.decay_steps or config.steps
+        self.fixed = bool(config.decay_steps)
+
+    def factor(self, step: int) -> float:
+        if not self.cosine or step < self.FLAT_STEPS:
+            return 1.0
+        done = (step - self.FLAT_STEPS) / max(1, self.span - self.FLAT_STEPS)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+    def fit_to_time(self, steps: int, seconds: float, seconds_left: float) -> None:
+        """After the flat steps: shorten the span to the steps the time left affords."""
+        if not self.cosine or self.fixed or steps != self.FLAT_STEPS:
+            return
+        affordable = steps + int(self.SAFETY * max(0.0, seconds_left) * steps / seconds)
+        self.span = max(steps + 1, min(self.span, affordable))
 
 
 def training_precision(config: DistillConfig) -> str:
@@ -423,6 +469,8 @@ class Distill(Pass):
     name = "recover.distill"
     summary = "knowledge distillation from the original model on unlabeled task inputs"
     config_class = DistillConfig
+    # bf16 autocast without bf16 instructions is emulated: slower than float32, not faster.
+    pays_off_only_with = {"precision=bfloat16": "native_bf16"}
     phase = Phase.RECOVERY
     needs_calibration = True  # its batches stand in when no training batches are given
     needs_training = True
@@ -471,6 +519,8 @@ class Distill(Pass):
         # (a float32 step of the pooled MiniLM student 680 against 740 ms, AMX Xeon:
         # bench/results/distill_speed_amx_xeon.json).
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0, fused=True)
+        schedule = RateSchedule(config)
+        rates = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
         started = time.monotonic()
         steps = 0
         at_deadline = False
@@ -487,7 +537,12 @@ class Distill(Pass):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                rates.step()
                 steps += 1
+                elapsed = time.monotonic() - started
+                schedule.fit_to_time(
+                    steps, elapsed, min(config.time_budget_s - elapsed, ctx.time_left())
+                )
                 if steps % 25 == 0:
                     ctx.progress(f"distilling: step {steps}/{config.steps}, loss {loss.item():.4f}")
                 if ctx.report_value is not None and steps % REPORT_EVERY == 0:
@@ -511,6 +566,8 @@ class Distill(Pass):
             "held_out_loss_after": None if after is None else round(after, 6),
             "precision": precision,
         }
+        if schedule.cosine:
+            resolved["decay_steps"] = schedule.span
         if config.int8_aware:
             limit = weight_code_limit()
             resolved["int8_weight_codes"] = f"-{limit}..{limit}"
@@ -529,6 +586,8 @@ class Distill(Pass):
         """A distillation stopped early is recorded with the steps it trained (`resolved`
         keeps the reason), so `slimformer apply` of the saved recipe trains as many; a time
         budget that stopped it is relaxed to the default, or the replay would stop again."""
+        if "decay_steps" in resolved:  # the span the rate decayed over (fit to the time)
+            config = replace(config, decay_steps=resolved["decay_steps"])
         done = resolved.get("steps", config.steps)
         if done >= config.steps:
             return config
