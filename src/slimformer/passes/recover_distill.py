@@ -127,11 +127,12 @@ class DistillConfig:
         "AdamW learning rate; the searched options times 384/width (up to 8) for a model "
         "narrower than all-MiniLM-L6-v2",
     )
-    # Cosine: on all-MiniLM-L6-v2 with 2 of 6 blocks removed, 800 steps at 3e-4 (AMX Xeon,
-    # bf16) reached a held-out loss of 0.144 and neighbour recall@10 0.606, where the constant
-    # rate plateaued at 0.157 and 0.585 from 800 to 3,200 steps (bench/results/
-    # embedding_structure_curves_layers2_lr3e-4_*_amx_xeon.json). Not the default: recipes saved
-    # before it replay with the constant rate they were trained with.
+    # Cosine: on all-MiniLM-L6-v2 with 2 of 6 blocks removed, at 3e-4 (AMX Xeon, bf16), 1,600
+    # steps reached a held-out loss of 0.130 and neighbour recall@10 0.621 (bench/results/
+    # embedding_structure_curves_layers2_cosine_amx_xeon.json; 800 steps: 0.144 and 0.606 in
+    # an exploratory run), where the constant rate plateaued at 0.157 and 0.585 from 800 to
+    # 3,200 steps (embedding_structure_curves_layers2_lr3e-4_bf16_amx_xeon.json). Not the
+    # default: recipes saved before it replay with the constant rate they were trained with.
     lr_schedule: str = searchable(
         "constant",
         Choice(("constant", "cosine")),
