@@ -532,6 +532,15 @@ def test_an_embedding_study_warm_starts_with_two_blocks_removed_only_where_bf16_
     recipes = warm_start_recipes(offered, withheld, spec, 0)
     assert all(r.steps[0].pass_name != "prune.layers" for r in recipes)
     assert recipes  # the engines' int8 alone are still measured
+    # Nor is it measured on a model that cannot lose 2 blocks.
+    two_blocks = ModelFacts(
+        num_layers=2, num_heads=4, num_kv_heads=4, hidden_size=32, intermediate_size=64
+    )
+    recipes = warm_start_recipes(offered, {}, spec, 0, two_blocks)
+    assert all(r.steps[0].pass_name != "prune.layers" for r in recipes) and recipes
+    assert warm_start_recipes(offered, {}, spec, 0, MINILM)[-1].steps[0].pass_name == (
+        "prune.layers"
+    )
 
 
 def cpu_without_bf16():
