@@ -13,10 +13,10 @@ corpus the task provides (Wikipedia sentences for the embedding task) instead, s
 student learns holds beyond the task's own domain. AdamW (fused) at a constant or
 cosine-decayed rate, a step budget and a time budget, deterministic for a seed on a given CPU;
 the forwards run under bf16 autocast on CPUs with bf16 instructions (`precision`), float32
-elsewhere. At the study's deadline it stops early
-and keeps what it trained (`resolved` records the steps done). Placed after the structural
-passes and before quantization, so the student trains in float (with `int8_aware`, through the
-rounding of int8 serving: passes/int8_rounding.py).
+elsewhere. At the study's deadline it stops early and keeps what it trained (`resolved`
+records the steps done). Placed after the structural passes and before quantization, so the
+student trains in float (with `int8_aware`, through the rounding of int8 serving:
+passes/int8_rounding.py).
 """
 
 from __future__ import annotations
